@@ -1,0 +1,214 @@
+"""Self-written LoRA for the paper's stage-2 "direct optimization" (DESIGN §3).
+
+Zhang et al., CVPR 2025 fine-tune a frozen SR generator on L~ = L - lambda_Q * Q(SR) and train
+only low-rank adapters (LoRA, Hu et al. 2021, arXiv 2106.09685): SwinIR gets LoRA on the MLPs
+of every transformer block (rank 48), RRDBNet on every conv inside the RRDB blocks (rank 24).
+The adapters act as a regularizer: without them the generator learns to exploit Q (paper
+Fig. 5). LoRA is merged at inference, so there is no runtime cost and no capacity gain.
+
+A LoRA layer computes  y = W x + b + (alpha / r) * B(A(dropout(x)))  with B zero-initialised.
+LoRALinear / LoRAConv2d subclass nn.Linear / nn.Conv2d and adopt the base layer's own
+Parameters, so the state_dict names stay `...mlp.fc1.weight` and only `lora_A` / `lora_B`
+are added next to them. Merging is explicit (`merge()`, `merge_lora`): unlike
+microsoft/LoRA, `eval()` never rewrites weights in place.
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# preset -> (regex that fully matches the module names, rank); DESIGN §3, names per
+# shared/reference/*.txt.  Not matched: conv_first, conv_body, upsampling convs, attention.
+LORA_PRESETS = {
+    'swinir': (r'layers\.\d+\.residual_group\.blocks\.\d+\.mlp\.fc[12]', 48),
+    'rrdbnet': (r'body\.\d+\.rdb[123]\.conv[1-5]', 24),
+}
+LORA_NAMES = ('lora_A', 'lora_B')
+
+
+class _LoRAMixin:
+    """What LoRALinear and LoRAConv2d share: init, dropout, scaling and exact merge/unmerge."""
+
+    def _init_lora(self, base, a_shape, b_shape, rank, alpha, dropout):
+        if rank < 1:
+            raise ValueError(f'rank: must be a positive integer, got {rank}')
+        # adopt the base Parameters themselves: same names, same storage, no copy
+        self.weight, self.bias = base.weight, base.bias
+        self.rank = rank
+        self.scaling = (rank if alpha is None else alpha) / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        factory = {'device': base.weight.device, 'dtype': base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
+        # A: kaiming-uniform (a=sqrt(5)), the default init of nn.Linear / nn.Conv2d, as in
+        # microsoft/LoRA (Hu et al. use a Gaussian A). B: zeros, so B @ A = 0 and the wrapped
+        # layer starts out exactly equal to the base layer.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def merge(self):
+        """W <- W + scaling * B @ A; the LoRA branch is then skipped in forward."""
+        if not self.merged:
+            with torch.no_grad():
+                self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    def unmerge(self):
+        """W <- W - scaling * B @ A: the base weight back, exact up to float rounding."""
+        if self.merged:
+            with torch.no_grad():
+                self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self):
+        return f'{super().extra_repr()}, rank={self.rank}, scaling={self.scaling}, merged={self.merged}'
+
+
+class LoRALinear(_LoRAMixin, nn.Linear):
+    """nn.Linear(in, out) + LoRA: lora_A (r, in), lora_B (out, r)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0):
+        # the shell lives on 'meta' (no allocation, no init); its Parameters are replaced by base's
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device='meta')
+        self._init_lora(base, (rank, base.in_features), (base.out_features, rank), rank, alpha, dropout)
+
+    def delta_weight(self):
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+
+class LoRAConv2d(_LoRAMixin, nn.Conv2d):
+    """nn.Conv2d + LoRA: A is a conv in -> r with the base kernel/stride/padding/dilation,
+    weight (r, in, kh, kw); B is a 1x1 conv r -> out, weight (out, r, 1, 1).
+    Both are linear, so B(A(x)) is one conv with kernel delta W = B @ A: (out, in, kh, kw)."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float | None = None, dropout: float = 0.0):
+        if base.groups != 1 or base.padding_mode != 'zeros':
+            # a grouped kernel cannot hold the dense delta W = B @ A; other padding modes are unused here
+            raise ValueError(f'LoRAConv2d supports groups=1 and zero padding only, got groups={base.groups}, '
+                             f"padding_mode='{base.padding_mode}'")
+        super().__init__(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                         base.dilation, bias=base.bias is not None, device='meta')
+        kh, kw = base.kernel_size
+        self._init_lora(base, (rank, base.in_channels, kh, kw), (base.out_channels, rank, 1, 1),
+                        rank, alpha, dropout)
+
+    def delta_weight(self):
+        out_ch, in_ch, kh, kw = self.weight.shape
+        a = self.lora_A.reshape(self.rank, in_ch * kh * kw)  # (r, in*kh*kw)
+        b = self.lora_B.reshape(out_ch, self.rank)  # (out, r)
+        return (b @ a).reshape(out_ch, in_ch, kh, kw) * self.scaling  # (out, in, kh, kw)
+
+    def forward(self, x):
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.merged:
+            return y
+        low = F.conv2d(self.dropout(x), self.lora_A, None, self.stride, self.padding, self.dilation)
+        return y + F.conv2d(low, self.lora_B) * self.scaling  # (N, r, H', W') -> (N, out, H', W')
+
+
+def _lora_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _LoRAMixin)]
+
+
+def inject_lora(model: nn.Module, target: str | list[str], rank: int | None = None,
+                alpha: float | None = None, dropout: float = 0.0) -> list[str]:
+    """Wrap the target layers in place and freeze every non-LoRA parameter (DESIGN §3).
+
+    target: a LORA_PRESETS name, or a list of module names (then `rank` is required).
+    Returns the wrapped module names."""
+    if isinstance(target, str):
+        if target not in LORA_PRESETS:
+            raise ValueError(f"target: unknown LoRA preset '{target}' (presets: {', '.join(LORA_PRESETS)}; "
+                             'or pass a list of module names)')
+        pattern, preset_rank = LORA_PRESETS[target]
+        rank = preset_rank if rank is None else rank
+        names = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+        if not names:
+            raise ValueError(f"target: LoRA preset '{target}' matches no module of {type(model).__name__}")
+    else:
+        if rank is None:
+            raise ValueError('rank: required when target is a list of module names')
+        names = list(target)
+        known = {n for n, _ in model.named_modules()}
+        missing = [n for n in names if n not in known]
+        if not names:
+            raise ValueError('target: empty list of module names')
+        if missing:
+            raise ValueError(f'target: no module named {missing[:5]} in {type(model).__name__}')
+
+    for name in names:
+        layer = model.get_submodule(name)
+        if isinstance(layer, _LoRAMixin):
+            raise ValueError(f'{name}: already has LoRA')
+        try:
+            if isinstance(layer, nn.Linear):
+                wrapped = LoRALinear(layer, rank, alpha, dropout)
+            elif isinstance(layer, nn.Conv2d):
+                wrapped = LoRAConv2d(layer, rank, alpha, dropout)
+            else:
+                raise ValueError(f'is a {type(layer).__name__}, LoRA needs nn.Linear or nn.Conv2d')
+        except ValueError as err:
+            raise ValueError(f'{name}: {err}') from None
+        wrapped.train(layer.training)  # a new module starts in train mode: keep the model's mode
+        parent, _, child = name.rpartition('.')
+        setattr(model.get_submodule(parent), child, wrapped)
+
+    for pname, p in model.named_parameters():
+        p.requires_grad_(pname.rpartition('.')[2] in LORA_NAMES)
+    return names
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter Parameters (what the stage-2 optimizer trains)."""
+    return [p for _, m in _lora_layers(model) for p in (m.lora_A, m.lora_B)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapters: `<layer>.lora_A` / `<layer>.lora_B`."""
+    return {k: v for k, v in model.state_dict().items() if k.rpartition('.')[2] in LORA_NAMES}
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load adapters saved by lora_state_dict, strict on names and shapes (one-line errors)."""
+    if any(m.merged for _, m in _lora_layers(model)):
+        raise ValueError('lora state_dict: the model has merged LoRA layers; unmerge before loading adapters')
+    expected = lora_state_dict(model)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f'lora state_dict: {len(missing)} missing adapter keys {missing[:3]}, '
+                         f'{len(unexpected)} unexpected {unexpected[:3]}')
+    wrong = [k for k in expected if expected[k].shape != state_dict[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f'lora state_dict: {len(wrong)} adapter shape mismatches, e.g. {k} '
+                         f'{tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)} (other rank?)')
+    model.load_state_dict(state_dict, strict=False)  # base weights are left as they are
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer and replace it by a plain nn.Linear / nn.Conv2d (in place).
+
+    The result has the state_dict of the generator without LoRA (loads strictly into a fresh
+    one) and its cost: "LoRA is merged at inference" (DESIGN §3)."""
+    for name, layer in _lora_layers(model):
+        layer.merge()
+        if isinstance(layer, LoRALinear):
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device='meta')
+        else:
+            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                              layer.padding, layer.dilation, bias=layer.bias is not None, device='meta')
+        plain.weight, plain.bias = layer.weight, layer.bias
+        plain.train(layer.training)
+        parent, _, child = name.rpartition('.')
+        setattr(model.get_submodule(parent), child, plain)
+    return model

@@ -1,0 +1,224 @@
+"""Tests for lora.py: exact identity/merge/unmerge, freezing, dropout, presets, state_dicts."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+from lora import (LORA_PRESETS, LoRAConv2d, LoRALinear, inject_lora, load_lora_state_dict, lora_parameters,
+                  lora_state_dict, merge_lora)
+
+# base-layer factory and input shape; the convs cover stride, padding, dilation, a rectangular kernel
+LAYERS = {
+    'linear': (lambda: nn.Linear(12, 20), (2, 5, 12)),
+    'conv3x3': (lambda: nn.Conv2d(6, 10, 3, padding=1), (2, 6, 9, 9)),
+    'conv_stride_pad_dilation': (lambda: nn.Conv2d(6, 10, 3, stride=2, padding=2, dilation=2), (2, 6, 11, 10)),
+    'conv_rect_no_bias': (lambda: nn.Conv2d(6, 10, (3, 5), stride=(2, 1), padding=(1, 2), bias=False),
+                          (1, 6, 8, 7)),
+}
+
+
+def wrap(base, rank=4, **kwargs):
+    return (LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d)(base, rank, **kwargs)
+
+
+def make_layer(kind, rank=4, random_b=False, **kwargs):
+    """(LoRA layer, untouched copy of its base layer, input)."""
+    make, shape = LAYERS[kind]
+    base = make()
+    reference = copy.deepcopy(base)
+    layer = wrap(base, rank, **kwargs)
+    if random_b:
+        nn.init.normal_(layer.lora_B)
+    return layer, reference, torch.randn(shape)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize('kind', LAYERS)
+def test_identity_at_init(kind):
+    layer, reference, x = make_layer(kind)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    assert torch.equal(layer(x), reference(x))
+
+
+@pytest.mark.parametrize('kind', LAYERS)
+def test_merge_equals_unmerged_and_unmerge_restores(kind):
+    layer, reference, x = make_layer(kind, rank=3, random_b=True, alpha=6.0)
+    with torch.no_grad():
+        unmerged = layer(x)
+        assert (unmerged - reference(x)).abs().max() > 1e-2  # the LoRA branch is really on
+        layer.merge()
+        assert layer.merged
+        torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=1e-5)
+        layer.unmerge()
+        assert not layer.merged
+        torch.testing.assert_close(layer.weight, reference.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=1e-6)
+
+
+def test_scaling_defaults_to_one_and_is_alpha_over_rank():
+    assert LoRALinear(nn.Linear(3, 3), 8).scaling == 1.0
+    assert LoRALinear(nn.Linear(3, 3), 8, alpha=4).scaling == 0.5
+
+
+@pytest.mark.parametrize('kind', ['linear', 'conv3x3'])
+def test_eval_does_not_merge(kind):
+    layer, _, _ = make_layer(kind, random_b=True)
+    weight = layer.weight.detach().clone()
+    layer.eval()
+    layer.train()
+    assert not layer.merged and torch.equal(layer.weight, weight)
+
+
+@pytest.mark.parametrize('kind', ['linear', 'conv3x3'])
+def test_dropout_only_on_lora_branch_and_only_in_train(kind):
+    layer, reference, x = make_layer(kind, dropout=0.5)
+    assert torch.equal(layer.train()(x), reference(x))  # B = 0: the base path sees no dropout
+    nn.init.normal_(layer.lora_B)
+    assert not torch.equal(layer(x), layer(x))
+    layer.eval()
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(first, layer(x))
+        layer.merge()  # eval output is base + the whole LoRA branch, i.e. the merged layer
+        torch.testing.assert_close(layer(x), first, rtol=0, atol=1e-5)
+
+
+def test_conv_lora_shapes_and_rejected_convs():
+    layer = LoRAConv2d(nn.Conv2d(6, 10, 3, stride=2, padding=1), 5)
+    assert layer.lora_A.shape == (5, 6, 3, 3) and layer.lora_B.shape == (10, 5, 1, 1)
+    assert layer.delta_weight().shape == layer.weight.shape
+    with pytest.raises(ValueError, match='groups=2'):
+        LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), 2)
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        LoRAConv2d(nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'), 2)
+    with pytest.raises(ValueError, match='rank'):
+        LoRALinear(nn.Linear(4, 4), 0)
+
+
+# ---- whole generators (models.py, small configs) -------------------------------------------------
+SMALL = {'swinir': dict(embed_dim=12, depths=(2, 2), num_heads=(2, 2), img_size=8, window_size=4),
+         'rrdbnet': dict(num_feat=8, num_block=2, num_grow_ch=4)}
+
+
+def small_generator(arch):
+    return models.build_generator(arch, **SMALL[arch]).eval()
+
+
+def randomize_lora(model):
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.1)
+
+
+def trainable_count(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_inject_preset_wraps_the_paper_layers_and_freezes_the_rest(arch):
+    model = small_generator(arch)
+    plain_names = set(model.state_dict())
+    names = inject_lora(model, arch)
+    if arch == 'swinir':  # 2 RSTBs x 2 blocks x (fc1, fc2)
+        assert names[:2] == ['layers.0.residual_group.blocks.0.mlp.fc1', 'layers.0.residual_group.blocks.0.mlp.fc2']
+        assert len(names) == 2 * 2 * 2 and all(n.split('.')[-2] == 'mlp' for n in names)
+    else:  # 2 RRDBs x 3 RDBs x 5 convs; conv_first, conv_body and the upsampling convs stay plain
+        assert names[:2] == ['body.0.rdb1.conv1', 'body.0.rdb1.conv2'] and len(names) == 2 * 3 * 5
+    assert all(model.get_submodule(n).rank == LORA_PRESETS[arch][1] for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f'{n}.{ab}' for n in names for ab in ('lora_A', 'lora_B')}
+    assert {id(p) for p in lora_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(model.state_dict()) - plain_names == trainable  # base names kept: mlp.fc1.weight stays
+    model(torch.rand(1, 3, 8, 8)).mean().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())  # the base gets no grad
+
+
+# Trainable parameters of the paper presets (DESIGN §3), counted by hand:
+#   SwinIR: 36 blocks x (fc1 48*(180+360) + fc2 48*(360+180)) = 36 x 51,840 = 1,866,240.
+#   RRDBNet: per RDB, A = 3*3*24 * (64+96+128+160+192) = 138,240 and B = 24 * (4*32 + 64) = 4,608;
+#            23 RRDBs x 3 RDBs x 142,848 = 9,856,512.
+@pytest.mark.parametrize('arch, expected', [('swinir', 1_866_240), ('rrdbnet', 9_856_512)])
+def test_paper_preset_trainable_counts(arch, expected):
+    model = models.build_generator(arch)  # paper config, no forward
+    inject_lora(model, arch)
+    assert trainable_count(model) == sum(p.numel() for p in lora_parameters(model)) == expected
+
+
+def test_inject_errors():
+    model = small_generator('swinir')
+    with pytest.raises(ValueError, match="unknown LoRA preset 'sd'"):
+        inject_lora(model, 'sd')
+    with pytest.raises(ValueError, match="'rrdbnet' matches no module of SwinIR"):
+        inject_lora(model, 'rrdbnet')
+    with pytest.raises(ValueError, match='no module named'):
+        inject_lora(model, ['layers.0.nope'], rank=2)
+    with pytest.raises(ValueError, match='rank'):
+        inject_lora(model, ['conv_first'])
+    with pytest.raises(ValueError, match='layers.0.residual_group.blocks.0.norm1: is a LayerNorm'):
+        inject_lora(model, ['layers.0.residual_group.blocks.0.norm1'], rank=2)
+    explicit = ['conv_first', 'layers.1.residual_group.blocks.1.attn.qkv']
+    assert inject_lora(model, explicit, rank=2) == explicit
+    with pytest.raises(ValueError, match='conv_first: already has LoRA'):
+        inject_lora(model, ['conv_first'], rank=2)
+
+
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_merged_state_dict_loads_strictly_into_plain_model(arch):
+    model = small_generator(arch)
+    base_state = copy.deepcopy(model.state_dict())
+    names = inject_lora(model, arch, dropout=0.1)
+    assert not any(model.get_submodule(n).training for n in names)  # eval mode kept: no dropout below
+    randomize_lora(model)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        merged = merge_lora(model)
+        assert not lora_state_dict(merged) and not lora_parameters(merged)
+        assert all(type(merged.get_submodule(n)) in (nn.Linear, nn.Conv2d) for n in names)
+        plain = small_generator(arch)
+        plain.load_state_dict(merged.state_dict(), strict=True)
+        torch.testing.assert_close(plain(x), expected, rtol=0, atol=1e-5)
+    weight = f'{names[0]}.weight'
+    assert not torch.allclose(plain.state_dict()[weight], base_state[weight])  # the delta is in the weights
+
+
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_lora_state_dict_round_trip(arch):
+    trained = small_generator(arch)
+    fresh = copy.deepcopy(trained)  # same base weights, as when loading adapters onto the base checkpoint
+    inject_lora(trained, arch)
+    inject_lora(fresh, arch)
+    randomize_lora(trained)
+    adapters = lora_state_dict(trained)
+    assert adapters and all(k.endswith(('.lora_A', '.lora_B')) for k in adapters)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x), trained(x))
+        load_lora_state_dict(fresh, adapters)
+        torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+
+
+def test_load_lora_state_dict_errors_are_one_line():
+    model = small_generator('rrdbnet')
+    inject_lora(model, 'rrdbnet', rank=2)
+    adapters = lora_state_dict(model)
+    renamed = dict(adapters)
+    renamed['body.9.rdb1.conv1.lora_A'] = renamed.pop('body.0.rdb1.conv1.lora_A')
+    with pytest.raises(ValueError) as err:
+        load_lora_state_dict(model, renamed)
+    message = str(err.value)
+    assert '\n' not in message and 'body.0.rdb1.conv1.lora_A' in message and 'body.9.rdb1.conv1.lora_A' in message
+    other_rank = small_generator('rrdbnet')
+    inject_lora(other_rank, 'rrdbnet', rank=3)
+    with pytest.raises(ValueError, match='shape mismatch') as err:
+        load_lora_state_dict(model, lora_state_dict(other_rank))
+    assert '\n' not in str(err.value)
+    model.get_submodule('body.0.rdb1.conv1').merge()
+    with pytest.raises(ValueError, match='unmerge'):
+        load_lora_state_dict(model, adapters)
