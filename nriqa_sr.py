@@ -1,0 +1,530 @@
+"""The paper's method: an NR-IQA model Q replaces human labels (DESIGN §2) and rewards the SR output (Eq. 2).
+
+Zhang et al., "Augmenting Perceptual Super-Resolution via Image Quality Predictors" (CVPR 2025) train on
+HGGT's five ground truths per patch (GT 0 = original, GT 1..4 = enhanced) and let Q pick the GT:
+  - QualityModel: Q over pyiqa, always higher-is-better, frozen, eval mode, optionally differentiable.
+  - sample_gt_index / argmax_online: the five samplers origins, upos, sma, smp, amo (DESIGN §2).
+  - score_dataset / load_score_cache: image-level Q scores of every GT, cached once for sma / smp.
+  - quality_reward: the Q(SR) term of the fine-tuning loss L~ = L - lambda_Q * Q(SR) (Eq. 2, DESIGN §3).
+  - agreement: how often Q agrees with HGGT's human labels (paper §3, DESIGN §5).
+  - upscale_image + CLI: tiled inference (`upscale`) and quick scoring (`score`).
+
+Offline rule (DESIGN §6): pyiqa downloads any checkpoint it does not find, so every weight file is
+looked up here first and passed to pyiqa explicitly; a missing file is a one-line error, never a download.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import MultiGTDataset, gt_paths, load_image, save_image
+from models import load_checkpoint, load_generator
+
+NUM_GTS = 5  # HGGT: the original + four enhanced GTs (DESIGN §1)
+TAU = 10.0  # softmax temperature of sma / smp (DESIGN §2)
+SAMPLERS = ('origins', 'upos', 'sma', 'smp', 'amo')
+CACHE_VERSION = 1
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+
+# NR metrics usable as Q, with the score range that ensembles normalise by (DESIGN §5) and direction.
+METRIC_RANGES = {'musiq': (0.0, 100.0), 'nima': (0.0, 10.0), 'qalign': (1.0, 5.0), 'topiq_nr': (0.0, 1.0),
+                 'paq2piq': (0.0, 100.0), 'piqe': (0.0, 100.0)}
+LOWER_BETTER = ('piqe',)
+NO_GRADIENT = ('piqe', 'qalign')  # DESIGN §6: they can rank GTs but cannot drive fine-tuning
+# The checkpoint pyiqa 0.1.16 loads for each metric's default setting, from its cache folder (DESIGN §6).
+WEIGHT_FILES = {'musiq': 'musiq_koniq_ckpt-e95806b9.pth', 'nima': 'NIMA_InceptionV2_ava-b0c77c00.pth',
+                'topiq_nr': 'cfanet_nr_koniq_res50-9a73138b.pth',
+                'paq2piq': 'P2P_RoIPoolModel-fit.10.bs.120-ca69882e.pth',
+                'lpips': 'LPIPS_v0.1_alex-df73285e.pth', 'stlpips': 'alex_shift_tolerant.pth',
+                'dists': 'DISTS_weights-f5e65c96.pth'}
+# Backbones pyiqa builds even when given its own checkpoint: torchvision files ('torch', in
+# $TORCH_HOME/hub/checkpoints) or Hugging Face repos ('hf', in the HF hub cache, used with HF_HUB_OFFLINE=1).
+BACKBONES = {'nima': ('hf', 'timm/inception_resnet_v2.tf_in1k'), 'topiq_nr': ('hf', 'timm/resnet50.a1_in1k'),
+             'qalign': ('hf', 'q-future/one-align'), 'paq2piq': ('torch', 'resnet18-f37072d3.pth'),
+             'lpips': ('torch', 'alexnet-owt-7be5be79.pth'), 'dists': ('torch', 'vgg16-397923af.pth')}
+
+
+def iqa_weights_dir():
+    """pyiqa's weight folder, `$TORCH_HOME/hub/pyiqa` (read now, so TORCH_HOME set later is honoured)."""
+    return Path(torch.hub.get_dir()) / 'pyiqa'
+
+
+def weight_file(metric):
+    """File name of `metric`'s pyiqa checkpoint (e.g. 'musiq_koniq_ckpt-e95806b9.pth'); None when it has none."""
+    return WEIGHT_FILES.get(metric)
+
+
+def weight_path(metric, weights=None):
+    """Where `metric`'s checkpoint is looked for. weights: None (pyiqa's folder), a folder holding
+    pyiqa's file names, or the checkpoint file itself (a path ending in .pth)."""
+    path = Path(weights) if weights is not None else iqa_weights_dir()
+    return path if path.is_file() or path.suffix == '.pth' else path / WEIGHT_FILES[metric]
+
+
+def backbone_path(metric):
+    """The torchvision file or Hugging Face cache folder of `metric`'s backbone; None when it has none."""
+    kind, name = BACKBONES.get(metric, (None, None))
+    if kind == 'torch':
+        return Path(torch.hub.get_dir()) / 'checkpoints' / name
+    if kind == 'hf':
+        from huggingface_hub.constants import HF_HUB_CACHE
+        return Path(HF_HUB_CACHE) / ('models--' + name.replace('/', '--'))
+    return None
+
+
+def missing_weights(metric, weights=None):
+    """Every file or folder `metric` needs that is absent; an empty list means it builds offline."""
+    needed = [weight_path(metric, weights)] if metric in WEIGHT_FILES else []
+    needed += [path for path in [backbone_path(metric)] if path is not None]
+    return [path for path in needed if not path.exists()]
+
+
+def parse_metric(name):
+    """'musiq' -> [('musiq', 1.0)]; 'musiq:1+nima:0.5' -> [('musiq', 1.0), ('nima', 0.5)] (weights > 0)."""
+    members = []
+    for part in name.split('+'):
+        metric, _, weight = part.strip().partition(':')
+        if metric not in METRIC_RANGES:
+            raise ValueError(f"--iqa: unknown metric '{metric}' in '{name}'; choose from {', '.join(METRIC_RANGES)}")
+        try:
+            weight = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--iqa: weight of '{metric}' in '{name}' is not a number") from None
+        if not weight > 0 or metric in [m for m, _ in members]:
+            raise ValueError(f"--iqa: '{name}' needs positive weights and each metric once")
+        members.append((metric, weight))
+    return members
+
+
+class QualityModel(nn.Module):
+    """Q of the paper over pyiqa: forward(x (N,3,H,W) in [0,1]) -> (N,), higher is better (DESIGN §2, §6).
+
+    One metric gives its raw score (a lower-better metric is reflected in its range, lo + hi - s, so its
+    scale, which tau = 10 depends on, is kept). An ensemble 'musiq+nima' or 'musiq:1+nima:0.5' gives
+    the weighted mean of the members' scores normalised to [0,1] by their ranges (DESIGN §5).
+    Frozen and always in eval mode: MUSIQ / NIMA preprocess differently in train mode, so train()
+    keeps eval. Differentiable w.r.t. x only when as_loss (and autograd is on).
+    weights: None (pyiqa's folder), a folder of pyiqa files, or one checkpoint file (one metric).
+    pretrained=False: random weights, explicitly, with a warning. metric_opts: {metric: extra pyiqa
+    network options} (tests use a tiny MUSIQ); they enter the fingerprint.
+    """
+
+    def __init__(self, name='musiq', device='cpu', as_loss=False, weights=None, pretrained=True, *,
+                 metric_opts=None):
+        super().__init__()
+        import pyiqa  # takes seconds: imported only when a Q is built, not by `upscale`
+        members = parse_metric(name)
+        if as_loss and any(m in NO_GRADIENT for m, _ in members):
+            raise ValueError(f"--iqa {name}: {', '.join(NO_GRADIENT)} give no gradient (DESIGN §6); "
+                             'they can rank GTs but cannot drive fine-tuning')
+        if weights is not None and Path(weights).is_file() and len(members) > 1:
+            raise ValueError(f'--iqa-weights: {weights} is one file; an ensemble needs a folder of pyiqa files')
+        if not pretrained and any(m in WEIGHT_FILES for m, _ in members):
+            warnings.warn(f'--random-iqa: {name} has RANDOM weights: its scores are meaningless', stacklevel=2)
+        self.name = '+'.join(m if w == 1 else f'{m}:{w:g}' for m, w in members)
+        self.members, self.as_loss = members, as_loss
+        self.nets, fingerprints = nn.ModuleList(), []
+        for metric, _ in members:
+            opts = dict((metric_opts or {}).get(metric, {}))
+            backbone = backbone_path(metric)
+            if metric in WEIGHT_FILES and pretrained:
+                path = weight_path(metric, weights)
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f'{path}: {metric} weights not found; put {WEIGHT_FILES[metric]} in {path.parent} or pass '
+                        '--iqa-weights PATH (or --random-iqa for meaningless random scores)')
+                load_checkpoint(path)  # weights_only=True check: pyiqa itself unpickles with weights_only=False
+                fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+                opts['pretrained_model_path'] = str(path)
+            elif metric in WEIGHT_FILES:
+                fingerprint, opts['pretrained'] = 'random-weights', False
+            elif backbone is not None:  # qalign: the whole model is a Hugging Face repo; name its revision
+                revision = backbone / 'refs' / 'main'
+                fingerprint = 'hf-' + (revision.read_text().strip()[:16] if revision.is_file() else 'unknown')
+            else:
+                fingerprint = 'weight-free'
+            if backbone is not None and not backbone.exists():
+                raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it '
+                                        '(put it there; for Hugging Face repos also set HF_HUB_OFFLINE=1)')
+            # pyiqa prints its loading messages: keep stdout for our own output (the score table)
+            with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr):
+                torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
+                try:
+                    iqa = pyiqa.create_metric(metric, as_loss=False, device=torch.device(device), **opts)
+                except RuntimeError as err:  # load_state_dict mismatch of a user-given file
+                    raise ValueError(f'{opts.get("pretrained_model_path")}: does not fit pyiqa {metric}: '
+                                     f'{str(err).splitlines()[0]}') from None
+            # InferenceModel.forward forces grad on when as_loss (even under no_grad) and reduces to a
+            # batch mean by default: call its network directly, per sample, under the caller's grad mode.
+            self.nets.append(iqa.net)
+            fingerprints.append(fingerprint)
+        self.fingerprint = fingerprints[0] if len(members) == 1 else '+'.join(
+            f'{m}={fp}' for (m, _), fp in zip(members, fingerprints, strict=True))
+        if metric_opts:
+            opts_json = json.dumps(metric_opts, sort_keys=True).encode()
+            self.fingerprint += '+opts=' + hashlib.sha256(opts_json).hexdigest()[:8]
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        """Q stays in eval mode whatever a parent module asks (DESIGN §6)."""
+        return super().train(False)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f'QualityModel: expected images (N,3,H,W) in [0,1], got shape {tuple(x.shape)}')
+        param = next(self.parameters(), None)  # weight-free metrics (piqe) run where x is
+        x = x if param is None else x.to(param.device)
+        with torch.set_grad_enabled(self.as_loss and torch.is_grad_enabled()):
+            scores = [net(x).reshape(len(x)) for net in self.nets]  # pyiqa nets give (N,) or (N,1)
+        if len(scores) == 1:
+            (metric, _), = self.members
+            lo, hi = METRIC_RANGES[metric]
+            return lo + hi - scores[0] if metric in LOWER_BETTER else scores[0]
+        total = 0.0
+        for score, (metric, weight) in zip(scores, self.members, strict=True):
+            lo, hi = METRIC_RANGES[metric]
+            normalised = (score - lo) / (hi - lo)
+            total = total + weight * (1 - normalised if metric in LOWER_BETTER else normalised)
+        return total / sum(w for _, w in self.members)
+
+
+def sample_gt_index(sampler, positive, scores, generator, tau=TAU):
+    """Index of the GT each sample trains on (DESIGN §2), drawn with `generator`; Long(B).
+
+    positive: Bool(B,5) effective positives (GT 0 never); scores: (B,5) cached image-level Q scores.
+      origins: i = 0
+      upos:    P(i) = 1 / |Pos|                                   for i in Pos (HGGT baseline)
+      sma:     P(i) = exp(Q(S_i)/tau) / sum_{j=0..4} exp(Q(S_j)/tau)
+      smp:     P(i) = exp(Q(S_i)/tau) / sum_{j in Pos} exp(Q(S_j)/tau)   for i in Pos
+    amo scores training patches online: use argmax_online.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler: unknown '{sampler}'; choose from {', '.join(SAMPLERS)}")
+    if sampler == 'amo':
+        raise ValueError('--sampler amo: scores the training patches online; call argmax_online(gts, quality)')
+    if positive.dim() != 2 or positive.shape[1] != NUM_GTS:
+        raise ValueError(f'positive: expected shape (B,{NUM_GTS}), got {tuple(positive.shape)}')
+    out_device, positive = positive.device, positive.to(generator.device, torch.bool)
+    if sampler == 'origins':
+        return torch.zeros(len(positive), dtype=torch.long, device=out_device)
+    allowed = positive if sampler in ('upos', 'smp') else torch.ones_like(positive)
+    if not allowed.any(1).all():
+        row = int((~allowed.any(1)).nonzero()[0])
+        raise ValueError(f'--sampler {sampler}: batch row {row} has no effective positive GT (sets without one '
+                         'must be dropped by the dataset)')
+    if sampler == 'upos':
+        probs = allowed.double()
+    else:
+        if scores is None or tuple(scores.shape) != tuple(positive.shape):
+            raise ValueError(f'--sampler {sampler}: needs cached scores of shape (B,{NUM_GTS}) '
+                             '(python nriqa_sr.py score --data ROOT --iqa NAME)')
+        if not tau > 0:
+            raise ValueError(f'--tau: must be positive, got {tau}')
+        scores = scores.to(generator.device, torch.float64)
+        if not torch.isfinite(scores).all():
+            row = int((~torch.isfinite(scores)).any(1).nonzero()[0])
+            raise ValueError(f'--sampler {sampler}: NaN or infinite score in batch row {row}; rebuild the score cache')
+        probs = torch.softmax((scores / tau).masked_fill(~allowed, float('-inf')), dim=1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(out_device)
+
+
+def argmax_online(gts, quality):
+    """amo (DESIGN §2): i = argmax_j Q(patch of S_j), the five *training patches* scored now.
+
+    gts: (B,5,3,H,W); one batched forward over B*5 patches under no_grad; ties -> lowest index.
+    """
+    if gts.dim() != 5 or gts.shape[1] != NUM_GTS:
+        raise ValueError(f'gts: expected shape (B,{NUM_GTS},3,H,W), got {tuple(gts.shape)}')
+    with torch.no_grad():
+        scores = quality(gts.flatten(0, 1)).reshape(len(gts), NUM_GTS)  # (B*5,3,H,W) -> (B*5,) -> (B,5)
+    if not torch.isfinite(scores).all():
+        raise ValueError(f'--sampler amo: {quality.name} gave a NaN or infinite patch score')
+    index = torch.arange(NUM_GTS, device=scores.device).expand_as(scores)
+    return torch.where(scores == scores.amax(1, keepdim=True), index, NUM_GTS).amin(1)
+
+
+def quality_reward(quality, sr):
+    """Q(SR) per sample, with gradient: the Eq. 2 term of L~ = L - lambda_Q * Q(SR) (DESIGN §3).
+
+    Raw Q, not normalised, as in the paper (lambda_Q = 0.05 is set on MUSIQ's 0-100 scale)."""
+    if not quality.as_loss:
+        raise ValueError(f'--iqa {quality.name}: quality_reward needs QualityModel(..., as_loss=True)')
+    return quality(sr)
+
+
+def score_cache_path(root, metric):
+    """Default cache file of `python nriqa_sr.py score --data ROOT --iqa METRIC`."""
+    return Path(root) / f'scores_{metric}.json'
+
+
+def to_rgb(image):
+    """(C,H,W) with C 1/3/4 -> (3,H,W): gray replicated, alpha dropped (Q scores colour images)."""
+    return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image[:3]
+
+
+def _write_json_atomic(obj, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_cache(path):
+    try:
+        cache = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f'{path}: not a score cache (invalid JSON); delete it or choose another --cache') from None
+    if not isinstance(cache, dict) or cache.get('version') != CACHE_VERSION or not isinstance(cache['scores'], dict):
+        raise ValueError(f'{path}: not a version-{CACHE_VERSION} score cache; delete it or choose another --cache')
+    return cache
+
+
+def score_dataset(root, quality, cache_path=None, flush_every=50):
+    """Image-level Q score of every GT of every set, for sma / smp (DESIGN §2): {name: [s0..s4]}.
+
+    Whole images, the five of a set in one batch. The JSON cache {"version", "metric", "fingerprint",
+    "scores", "complete"} is rewritten atomically every `flush_every` sets, so an interrupted run resumes;
+    a cache made with another metric or other weights is started afresh.
+    """
+    cache_path = Path(cache_path) if cache_path is not None else score_cache_path(root, quality.name)
+    root = Path(root)
+    names = MultiGTDataset(root, gt_size=4).names  # whole images are scored: no minimum crop size applies
+    scores, complete = {}, False
+    if cache_path.exists():
+        cache = _read_cache(cache_path)
+        if (cache.get('metric'), cache.get('fingerprint')) == (quality.name, quality.fingerprint):
+            scores, complete = cache['scores'], cache.get('complete') is True
+        else:
+            print(f'{cache_path}: made with {cache.get("metric")} ({cache.get("fingerprint")}); rescoring with '
+                  f'{quality.name} ({quality.fingerprint})', file=sys.stderr)
+    header = {'version': CACHE_VERSION, 'metric': quality.name, 'fingerprint': quality.fingerprint}
+    todo = [name for name in names if name not in scores]
+    for done, name in enumerate(tqdm(todo, desc=f'score {quality.name}', unit='set',
+                                     total=len(names), initial=len(names) - len(todo)), 1):
+        gts = torch.stack([to_rgb(load_image(path)) for path in gt_paths(root, name)])  # (5,3,H,W)
+        with torch.no_grad():
+            set_scores = quality(gts).cpu()
+        if not torch.isfinite(set_scores).all():
+            raise ValueError(f'{gt_paths(root, name)[0]}: {quality.name} gave a NaN or infinite score')
+        scores[name] = set_scores.tolist()
+        if done % flush_every == 0:
+            _write_json_atomic({**header, 'scores': scores, 'complete': False}, cache_path)
+    if todo or not complete:
+        _write_json_atomic({**header, 'scores': scores, 'complete': True}, cache_path)
+    return {name: scores[name] for name in names}
+
+
+def load_score_cache(path, metric, fingerprint, names=None):
+    """{name: [s0..s4]} from a complete cache made with `metric` and these weights (and holding `names`)."""
+    path = Path(path)
+    command = (f'python nriqa_sr.py score --data ROOT --iqa {metric} --cache {path}'
+               + (' --random-iqa' if fingerprint == 'random-weights' else ''))
+    rebuild = f'rebuild: {command}'
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: score cache not found; {rebuild}')
+    cache = _read_cache(path)
+    if cache.get('metric') != metric:
+        raise ValueError(f"{path}: scores are from metric '{cache.get('metric')}', not '{metric}'; {rebuild}")
+    if cache.get('fingerprint') != fingerprint:
+        raise ValueError(f"{path}: scores are from other {metric} weights ({cache.get('fingerprint')}, now "
+                         f'{fingerprint}); {rebuild}')
+    if cache.get('complete') is not True:
+        raise ValueError(f"{path}: incomplete ({len(cache['scores'])} sets scored); run again to resume: {command}")
+    scores = cache['scores']
+    bad = [name for name, s in scores.items() if not (isinstance(s, list) and len(s) == NUM_GTS and all(
+        isinstance(v, (int, float)) and math.isfinite(v) for v in s))]
+    if bad:
+        raise ValueError(f'{path}: set {bad[0]} does not hold {NUM_GTS} finite scores; {rebuild}')
+    missing = [name for name in (names or []) if name not in scores]
+    if missing:
+        raise ValueError(f'{path}: {len(missing)} sets have no scores (e.g. {missing[0]}); {rebuild}')
+    return scores
+
+
+def agreement(scores, labels):
+    """Agreement of Q with HGGT's human labels (paper §3, DESIGN §5), in percent.
+
+    pairwise_accuracy: share of (Positive, Negative) GT pairs of a set where Q(Positive) > Q(Negative)
+    (strictly; a tie disagrees), over `pairs` pairs. negative_top_rate: share of the
+    `sets_with_negative` sets where the top-scored of all five GTs (ties -> lowest index, as amo)
+    is a Negative. A rate with nothing to count is NaN.
+    """
+    pairs = agreeing = sets_with_negative = negative_top = 0
+    for name, set_labels in labels.items():
+        if name not in scores:
+            raise ValueError(f'{name}: no Q scores for this labelled set')
+        set_scores = scores[name]
+        positives = [i for i, label in enumerate(set_labels) if label == 'Positive']
+        negatives = [i for i, label in enumerate(set_labels) if label == 'Negative']
+        pairs += len(positives) * len(negatives)
+        agreeing += sum(set_scores[p] > set_scores[n] for p in positives for n in negatives)
+        if negatives:
+            sets_with_negative += 1
+            negative_top += set_labels[max(range(NUM_GTS), key=lambda i: (set_scores[i], -i))] == 'Negative'
+
+    def percent(count, total):
+        return 100.0 * count / total if total else float('nan')
+
+    return {'pairwise_accuracy': percent(agreeing, pairs), 'pairs': pairs,
+            'negative_top_rate': percent(negative_top, sets_with_negative), 'sets_with_negative': sets_with_negative}
+
+
+def upscale_image(model, lq, scale, tile=None, tile_pad=32):
+    """SR of lq (1,C,h,w) -> (1,C,scale*h,scale*w), the model run on tiles of `tile` LQ pixels.
+
+    Each tile is run with `tile_pad` LQ pixels of context on every side (clipped at the image border)
+    and only its own part of the output is kept, so memory is bounded by (tile + 2*tile_pad)^2 and the
+    result equals untiled inference once tile_pad covers the receptive field. Tiles go to the model's
+    device, the output stays on lq's device.
+    """
+    if lq.dim() != 4 or len(lq) != 1:
+        raise ValueError(f'lq: expected one image (1,C,h,w), got shape {tuple(lq.shape)}')
+    if tile is not None and (tile < 1 or tile_pad < 0):
+        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {tile} and {tile_pad}')
+    param = next(model.parameters(), None)
+    device = lq.device if param is None else param.device
+    _, _, h, w = lq.shape
+    tile = tile or max(h, w)
+    out = None
+    with torch.no_grad():
+        for y0 in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                # context window: the tile plus tile_pad on each side, clipped at the image border
+                cy0, cx0 = max(y0 - tile_pad, 0), max(x0 - tile_pad, 0)
+                cy1, cx1 = min(y1 + tile_pad, h), min(x1 + tile_pad, w)
+                sr = model(lq[:, :, cy0:cy1, cx0:cx1].to(device))
+                if sr.shape[-2:] != ((cy1 - cy0) * scale, (cx1 - cx0) * scale):
+                    raise ValueError(f'--ckpt: the model gives {tuple(sr.shape[-2:])} pixels for '
+                                     f'{(cy1 - cy0, cx1 - cx0)}, not x{scale}')
+                if out is None:
+                    out = torch.zeros(1, sr.shape[1], h * scale, w * scale, dtype=sr.dtype, device=lq.device)
+                oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale  # where the tile starts inside its context
+                out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
+                    sr[:, :, oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale].to(lq.device)
+    return out
+
+
+def list_images(path):
+    """The image file itself, or the PNG/JPEG files of a folder (sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f'{path}: no such file or folder')
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f'{path}: no PNG or JPEG images in this folder')
+    return files
+
+
+def png_bit_depth(path):
+    """Bit depth of a PNG from its IHDR chunk (byte 24); 8 for anything else."""
+    with open(path, 'rb') as f:
+        head = f.read(25)
+    return 16 if head[:8] == b'\x89PNG\r\n\x1a\n' and len(head) == 25 and head[24] == 16 else 8
+
+
+def upscale_file(model, src, dst, scale, tile=None, tile_pad=32):
+    """SR of one image file: gray runs as RGB and is saved gray, alpha is upscaled bicubic on its own,
+    a 16-bit PNG gives a 16-bit PNG."""
+    image = load_image(src)  # (C,H,W), C 1/3/4
+    sr = upscale_image(model, to_rgb(image)[None], scale, tile, tile_pad)[0].float().clamp(0, 1)
+    if image.shape[0] == 1:
+        sr = sr.mean(0, keepdim=True)  # back to one channel
+    elif image.shape[0] == 4:
+        alpha = F.interpolate(image[None, 3:], scale_factor=scale, mode='bicubic', align_corners=False)[0]
+        sr = torch.cat([sr, alpha.clamp(0, 1)])
+    save_image(sr, dst, bits=png_bit_depth(src))
+
+
+def build_parser():
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest='command', required=True)
+    score = commands.add_parser('score', help='NR-IQA scores of a dataset (cached, for sma/smp) or of images')
+    source = score.add_mutually_exclusive_group(required=True)
+    source.add_argument('--data', type=Path, metavar='ROOT',
+                        help='HGGT-layout root: score all five GTs of every set into a cache')
+    source.add_argument('-i', '--input', type=Path, metavar='IMG_OR_DIR',
+                        help='an image or a folder of images: print a name,score table')
+    score.add_argument('--iqa', default='musiq', metavar='NAME',
+                       help="Q: a metric (musiq, nima, qalign, topiq_nr, paq2piq, piqe) or 'musiq:1+nima:0.5'")
+    score.add_argument('--cache', type=Path, metavar='FILE', help='cache of --data (default ROOT/scores_<NAME>.json)')
+    score.add_argument('--iqa-weights', type=Path, metavar='PATH',
+                       help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
+    score.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
+    score.add_argument('--device', default=device, help=f'torch device (default {device})')
+    upscale = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
+    upscale.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
+    upscale.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
+                         help='an image or a folder of PNG/JPEG images')
+    upscale.add_argument('-o', '--output', type=Path, required=True, metavar='OUT',
+                         help='output folder (NAME.png per input), or a .png file for a single input image')
+    upscale.add_argument('--tile', type=int, metavar='N', help='tile size in LQ pixels (default: whole image)')
+    upscale.add_argument('--tile-pad', type=int, default=32, metavar='P',
+                         help='LQ pixels of context on each side of a tile (default 32)')
+    upscale.add_argument('--device', default=device, help=f'torch device (default {device})')
+    return parser
+
+
+def run_score(args):
+    quality = QualityModel(args.iqa, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa)
+    if args.data is not None:
+        cache_path = args.cache or score_cache_path(args.data, quality.name)
+        scores = score_dataset(args.data, quality, cache_path)
+        print(f'{cache_path}: {len(scores)} sets scored with {quality.name} ({quality.fingerprint})')
+        return
+    print('name,score')
+    for path in list_images(args.input):
+        with torch.no_grad():
+            print(f'{path.name},{quality(to_rgb(load_image(path))[None]).item():.4f}')
+
+
+def run_upscale(args):
+    files = list_images(args.input)
+    model = load_generator(args.ckpt).to(args.device)
+    scale = getattr(model, 'upscale', None) or getattr(model, 'scale', None)
+    if scale is None:
+        raise ValueError(f'{args.ckpt}: cannot tell the upscaling factor of {type(model).__name__}')
+    single_file = args.input.is_file() and args.output.suffix.lower() == '.png'
+    for src in tqdm(files, desc='upscale', unit='image'):
+        dst = args.output if single_file else args.output / f'{src.stem}.png'
+        upscale_file(model, src, dst, scale, args.tile, args.tile_pad)
+    print(f'{len(files)} image(s) x{scale} -> {args.output}')
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == 'score':
+            run_score(args)
+        else:
+            run_upscale(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

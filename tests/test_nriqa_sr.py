@@ -1,0 +1,368 @@
+"""nriqa_sr.py: samplers (DESIGN §2), Q over pyiqa (§6), score cache, agreement (§5), tiled upscaling, CLI.
+
+Random weights only: a tiny random MUSIQ (TINY) where scores must be fast, the paper-size random MUSIQ
+where its gradient matters, weight-free PIQE where a real metric must run, and FakeQ (mean brightness)
+where the scores themselves must be known.
+"""
+import hashlib
+import json
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+import nriqa_sr
+from data import gt_paths, load_image, save_image
+from nriqa_sr import (QualityModel, agreement, argmax_online, load_score_cache, quality_reward,
+                      sample_gt_index, score_dataset, upscale_image)
+
+TINY = {'musiq': dict(longer_side_lengths=[32], num_layers=1, hidden_size=32, mlp_dim=64, num_heads=2)}
+DRAWS = 20_000
+TOL = 0.02  # max |empirical - expected| frequency; the std of a frequency over 20k draws is <= 0.0036
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any connection or download attempt fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError('network access attempted')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', refuse)
+
+
+def random_quality(name='musiq', **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return QualityModel(name, pretrained=False, metric_opts=TINY, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def tiny_q():
+    return random_quality()
+
+
+class FakeQ(nn.Module):
+    """Q = 100 * mean brightness, counting its forward calls; optionally fails on call `fail_at`."""
+
+    def __init__(self, name='fake', fingerprint='fp1', fail_at=None):
+        super().__init__()
+        self.name, self.fingerprint, self.fail_at, self.calls = name, fingerprint, fail_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt  # simulated interruption
+        return 100 * x.mean(dim=(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------- samplers
+def frequencies(index):
+    return torch.bincount(index, minlength=5).double() / len(index)
+
+
+def test_origins_always_zero():
+    positive = torch.tensor([[False, True, False, True, False]]).expand(100, 5)
+    assert sample_gt_index('origins', positive, None, torch.Generator().manual_seed(0)).eq(0).all()
+
+
+def test_upos_uniform_on_positives():
+    positive = torch.tensor([[False, True, False, True, True]]).expand(DRAWS, 5)
+    freq = frequencies(sample_gt_index('upos', positive, None, torch.Generator().manual_seed(0)))
+    assert (freq - torch.tensor([0, 1 / 3, 0, 1 / 3, 1 / 3], dtype=torch.float64)).abs().max() < TOL
+    assert freq[0] == freq[2] == 0
+
+
+def test_sma_and_smp_follow_softmax_over_tau():
+    scores = torch.tensor([[60.0, 65.0, 70.0, 55.0, 68.0]]).expand(DRAWS, 5)
+    positive = torch.tensor([[False, True, False, True, True]]).expand(DRAWS, 5)
+    g = torch.Generator().manual_seed(1)
+    sma = frequencies(sample_gt_index('sma', positive, scores, g))
+    assert (sma - torch.softmax(scores[0].double() / 10, 0)).abs().max() < TOL
+    smp = frequencies(sample_gt_index('smp', positive, scores, g))
+    expected = torch.zeros(5, dtype=torch.float64)
+    expected[[1, 3, 4]] = torch.softmax(scores[0, [1, 3, 4]].double() / 10, 0)
+    assert (smp - expected).abs().max() < TOL and smp[[0, 2]].sum() == 0
+
+
+def test_same_seed_same_draws():
+    scores, positive = torch.randn(500, 5) * 10, torch.rand(500, 5) > 0.3
+    positive[:, 1] = True
+    for sampler in ('upos', 'sma', 'smp'):
+        a = sample_gt_index(sampler, positive, scores, torch.Generator().manual_seed(7))
+        b = sample_gt_index(sampler, positive, scores, torch.Generator().manual_seed(7))
+        c = sample_gt_index(sampler, positive, scores, torch.Generator().manual_seed(8))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampler_errors():
+    g = torch.Generator().manual_seed(0)
+    positive = torch.tensor([[False, True, False, False, False], [False, False, False, False, False]])
+    scores = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match='no effective positive'):
+        sample_gt_index('upos', positive, None, g)
+    with pytest.raises(ValueError, match='no effective positive'):
+        sample_gt_index('smp', positive, scores, g)
+    with pytest.raises(ValueError, match='NaN'):
+        sample_gt_index('sma', positive, torch.tensor([[0.0, 1, 2, 3, 4], [0, float('nan'), 0, 0, 0]]), g)
+    with pytest.raises(ValueError, match='score --data'):
+        sample_gt_index('sma', positive, None, g)
+    with pytest.raises(ValueError, match='argmax_online'):
+        sample_gt_index('amo', positive, scores, g)
+    with pytest.raises(ValueError, match='unknown'):
+        sample_gt_index('best', positive, scores, g)
+
+
+def test_amo_equals_patchwise_argmax_with_one_batched_forward(tiny_q):
+    gts = torch.rand(3, 5, 3, 32, 32)
+    calls = []
+    hook = tiny_q.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    try:
+        chosen = argmax_online(gts, tiny_q)
+    finally:
+        hook.remove()
+    assert calls == [torch.Size([15, 3, 32, 32])]  # one forward over B*5 patches
+    with torch.no_grad():
+        brute = torch.tensor([max(range(5), key=lambda j: tiny_q(gts[b, j][None]).item()) for b in range(3)])
+    assert torch.equal(chosen, brute)
+
+
+def test_amo_ties_go_to_lowest_index():
+    gts = torch.zeros(2, 5, 3, 4, 4)
+    gts[0, [1, 3]] = 0.8  # GT 1 and GT 3 tie for the best score
+    assert argmax_online(gts, FakeQ()).tolist() == [1, 0]
+    gts[1, 2] = float('nan')
+    with pytest.raises(ValueError, match='NaN'):
+        argmax_online(gts, FakeQ())
+
+
+# ----------------------------------------------------------------------------- QualityModel
+def test_paper_size_random_musiq_builds_offline_with_a_warning():
+    with pytest.warns(UserWarning, match='meaningless'):
+        q = QualityModel('musiq', pretrained=False)
+    assert q.fingerprint == 'random-weights' and sum(p.numel() for p in q.parameters()) > 20_000_000
+    assert not any(p.requires_grad for p in q.parameters())
+
+
+def test_random_musiq_gives_per_sample_gradients():
+    q = random_quality(as_loss=True)
+    x = torch.rand(2, 3, 48, 40, requires_grad=True)
+    reward = quality_reward(q, x)
+    assert reward.shape == (2,)
+    reward[0].backward()
+    assert x.grad[0].abs().sum() > 0 and x.grad[1].abs().sum() == 0
+    assert all(p.grad is None for p in q.parameters())
+
+
+def test_no_gradient_without_as_loss(tiny_q):
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    assert not tiny_q(x).requires_grad
+    with pytest.raises(ValueError, match='as_loss=True'):
+        quality_reward(tiny_q, x)
+    with torch.no_grad():  # an as_loss Q still obeys an outer no_grad (pyiqa's own forward does not)
+        assert not random_quality(as_loss=True)(x).requires_grad
+
+
+def test_piqe_flipped_to_higher_is_better_and_refused_as_reward():
+    import pyiqa
+    x = torch.rand(2, 3, 64, 64)
+    raw = pyiqa.create_metric('piqe', device='cpu')(x)
+    q = QualityModel('piqe')
+    assert q.fingerprint == 'weight-free'
+    torch.testing.assert_close(q(x), 100 - raw)
+    with pytest.raises(ValueError, match='no gradient'):
+        QualityModel('piqe', as_loss=True)
+
+
+def test_stays_in_eval_when_parent_trains(tiny_q):
+    parent = nn.ModuleDict({'conv': nn.Conv2d(3, 3, 1), 'q': tiny_q})
+    parent.train()
+    assert parent['conv'].training
+    assert not any(m.training for m in tiny_q.modules())
+
+
+def test_ensemble_is_weighted_mean_of_range_normalised_scores():
+    x = torch.rand(2, 3, 64, 64)
+    ensemble = random_quality('musiq:1+piqe:0.5')
+    assert ensemble.name == 'musiq+piqe:0.5'
+    assert ensemble.fingerprint.startswith('musiq=random-weights+piqe=weight-free+opts=')
+    musiq, piqe = random_quality('musiq')(x), QualityModel('piqe')(x)  # piqe already flipped: 100 - raw
+    torch.testing.assert_close(ensemble(x), (musiq / 100 + 0.5 * piqe / 100) / 1.5)
+    for bad in ('musiq+nope', 'musiq:-1', 'musiq+musiq', 'musiq:x'):
+        with pytest.raises(ValueError, match='--iqa'):
+            QualityModel(bad)
+
+
+def test_missing_weights_is_one_line_naming_file_folder_and_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    folder = tmp_path / 'torch' / 'hub' / 'pyiqa'
+    for weights, where in ((None, folder), (tmp_path / 'mine', tmp_path / 'mine')):
+        with pytest.raises(FileNotFoundError) as err:
+            QualityModel('musiq', weights=weights)
+        message = str(err.value)
+        assert '\n' not in message and 'musiq_koniq_ckpt-e95806b9.pth' in message
+        assert str(where) in message and '--iqa-weights' in message
+    assert nriqa_sr.missing_weights('musiq') == [folder / 'musiq_koniq_ckpt-e95806b9.pth']
+    assert nriqa_sr.weight_file('musiq') == 'musiq_koniq_ckpt-e95806b9.pth' and nriqa_sr.weight_file('piqe') is None
+    assert nriqa_sr.missing_weights('psnr') == []
+
+
+def test_missing_backbone_is_named_before_pyiqa_can_download_it(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
+    torch.save({}, tmp_path / 'NIMA_InceptionV2_ava-b0c77c00.pth')
+    backbone = tmp_path / 'hf' / 'models--timm--inception_resnet_v2.tf_in1k'
+    assert nriqa_sr.missing_weights('nima', tmp_path) == [backbone]
+    with pytest.raises(FileNotFoundError, match='models--timm--inception_resnet_v2.tf_in1k: backbone of nima'):
+        QualityModel('nima', weights=tmp_path)
+
+
+def test_weight_file_is_loaded_and_fingerprinted(tmp_path, tiny_q):
+    path = tmp_path / 'musiq_koniq_ckpt-e95806b9.pth'
+    state = {k: v + 0.01 for k, v in tiny_q.nets[0].state_dict().items()}  # not the random init
+    torch.save(state, path)
+    q = QualityModel('musiq', weights=tmp_path, metric_opts=TINY)
+    assert q.fingerprint.startswith(hashlib.sha256(path.read_bytes()).hexdigest()[:16] + '+opts=')
+    torch.testing.assert_close(q.nets[0].state_dict(), state)
+    assert QualityModel('musiq', weights=path, metric_opts=TINY).fingerprint == q.fingerprint
+    torch.save({'params': state, 'payload': FakeQ()}, path)  # a pickled object: refused before pyiqa unpickles it
+    with pytest.raises(ValueError, match='refused to unpickle'):
+        QualityModel('musiq', weights=path, metric_opts=TINY)
+
+
+# ----------------------------------------------------------------------------- score cache
+@pytest.fixture
+def hggt_root(tmp_path):
+    """Three sets in the HGGT layout, 16x16 GTs of known brightness (no labels/)."""
+    root = tmp_path / 'hggt'
+    for s, name in enumerate(['a', 'b', 'c']):
+        for k, path in enumerate(gt_paths(root, name)):
+            save_image(torch.full((3, 16, 16), (10 * s + k + 1) / 40), path)
+    return root
+
+
+def test_score_cache_built_then_reused(hggt_root):
+    q = FakeQ()
+    scores = score_dataset(hggt_root, q)
+    assert q.calls == 3 and list(scores) == ['a', 'b', 'c']
+    assert scores['b'] == pytest.approx([100 * round((10 + k + 1) / 40 * 255) / 255 for k in range(5)], abs=1e-4)
+    path = hggt_root / 'scores_fake.json'
+    cache = json.loads(path.read_text())
+    assert cache == {'version': 1, 'metric': 'fake', 'fingerprint': 'fp1', 'scores': scores, 'complete': True}
+    assert score_dataset(hggt_root, q) == scores and q.calls == 3  # valid cache: nothing rescored
+    assert load_score_cache(path, 'fake', 'fp1', names=['a', 'b', 'c']) == scores
+    rescored = FakeQ(fingerprint='fp2')
+    score_dataset(hggt_root, rescored)  # other weights: scored again
+    assert rescored.calls == 3 and json.loads(path.read_text())['fingerprint'] == 'fp2'
+
+
+def test_score_cache_refused_with_rebuild_command(hggt_root):
+    path = hggt_root / 'scores_fake.json'
+    with pytest.raises(FileNotFoundError, match='score cache not found'):
+        load_score_cache(path, 'fake', 'fp1')
+    score_dataset(hggt_root, FakeQ())
+    for metric, fingerprint, names, problem in (('musiq', 'fp1', None, "from metric 'fake'"),
+                                                ('fake', 'other', None, 'other fake weights'),
+                                                ('fake', 'fp1', ['a', 'zz'], '1 sets have no scores')):
+        with pytest.raises(ValueError) as err:
+            load_score_cache(path, metric, fingerprint, names)
+        message = str(err.value)
+        assert problem in message and '\n' not in message
+        assert f'python nriqa_sr.py score --data ROOT --iqa {metric}' in message
+    path.write_text('{not json')
+    with pytest.raises(ValueError, match='invalid JSON'):
+        load_score_cache(path, 'fake', 'fp1')
+
+
+def test_score_cache_resumes_after_interruption(hggt_root):
+    path = hggt_root / 'scores_fake.json'
+    with pytest.raises(KeyboardInterrupt):
+        score_dataset(hggt_root, FakeQ(fail_at=3), flush_every=1)
+    partial = json.loads(path.read_text())
+    assert partial['complete'] is False and list(partial['scores']) == ['a', 'b']
+    with pytest.raises(ValueError, match='incomplete'):
+        load_score_cache(path, 'fake', 'fp1')
+    q = FakeQ()
+    scores = score_dataset(hggt_root, q, flush_every=1)
+    assert q.calls == 1 and scores == score_dataset(hggt_root, FakeQ(), hggt_root / 'fresh.json')
+    assert load_score_cache(path, 'fake', 'fp1') == scores
+
+
+def test_cli_score_dataset_and_images(hggt_root, capsys):
+    assert nriqa_sr.main(['score', '--data', str(hggt_root), '--iqa', 'piqe', '--device', 'cpu']) == 0
+    cache = json.loads((hggt_root / 'scores_piqe.json').read_text())
+    assert cache['complete'] and cache['fingerprint'] == 'weight-free' and len(cache['scores']) == 3
+    images = hggt_root / 'images' / 'original'
+    save_image(torch.rand(1, 64, 48), images / 'gray.png')
+    capsys.readouterr()
+    assert nriqa_sr.main(['score', '-i', str(images), '--iqa', 'piqe', '--device', 'cpu']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == 'name,score'
+    assert [line.split(',')[0] for line in lines[1:]] == ['a.png', 'b.png', 'c.png', 'gray.png']
+    assert nriqa_sr.main(['score', '-i', str(hggt_root / 'nope'), '--iqa', 'piqe']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1
+
+
+# ----------------------------------------------------------------------------- agreement
+def test_agreement_on_hand_made_sets():
+    labels = {'a': ['Original', 'Positive', 'Negative', 'Similar', 'Positive'],
+              'b': ['Original', 'Negative', 'Positive', 'Similar', 'Similar'],
+              'c': ['Original', 'Positive', 'Similar', 'Similar', 'Similar']}
+    scores = {'a': [50, 60, 55, 70, 40],  # pairs (1,2) agree, (4,2) do not; top GT 3 is Similar
+              'b': [10, 90, 80, 20, 30],  # pair (2,1) disagrees; top GT 1 is Negative
+              'c': [99, 1, 2, 3, 4]}      # no Negative: no pair, not counted
+    assert agreement(scores, labels) == {'pairwise_accuracy': pytest.approx(100 / 3), 'pairs': 3,
+                                         'negative_top_rate': 50.0, 'sets_with_negative': 2}
+    tie = agreement({'a': [0, 5, 5, 5, 1]}, {'a': labels['a']})
+    assert tie['pairwise_accuracy'] == 0 and tie['negative_top_rate'] == 0  # tie disagrees; top = lowest index
+    with pytest.raises(ValueError, match='no Q scores'):
+        agreement({}, labels)
+
+
+# ----------------------------------------------------------------------------- upscaling
+def conv_x4():
+    """Conv-only x4 model: receptive field radius 2 LQ pixels (two 3x3 convs), below the tile pad."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 48, 3, padding=1), nn.PixelShuffle(4))
+
+
+def test_tiled_upscaling_equals_untiled():
+    model, lq = conv_x4(), torch.rand(1, 3, 37, 45)
+    full = upscale_image(model, lq, 4)
+    assert full.shape == (1, 3, 148, 180)
+    for tile, pad in ((16, 4), (10, 3), (64, 0)):
+        torch.testing.assert_close(upscale_image(model, lq, 4, tile=tile, tile_pad=pad), full, atol=1e-5, rtol=0)
+    assert (upscale_image(model, lq, 4, tile=16, tile_pad=0) - full).abs().max() > 1e-3  # no pad: seams
+    with pytest.raises(ValueError, match='not x2'):
+        upscale_image(model, lq, 2, tile=16)
+
+
+def test_cli_upscale_gray_rgba_and_16_bit(tmp_path, capsys):
+    config = dict(num_feat=8, num_block=1, num_grow_ch=4)
+    model = models.build_generator('rrdbnet', **config)
+    ckpt = tmp_path / 'g.pth'
+    models.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet', 'config': config, 'scale': 4}, ckpt)
+    src, out = tmp_path / 'in', tmp_path / 'out'
+    save_image(torch.rand(1, 10, 12), src / 'gray.png')
+    rgba = torch.rand(4, 9, 11)
+    save_image(rgba, src / 'rgba.png')
+    save_image(torch.rand(3, 8, 8), src / 'deep.png', bits=16)
+    args = ['upscale', '--ckpt', str(ckpt), '-i', str(src), '-o', str(out), '--tile', '4', '--tile-pad', '8',
+            '--device', 'cpu']
+    assert nriqa_sr.main(args) == 0
+    gray, color, deep = (load_image(out / f'{n}.png') for n in ('gray', 'rgba', 'deep'))
+    assert gray.shape == (1, 40, 48) and color.shape == (4, 36, 44) and deep.shape == (3, 32, 32)
+    alpha = F.interpolate(load_image(src / 'rgba.png')[None, 3:], scale_factor=4, mode='bicubic')[0].clamp(0, 1)
+    assert (color[3] - alpha[0]).abs().max() <= 1 / 255
+    assert nriqa_sr.png_bit_depth(out / 'deep.png') == 16 and nriqa_sr.png_bit_depth(out / 'gray.png') == 8
+    with torch.no_grad():  # untiled RGB result of the same model (file is 8-bit)
+        sr = model.eval()(load_image(src / 'rgba.png')[None, :3])[0].clamp(0, 1)
+    assert (color[:3] - sr).abs().max() <= 0.5 / 255 + 1e-6
+    capsys.readouterr()
+    assert nriqa_sr.main(['upscale', '--ckpt', str(tmp_path / 'none.pth'), '-i', str(src), '-o', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and 'none.pth' in err and err.count('\n') == 1
