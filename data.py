@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image, ImageEnhance, ImageFilter
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ RESIZE_MODES = ('area', 'bilinear', 'bicubic')
 def load_image(path) -> torch.Tensor:
     """Read an image as a float32 (C,H,W) tensor in [0,1], C = 1 (gray), 3 (RGB) or 4 (RGBA).
 
-    8-bit and 16-bit gray PNGs keep their full precision. Pillow decodes 16-bit *colour* PNGs to 8
-    bits per channel, so those are read with 8-bit precision.
+    8-bit and 16-bit PNGs keep their full precision: Pillow decodes 16-bit *colour* PNGs to 8 bits
+    per channel, so those go through torchvision's PNG decoder instead.
     """
     path = Path(path)
     if not path.is_file():
@@ -50,6 +51,11 @@ def load_image(path) -> torch.Tensor:
             im.load()  # decode now, so a corrupt body fails here and not later
             if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit gray
                 array = np.asarray(im, dtype=np.float32) / 65535.0
+            elif im.format == 'PNG' and im.mode in ('RGB', 'RGBA') and path.read_bytes()[24] == 16:
+                # byte 24 of a PNG is the IHDR bit depth; decode_png keeps 16-bit colour as uint16
+                raw = torchvision.io.read_file(str(path))
+                chw = torchvision.io.decode_png(raw, torchvision.io.ImageReadMode.UNCHANGED)  # (C,H,W) uint16
+                return (chw.to(torch.int32).float() / 65535.0).clamp_(0, 1)
             else:
                 target = {'1': 'L', 'L': 'L', 'RGB': 'RGB', 'RGBA': 'RGBA', 'LA': 'RGBA'}.get(im.mode)
                 if target is None:  # palette, CMYK, YCbCr, ...: keep transparency if there is one
