@@ -15,17 +15,15 @@ import logging
 import math
 import os
 import shutil
-import struct
 import tempfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageEnhance, ImageFilter
 
 logger = logging.getLogger(__name__)
@@ -41,7 +39,7 @@ def load_image(path) -> torch.Tensor:
     """Read an image as a float32 (C,H,W) tensor in [0,1], C = 1 (gray), 3 (RGB) or 4 (RGBA).
 
     8-bit and 16-bit PNGs keep their full precision: Pillow decodes 16-bit *colour* PNGs to 8 bits
-    per channel, so those go through torchvision's PNG decoder instead.
+    per channel, so those go through OpenCV's decoder instead.
     """
     path = Path(path)
     if not path.is_file():
@@ -52,10 +50,10 @@ def load_image(path) -> torch.Tensor:
             if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit gray
                 array = np.asarray(im, dtype=np.float32) / 65535.0
             elif im.format == 'PNG' and im.mode in ('RGB', 'RGBA') and path.read_bytes()[24] == 16:
-                # byte 24 of a PNG is the IHDR bit depth; decode_png keeps 16-bit colour as uint16
-                raw = torchvision.io.read_file(str(path))
-                chw = torchvision.io.decode_png(raw, torchvision.io.ImageReadMode.UNCHANGED)  # (C,H,W) uint16
-                return (chw.to(torch.int32).float() / 65535.0).clamp_(0, 1)
+                # byte 24 of a PNG is its IHDR bit depth
+                bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # (H,W,3|4) uint16, BGR(A) order
+                array = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB if bgr.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+                array = array.astype(np.float32) / 65535.0
             else:
                 target = {'1': 'L', 'L': 'L', 'RGB': 'RGB', 'RGBA': 'RGBA', 'LA': 'RGBA'}.get(im.mode)
                 if target is None:  # palette, CMYK, YCbCr, ...: keep transparency if there is one
@@ -65,21 +63,6 @@ def load_image(path) -> torch.Tensor:
         raise ValueError(f'{path}: cannot read image ({err})') from err
     array = array[:, :, None] if array.ndim == 2 else array
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).clamp_(0, 1)  # HWC -> CHW
-
-
-def _png16_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint16 (H,W,C) array as a 16-bit PNG (Pillow cannot write 16-bit colour)."""
-    h, w, c = array.shape
-    color_type = {1: 0, 3: 2, 4: 6}[c]  # PNG spec: gray, RGB, RGBA
-    rows = np.ascontiguousarray(array, dtype='>u2').view(np.uint8).reshape(h, w * c * 2)  # big-endian
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1)  # filter byte 0 per row
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data))
-
-    header = struct.pack('>IIBBBBB', w, h, 16, color_type, 0, 0, 0)
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw.tobytes(), 6))
-            + chunk(b'IEND', b''))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -106,7 +89,10 @@ def save_image(tensor: torch.Tensor, path, bits: int = 8) -> None:
         raise ValueError(f'{path}: bits={bits} is not supported (8, or 16 for .png)')
     array = tensor.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()  # CHW -> HWC
     if bits == 16:
-        payload = _png16_bytes(np.round(array * 65535.0).astype(np.uint16))
+        array = np.round(array * 65535.0).astype(np.uint16)  # Pillow cannot write 16-bit colour: OpenCV can
+        if array.shape[2] > 1:
+            array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+        payload = cv2.imencode('.png', array)[1].tobytes()
     else:
         array = np.round(array * 255.0).astype(np.uint8)
         buf = io.BytesIO()
