@@ -1,0 +1,593 @@
+"""Networks, losses and checkpoint I/O of the paper's two generators (DESIGN §3-4).
+
+SwinIR and RRDBNet (RealESRGAN) generators with parameter names identical to the released
+checkpoints (shared/reference/*.txt), the U-Net discriminator with spectral norm, the VGG19
+perceptual loss and the vanilla GAN loss of HGGT, plus safe checkpoint loading/saving.
+"""
+import functools
+import inspect
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import spectral_norm
+from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers as make_vgg_layers
+
+# ----------------------------------------------------------------------------- SwinIR
+
+
+def window_partition(x, window_size):
+    """(B, H, W, C) -> (B*nW, ws, ws, C) non-overlapping windows, row-major per image."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)  # (B, H/ws, ws, W/ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)  # (B*nW, ws, ws, C)
+
+
+def window_reverse(windows, window_size, h, w):
+    """(B*nW, ws, ws, C) -> (B, H, W, C), the inverse of window_partition."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, c)  # (B, H/ws, W/ws, ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)  # (B, H, W, C)
+
+
+@functools.lru_cache(maxsize=8)
+def shift_mask(h, w, window_size, shift_size, device='cpu'):
+    """SW-MSA mask (nW, N, N) for an (h, w) token grid: -100 between tokens that the cyclic shift
+    brought from different image regions, 0 elsewhere (official SwinIR values).
+    Cached per size and device (every shifted block shares it); callers must not modify it in place."""
+    region = torch.zeros(1, h, w, 1)
+    bands = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
+    for i, (hs, ws) in enumerate((hs, ws) for hs in bands for ws in bands):
+        region[:, hs, ws, :] = i
+    region = window_partition(region, window_size).view(-1, window_size * window_size)  # (nW, N)
+    diff = region.unsqueeze(1) - region.unsqueeze(2)  # (nW, N, N)
+    return diff.masked_fill(diff != 0, -100.0).to(device)
+
+
+def to_image(tokens, size):
+    """(B, H*W, C) tokens -> (B, C, H, W) feature map."""
+    return tokens.transpose(1, 2).view(tokens.shape[0], tokens.shape[2], *size)  # (B, C, H, W)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a sample's whole residual branch with probability p while training."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)  # (B, 1, 1)
+        return x * keep / (1.0 - self.p)
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: fc1 -> GELU -> fc2 (the LoRA target of the paper's FT stage)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside ws x ws windows with a learned relative position bias
+    (SwinIR paper Sec. 3.2: Attention(Q,K,V) = SoftMax(QK^T/sqrt(d) + B)V)."""
+
+    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_impl='sdpa'):
+        super().__init__()
+        self.num_heads, self.attn_impl = num_heads, attn_impl
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        axis = torch.arange(window_size)
+        coords = torch.stack(torch.meshgrid(axis, axis, indexing='ij')).flatten(1)  # (2, N)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window_size - 1  # (N, N, 2), in [0, 2ws-2]
+        self.register_buffer('relative_position_index', rel[..., 0] * (2 * window_size - 1) + rel[..., 1])  # (N, N)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x, mask=None):
+        """x: (B*nW, N, C) window tokens; mask: (nW, N, N) shift mask or None -> (B*nW, N, C)."""
+        bw, n, c = x.shape
+        h, d = self.num_heads, c // self.num_heads
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
+        bias = bias.view(n, n, h).permute(2, 0, 1)  # (heads, N, N)
+        attn_mask = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)  # (m, heads, N, N)
+        # m = 1 (W-MSA) or nW (SW-MSA): fold m consecutive windows into the head axis so the mask
+        # broadcasts over the batch axis only. A 4-D mask keeps SDPA on its fused kernels (a 3-D
+        # one sends CPU SDPA to its slow math fallback).
+        m = attn_mask.shape[0]
+        qkv = self.qkv(x).view(bw // m, m, n, 3, h, d)  # (B*nW/m, m, N, 3, heads, d)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, bw // m, m * h, n, d)  # each (B*nW/m, m*heads, N, d)
+        attn_mask = attn_mask.reshape(1, m * h, n, n).to(q.dtype)  # (1, m*heads, N, N); q is fp16 under autocast
+        if self.attn_impl == 'sdpa':
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        else:  # 'math': the official explicit softmax, for equivalence tests and the benchmark
+            attn = (q * self.scale) @ k.transpose(-2, -1) + attn_mask  # (B*nW/m, m*heads, N, N)
+            out = attn.softmax(dim=-1) @ v  # (B*nW/m, m*heads, N, d)
+        out = out.reshape(bw, h, n, d).transpose(1, 2).reshape(bw, n, c)  # (B*nW, N, C)
+        return self.proj(out)
+
+
+class SwinTransformerBlock(nn.Module):
+    """Swin block: x + W-MSA(LN(x)), then x + MLP(LN(x)); every second block shifts the windows (SW-MSA)."""
+
+    def __init__(self, dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio,
+                 qkv_bias, qk_scale, drop_path, attn_impl):
+        super().__init__()
+        if min(input_resolution) <= window_size:  # official rule: one window covers the image, no shift
+            window_size, shift_size = min(input_resolution), 0
+        self.window_size, self.shift_size = window_size, shift_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_impl)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        # Only so that state_dicts match released checkpoints; forward uses shift_mask() for the actual size.
+        mask = shift_mask(*input_resolution, window_size, shift_size).clone() if shift_size else None
+        self.register_buffer('attn_mask', mask)
+
+    def forward(self, x, x_size):
+        """x: (B, H*W, C) tokens of an (H, W) grid (multiples of the window) -> same shape."""
+        (h, w), (b, _, c), ws = x_size, x.shape, self.window_size
+        shortcut = x
+        x = self.norm1(x).view(b, h, w, c)  # (B, H, W, C)
+        if self.shift_size:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        mask = shift_mask(h, w, ws, self.shift_size, x.device) if self.shift_size else None
+        windows = self.attn(window_partition(x, ws).view(-1, ws * ws, c), mask)  # (B*nW, N, C)
+        x = window_reverse(windows.view(-1, ws, ws, c), ws, h, w)  # (B, H, W, C)
+        if self.shift_size:
+            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        x = shortcut + self.drop_path(x.view(b, h * w, c))  # (B, H*W, C)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def residual_conv(dim, kind):
+    """Conv closing each RSTB and the body: '1conv' or the lighter bottleneck '3conv'."""
+    if kind == '1conv':
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    if kind == '3conv':
+        return nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
+                             nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, inplace=True),
+                             nn.Conv2d(dim // 4, dim, 3, 1, 1))
+    raise ValueError(f"resi_connection: expected '1conv' or '3conv', got {kind!r}")
+
+
+class RSTB(nn.Module):
+    """Residual Swin Transformer Block: Swin blocks, a conv, and a residual connection (SwinIR Sec. 3.2)."""
+
+    def __init__(self, dim, blocks, resi_connection):
+        super().__init__()
+        self.residual_group = nn.ModuleDict({'blocks': nn.ModuleList(blocks)})  # official name: BasicLayer
+        self.conv = residual_conv(dim, resi_connection)
+
+    def forward(self, x, x_size):
+        res = x
+        for block in self.residual_group['blocks']:
+            res = block(res, x_size)
+        return self.conv(to_image(res, x_size)).flatten(2).transpose(1, 2) + x  # (B, H*W, C)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H*W, C) tokens (patch size 1), LayerNorm-ed when patch_norm."""
+
+    def __init__(self, dim, patch_norm):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim) if patch_norm else nn.Identity()
+
+    def forward(self, x):
+        return self.norm(x.flatten(2).transpose(1, 2))  # (B, H*W, C)
+
+
+def pixelshuffle_upsample(scale, num_feat):
+    """Conv + PixelShuffle(2) per factor 2 (scale 2^n), or one PixelShuffle(3) for scale 3."""
+    if scale == 3:
+        return nn.Sequential(nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3))
+    if scale < 1 or scale & (scale - 1):
+        raise ValueError(f"upscale: 'pixelshuffle' supports 2^n and 3, got {scale}")
+    layers = []
+    for _ in range(scale.bit_length() - 1):
+        layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]  # (C*4, H, W) -> (C, 2H, 2W)
+    return nn.Sequential(*layers)
+
+
+class SwinIR(nn.Module):
+    """SwinIR (Liang et al. 2021), official layout: shallow conv, RSTBs, reconstruction.
+    forward: (N, C, H, W) in [0, 1], any H, W -> (N, C, upscale*H, upscale*W)."""
+
+    def __init__(self, upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1.0, depths=(6, 6, 6, 6),
+                 embed_dim=96, num_heads=(6, 6, 6, 6), mlp_ratio=4.0, qkv_bias=True, qk_scale=None,
+                 drop_path_rate=0.1, ape=False, patch_norm=True, upsampler='', resi_connection='1conv',
+                 attn_impl='sdpa'):
+        super().__init__()
+        if upsampler not in ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv', ''):
+            raise ValueError(f"upsampler: expected 'pixelshuffle', 'pixelshuffledirect', 'nearest+conv' or '', "
+                             f'got {upsampler!r}')
+        required = {'nearest+conv': 4, '': 1}.get(upsampler)  # '' restores at the same size
+        if required is not None and upscale != required:
+            raise ValueError(f'upscale: upsampler {upsampler!r} needs upscale={required}, got {upscale}')
+        if attn_impl not in ('sdpa', 'math'):
+            raise ValueError(f"attn_impl: expected 'sdpa' or 'math', got {attn_impl!r}")
+        self.upscale, self.window_size, self.img_range, self.upsampler = upscale, window_size, img_range, upsampler
+        mean = (0.4488, 0.4371, 0.4040) if in_chans == 3 else (0.0,)  # DIV2K RGB mean
+        self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        num_feat = 64
+        # Stage 1: shallow feature extraction.
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        # Stage 2: deep feature extraction, len(depths) RSTBs.
+        self.patch_embed = PatchEmbed(embed_dim, patch_norm)
+        resolution = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)  # training patch size
+        num_tokens = resolution[0] * resolution[1]
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim)) if ape else None
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth grows with depth
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            blocks = [SwinTransformerBlock(embed_dim, resolution, num_heads[i], window_size,
+                                           0 if j % 2 == 0 else window_size // 2, mlp_ratio, qkv_bias, qk_scale,
+                                           rates[sum(depths[:i]) + j], attn_impl) for j in range(depth)]
+            self.layers.append(RSTB(embed_dim, blocks, resi_connection))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.conv_after_body = residual_conv(embed_dim, resi_connection)
+        # Stage 3: high-quality image reconstruction.
+        if upsampler in ('pixelshuffle', 'nearest+conv'):
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1),
+                                                      nn.LeakyReLU(inplace=True))
+        if upsampler == 'pixelshuffle':
+            self.upsample = pixelshuffle_upsample(upscale, num_feat)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+        elif upsampler == 'pixelshuffledirect':  # lightweight SR: one conv straight to the output pixels
+            self.upsample = nn.Sequential(nn.Conv2d(embed_dim, upscale ** 2 * in_chans, 3, 1, 1),
+                                          nn.PixelShuffle(upscale))
+        elif upsampler == 'nearest+conv':  # real-world SR: nearest upsampling makes fewer checkerboard artifacts
+            self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+            self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+        else:  # '': same-size restoration (denoising, JPEG), residual on the image
+            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if ape:
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.register_load_state_dict_pre_hook(keep_fixed_buffers)
+
+    def forward_features(self, x):
+        """(B, C, H, W) -> (B, C, H, W) through the RSTBs."""
+        x_size = x.shape[-2:]
+        x = self.patch_embed(x)  # (B, H*W, C)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed
+        for layer in self.layers:
+            x = layer(x, x_size)
+        return to_image(self.norm(x), x_size)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        # Reflect-pad to a multiple of the window (as the official test code); the output is cropped back.
+        x = F.pad(x, (0, -w % self.window_size, 0, -h % self.window_size), mode='reflect')
+        x = (x - self.mean) * self.img_range
+        feat = self.conv_first(x)
+        feat = self.conv_after_body(self.forward_features(feat)) + feat
+        if self.upsampler == 'pixelshuffle':
+            x = self.conv_last(self.upsample(self.conv_before_upsample(feat)))
+        elif self.upsampler == 'pixelshuffledirect':
+            x = self.upsample(feat)
+        elif self.upsampler == 'nearest+conv':
+            feat = self.conv_before_upsample(feat)
+            feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode='nearest')))  # (B, F, 2H, 2W)
+            feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode='nearest')))  # (B, F, 4H, 4W)
+            x = self.conv_last(self.lrelu(self.conv_hr(feat)))
+        else:
+            x = x + self.conv_last(feat)
+        x = x / self.img_range + self.mean
+        return x[:, :, : h * self.upscale, : w * self.upscale]
+
+
+def keep_fixed_buffers(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook: attn_mask / relative_position_index depend only on the config, and
+    some released checkpoints omit them; keep the module's own values for the absent ones."""
+    for name, buf in module.named_buffers():
+        if name.endswith(('.attn_mask', '.relative_position_index')):
+            state_dict.setdefault(prefix + name, buf)
+
+
+# ----------------------------------------------------------------------------- RRDBNet (ESRGAN / RealESRGAN)
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five densely connected 3x3 convs; output scaled by 0.2 and added to the input (ESRGAN)."""
+
+    def __init__(self, num_feat=64, num_grow_ch=32):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_feat, num_grow_ch, 3, 1, 1)
+        self.conv2 = nn.Conv2d(num_feat + num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv3 = nn.Conv2d(num_feat + 2 * num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv4 = nn.Conv2d(num_feat + 3 * num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv5 = nn.Conv2d(num_feat + 4 * num_grow_ch, num_feat, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5):
+            nn.init.kaiming_normal_(conv.weight)  # BasicSR init: Kaiming x 0.1 keeps the deep residual stack stable
+            conv.weight.data.mul_(0.1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        x1 = self.lrelu(self.conv1(x))
+        x2 = self.lrelu(self.conv2(torch.cat((x, x1), 1)))  # input (B, F + G, H, W)
+        x3 = self.lrelu(self.conv3(torch.cat((x, x1, x2), 1)))
+        x4 = self.lrelu(self.conv4(torch.cat((x, x1, x2, x3), 1)))
+        x5 = self.conv5(torch.cat((x, x1, x2, x3, x4), 1))  # input (B, F + 4G, H, W)
+        return x5 * 0.2 + x
+
+
+class RRDB(nn.Module):
+    """Residual-in-Residual Dense Block: three dense blocks inside a 0.2-scaled residual."""
+
+    def __init__(self, num_feat, num_grow_ch):
+        super().__init__()
+        self.rdb1 = ResidualDenseBlock(num_feat, num_grow_ch)
+        self.rdb2 = ResidualDenseBlock(num_feat, num_grow_ch)
+        self.rdb3 = ResidualDenseBlock(num_feat, num_grow_ch)
+
+    def forward(self, x):
+        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+
+
+class RRDBNet(nn.Module):
+    """RealESRGAN_x4plus generator. Scale 2 / 1 fold 2x2 / 4x4 pixel blocks into channels
+    (pixel-unshuffle) and reuse the x4 body. forward: any H, W -> (N, C, scale*H, scale*W)."""
+
+    def __init__(self, num_in_ch=3, num_out_ch=3, scale=4, num_feat=64, num_block=23, num_grow_ch=32):
+        super().__init__()
+        if scale not in (1, 2, 4):
+            raise ValueError(f'scale: RRDBNet supports 1, 2 or 4, got {scale}')
+        self.scale = scale
+        self.conv_first = nn.Conv2d(num_in_ch * (4 // scale) ** 2, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(*(RRDB(num_feat, num_grow_ch) for _ in range(num_block)))
+        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        fold = 4 // self.scale
+        if fold > 1:  # reflect-pad to a multiple of the fold (as RealESRGANer does), crop at the end
+            x = F.pad(x, (0, -w % fold, 0, -h % fold), mode='reflect')
+            x = F.pixel_unshuffle(x, fold)  # (B, C*fold^2, H/fold, W/fold)
+        feat = self.conv_first(x)
+        feat = feat + self.conv_body(self.body(feat))
+        feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode='nearest')))  # (B, F, 2h, 2w)
+        feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode='nearest')))  # (B, F, 4h, 4w)
+        out = self.conv_last(self.lrelu(self.conv_hr(feat)))
+        return out[:, :, : h * self.scale, : w * self.scale]
+
+
+# ----------------------------------------------------------------------------- discriminator and losses
+
+
+class UNetDiscriminatorSN(nn.Module):
+    """RealESRGAN U-Net discriminator with spectral norm: per-pixel real/fake logits (N, 1, H, W);
+    H and W must be multiples of 8 (three stride-2 downsamplings)."""
+
+    def __init__(self, num_in_ch=3, num_feat=64, skip_connection=True):
+        super().__init__()
+        self.skip_connection = skip_connection
+        nf = num_feat
+        self.conv0 = nn.Conv2d(num_in_ch, nf, 3, 1, 1)
+        self.conv1 = spectral_norm(nn.Conv2d(nf, nf * 2, 4, 2, 1, bias=False))  # downsample
+        self.conv2 = spectral_norm(nn.Conv2d(nf * 2, nf * 4, 4, 2, 1, bias=False))
+        self.conv3 = spectral_norm(nn.Conv2d(nf * 4, nf * 8, 4, 2, 1, bias=False))
+        self.conv4 = spectral_norm(nn.Conv2d(nf * 8, nf * 4, 3, 1, 1, bias=False))  # upsample
+        self.conv5 = spectral_norm(nn.Conv2d(nf * 4, nf * 2, 3, 1, 1, bias=False))
+        self.conv6 = spectral_norm(nn.Conv2d(nf * 2, nf, 3, 1, 1, bias=False))
+        self.conv7 = spectral_norm(nn.Conv2d(nf, nf, 3, 1, 1, bias=False))  # extra convs
+        self.conv8 = spectral_norm(nn.Conv2d(nf, nf, 3, 1, 1, bias=False))
+        self.conv9 = nn.Conv2d(nf, 1, 3, 1, 1)
+
+    def forward(self, x):
+        if x.shape[-2] % 8 or x.shape[-1] % 8:
+            raise ValueError(f'input: UNetDiscriminatorSN needs H, W multiples of 8, got {tuple(x.shape[-2:])}')
+        act = functools.partial(F.leaky_relu, negative_slope=0.2)
+        up = functools.partial(F.interpolate, scale_factor=2, mode='bilinear', align_corners=False)
+        x0 = act(self.conv0(x))  # (B, F, H, W)
+        x1 = act(self.conv1(x0))  # (B, 2F, H/2, W/2)
+        x2 = act(self.conv2(x1))  # (B, 4F, H/4, W/4)
+        x3 = act(self.conv3(x2))  # (B, 8F, H/8, W/8)
+        x4 = act(self.conv4(up(x3)))  # (B, 4F, H/4, W/4)
+        x4 = x4 + x2 if self.skip_connection else x4
+        x5 = act(self.conv5(up(x4)))  # (B, 2F, H/2, W/2)
+        x5 = x5 + x1 if self.skip_connection else x5
+        x6 = act(self.conv6(up(x5)))  # (B, F, H, W)
+        x6 = x6 + x0 if self.skip_connection else x6
+        return self.conv9(act(self.conv8(act(self.conv7(x6)))))  # (B, 1, H, W)
+
+
+VGG19_FILE = 'vgg19-dcbb9e9d.pth'  # torchvision's ImageNet VGG19 weights
+VGG19_LAYERS = {'conv1_2': 2, 'conv2_2': 7, 'conv3_4': 16, 'conv4_4': 25, 'conv5_4': 34}  # index in vgg19().features
+HGGT_LAYER_WEIGHTS = {'conv1_2': 0.1, 'conv2_2': 0.1, 'conv3_4': 1.0, 'conv4_4': 1.0, 'conv5_4': 1.0}
+
+
+class PerceptualLoss(nn.Module):
+    """DESIGN §3: sum_l w_l * L1(phi_l(SR), phi_l(GT)), phi_l = VGG19 conv features before ReLU of
+    ImageNet-normalised [0, 1] inputs. The VGG is frozen and cut after the last layer used.
+    weights='DEFAULT' reads torchvision's file (weights_path, else the torch hub checkpoints folder);
+    weights=None keeps random weights (tests)."""
+
+    def __init__(self, layer_weights=None, weights='DEFAULT', weights_path=None):
+        super().__init__()
+        self.layer_weights = dict(layer_weights or HGGT_LAYER_WEIGHTS)
+        unknown = set(self.layer_weights) - set(VGG19_LAYERS)
+        if unknown:
+            raise ValueError(f'layer_weights: unknown VGG19 layers {sorted(unknown)}, use {list(VGG19_LAYERS)}')
+        self.taps = {VGG19_LAYERS[name]: name for name in self.layer_weights}
+        self.vgg = make_vgg_layers(VGG_CFGS['E'])[: max(self.taps) + 1]
+        for layer in self.vgg:
+            if isinstance(layer, nn.ReLU):
+                layer.inplace = False  # an in-place ReLU would overwrite the pre-ReLU features we keep
+        if weights == 'DEFAULT':
+            path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / 'checkpoints' / VGG19_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f'{path}: VGG19 weights not found; put {VGG19_FILE} into {path.parent} '
+                                        f'(no download is attempted) or pass --vgg-weights PATH')
+            features = {k.removeprefix('features.'): v for k, v in load_checkpoint(path).items()
+                        if k.startswith('features.') and int(k.split('.')[1]) < len(self.vgg)}
+            load_strict(self.vgg, features, path)
+        elif weights is not None:
+            raise ValueError(f"weights: expected 'DEFAULT' or None, got {weights!r}")
+        self.vgg.eval().requires_grad_(False)
+        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, x):
+        """(B, 3, H, W) in [0, 1] -> {layer name: pre-ReLU feature map}."""
+        x = (x - self.mean) / self.std
+        out = {}
+        for i, layer in enumerate(self.vgg):
+            x = layer(x)
+            if i in self.taps:
+                out[self.taps[i]] = x
+        return out
+
+    def forward(self, x, gt):
+        feats = self.features(x)
+        with torch.no_grad():  # the GT is a fixed target
+            gt_feats = self.features(gt)
+        return sum(w * F.l1_loss(feats[name], gt_feats[name]) for name, w in self.layer_weights.items())
+
+
+class GANLoss(nn.Module):
+    """Vanilla GAN loss: mean BCE-with-logits against an all-real (1) or all-fake (0) target."""
+
+    def forward(self, logits, target_is_real):
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(target_is_real)))
+
+
+# ----------------------------------------------------------------------------- paper configs and checkpoints
+
+PAPER_CONFIGS = {  # DESIGN §4 (HGGT / official x4 real-SR configurations)
+    'swinir': dict(upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1.0, depths=(6,) * 6,
+                   embed_dim=180, num_heads=(6,) * 6, mlp_ratio=2.0, upsampler='pixelshuffle', resi_connection='1conv'),
+    'rrdbnet': dict(num_in_ch=3, num_out_ch=3, scale=4, num_feat=64, num_block=23, num_grow_ch=32),
+}
+GENERATORS = {'swinir': SwinIR, 'rrdbnet': RRDBNet}
+
+
+def build_generator(arch, **config):
+    """The generator `arch` ('swinir' | 'rrdbnet'); kwargs not given take the paper configuration."""
+    if arch not in GENERATORS:
+        raise ValueError(f'--arch: unknown generator {arch!r}, expected one of {list(GENERATORS)}')
+    unknown = set(config) - set(inspect.signature(GENERATORS[arch]).parameters)
+    if unknown:
+        raise ValueError(f'config: {sorted(unknown)} are not {GENERATORS[arch].__name__} arguments')
+    return GENERATORS[arch](**{**PAPER_CONFIGS[arch], **config})
+
+
+def swinir_x4_gan(**overrides):
+    """SwinIR x4 of the paper (HGGT real-SR config), overrides applied on top."""
+    return build_generator('swinir', **overrides)
+
+
+def rrdbnet_x4(**overrides):
+    """RRDBNet x4 of the paper (RealESRGAN_x4plus), overrides applied on top."""
+    return build_generator('rrdbnet', **overrides)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) of a checkpoint dict, with one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: checkpoint file not found')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+        if refused:
+            raise ValueError(f'{path}: refused to unpickle {refused.group(1)}: only tensors and plain containers '
+                             f'are loaded (weights_only=True); re-save the state_dicts alone') from None
+        raise ValueError(f'{path}: not a PyTorch checkpoint (corrupt or another format)') from None
+    except (EOFError, RuntimeError):
+        raise ValueError(f'{path}: not a PyTorch checkpoint (empty, truncated or corrupt)') from None
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f'{path}: expected a dict checkpoint, found {type(ckpt).__name__}')
+    return ckpt
+
+
+def save_checkpoint(obj, path):
+    """torch.save atomically: temp file in the same folder, fsync, os.replace (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def generator_state(ckpt):
+    """The generator weights of a checkpoint: 'params_ema', else 'params', else the dict itself."""
+    return ckpt.get('params_ema', ckpt.get('params', ckpt))
+
+
+def first_names(names, n=4):
+    return ', '.join(list(names)[:n]) + (f', ... ({len(names)} in all)' if len(names) > n else '')
+
+
+def load_strict(model, state, source):
+    """model.load_state_dict(state, strict=True), failing with one line that names the first mismatches."""
+    own = model.state_dict()
+    wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+             if k in own and getattr(v, 'shape', None) != own[k].shape]
+    if wrong:
+        raise ValueError(f'{source}: checkpoint does not fit the model: wrong shapes: {first_names(wrong, 2)}')
+    result = model.load_state_dict(state, strict=False)
+    problems = [f'{kind}: {first_names(names)}' for kind, names in
+                (('missing', result.missing_keys), ('unexpected', result.unexpected_keys)) if names]
+    if problems:
+        raise ValueError(f'{source}: checkpoint does not fit the model: {"; ".join(problems)}')
+
+
+def load_generator(path_or_state, arch=None, **config):
+    """A generator in eval mode with the weights of a checkpoint file or dict (strict).
+    arch / config come from the file's 'arch' / 'config' when not given (given config kwargs win);
+    for released checkpoints without 'arch' it is told from the parameter names."""
+    ckpt = path_or_state if isinstance(path_or_state, Mapping) else load_checkpoint(path_or_state)
+    source = 'state_dict' if isinstance(path_or_state, Mapping) else str(path_or_state)
+    state = generator_state(ckpt)
+    if arch is not None and ckpt.get('arch', arch) != arch:
+        raise ValueError(f"{source}: checkpoint holds a {ckpt['arch']!r} generator, not {arch!r}")
+    arch = arch or ckpt.get('arch')
+    if arch is None:
+        if any(k.startswith('layers.0.residual_group.') for k in state):
+            arch = 'swinir'
+        elif any(k.startswith('body.0.rdb1.') for k in state):
+            arch = 'rrdbnet'
+        else:
+            raise ValueError(f"{source}: cannot tell the generator from its names; pass arch 'swinir' or 'rrdbnet'")
+    model = build_generator(arch, **{**ckpt.get('config', {}), **config})
+    load_strict(model, state, source)
+    return model.eval()

@@ -1,0 +1,234 @@
+"""models.py: checkpoint names/shapes, any-size forward, SDPA == softmax attention, losses, checkpoint I/O.
+
+Parameter counts follow the papers' convention: trainable parameters, sum(p.numel() for p in
+model.parameters()). Buffers (SwinIR attn_mask / relative_position_index, spectral-norm weight_u /
+weight_v) are in the state_dict but not counted.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+
+REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference'
+TINY_SWINIR = dict(img_size=16, window_size=4, depths=(2, 2), embed_dim=12, num_heads=(2, 3), mlp_ratio=2.0)
+TINY_RRDB = dict(num_feat=8, num_block=1, num_grow_ch=4)
+
+
+def reference_names_shapes(filename):
+    """[(name, shape)] of a shared/reference/*.txt listing ('name<TAB>(d0, d1, ...)', '#' comments)."""
+    if not REFERENCE.is_dir():
+        pytest.skip(f'{REFERENCE} absent: the reference state_dict listings ship outside the repo')
+    rows = []
+    for line in (REFERENCE / filename).read_text().splitlines():
+        if line and not line.startswith('#'):
+            name, shape = line.split('\t')
+            rows.append((name, tuple(int(d) for d in shape.strip('()').split(',') if d.strip())))
+    return rows
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize('build, filename, count', [
+    (models.swinir_x4_gan, 'swinir_x4_gan_state_dict.txt', 11_900_199),
+    (models.rrdbnet_x4, 'rrdbnet_x4_state_dict.txt', 16_697_987),
+    (models.UNetDiscriminatorSN, 'unet_discriminator_sn_state_dict.txt', 4_376_897),
+])
+def test_paper_models_match_reference_names_shapes_and_counts(build, filename, count):
+    model = build()
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == reference_names_shapes(filename)
+    assert n_params(model) == count
+
+
+def test_swinir_checkpoint_loads_with_and_without_buffers():
+    model = models.swinir_x4_gan()
+    sd = model.state_dict()
+    no_buffers = {k: v for k, v in sd.items() if not k.endswith(('attn_mask', 'relative_position_index'))}
+    assert len(no_buffers) < len(sd)
+    for ckpt in ({'params_ema': sd}, {'params': no_buffers}, no_buffers):
+        loaded = models.load_generator(ckpt, 'swinir')
+        assert not loaded.training
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, sd[k]), k
+    model.load_state_dict(no_buffers)  # strict load_state_dict tolerates the absent buffers too
+
+
+def test_paper_swinir_small_forward():
+    model = models.swinir_x4_gan().eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize('config', [
+    dict(upscale=4, upsampler='pixelshuffle'),
+    dict(upscale=3, upsampler='pixelshuffle', resi_connection='3conv'),
+    dict(upscale=2, upsampler='pixelshuffledirect', in_chans=1),
+    dict(upscale=4, upsampler='nearest+conv', ape=False, patch_norm=False),
+    dict(upscale=1, upsampler=''),
+])
+def test_swinir_odd_input_gives_exact_scale(config):
+    model = models.SwinIR(**TINY_SWINIR, **config).eval()
+    c = config.get('in_chans', 3)
+    with torch.no_grad():
+        out = model(torch.rand(2, c, 13, 17))
+    assert out.shape == (2, c, 13 * config['upscale'], 17 * config['upscale'])
+
+
+@pytest.mark.parametrize('scale', [1, 2, 4])
+def test_rrdbnet_odd_input_gives_exact_scale(scale):
+    model = models.RRDBNet(scale=scale, **TINY_RRDB).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 13, 17)).shape == (1, 3, 13 * scale, 17 * scale)
+
+
+def official_window_attention(attn, x, mask):
+    """SwinIR's own WindowAttention.forward (explicit softmax, no window folding) as the reference."""
+    b, n, c = x.shape
+    h = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)  # each (B*nW, heads, N, d)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
+    bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+    scores = scores + bias.unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        scores = (scores.view(b // nw, nw, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, h, n, n)
+    return attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize('shift', [False, True])
+def test_window_attention_sdpa_and_math_match_official(shift):
+    torch.manual_seed(0)
+    attn = models.WindowAttention(dim=12, window_size=4, num_heads=3)
+    torch.nn.init.normal_(attn.relative_position_bias_table, std=1.0)  # a strong bias, so a misplaced one shows
+    mask = models.shift_mask(12, 8, 4, 2) if shift else None  # 3 x 2 windows of 16 tokens
+    x = torch.randn(2 * 6, 16, 12)  # (B*nW, N, C)
+    expected = official_window_attention(attn, x, mask)
+    for impl in ('sdpa', 'math'):
+        attn.attn_impl = impl
+        torch.testing.assert_close(attn(x, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_swinir_sdpa_equals_math_with_shift_on_odd_size():
+    torch.manual_seed(0)
+    sdpa = models.SwinIR(**TINY_SWINIR, upsampler='pixelshuffle').eval()
+    math = models.SwinIR(**TINY_SWINIR, upsampler='pixelshuffle', attn_impl='math').eval()
+    math.load_state_dict(sdpa.state_dict())
+    x = torch.rand(1, 3, 13, 17)  # padded to 16 x 20: 4 x 5 windows, masks differ from the img_size ones
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(x), math(x), atol=1e-5, rtol=1e-5)
+
+
+def test_shift_mask_is_cached_per_size_and_blocks_cross_region_attention():
+    mask = models.shift_mask(8, 12, 4, 2)
+    assert mask is models.shift_mask(8, 12, 4, 2)
+    assert mask.shape == (6, 16, 16)
+    assert (mask[0] == 0).all()  # top-left window lies inside one region
+    assert (mask[-1] == -100).any()  # the bottom-right window mixes wrapped-around regions
+
+
+def test_perceptual_loss_random_vgg_is_zero_for_identical_and_grads_reach_input_only():
+    loss_fn = models.PerceptualLoss(weights=None)
+    assert len(loss_fn.vgg) == 35  # cut after conv5_4
+    gt = torch.rand(1, 3, 32, 32)
+    assert loss_fn(gt, gt).item() == 0.0
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    loss = loss_fn(x, gt)
+    loss.backward()
+    assert loss.item() > 0 and x.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in loss_fn.vgg.parameters())
+
+
+def test_perceptual_loss_layer_weights_and_pre_relu_features():
+    loss_fn = models.PerceptualLoss(layer_weights={'conv1_2': 1.0}, weights=None)
+    x, gt = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    vgg = loss_fn.vgg
+
+    def conv1_2(img):
+        img = (img - loss_fn.mean) / loss_fn.std
+        return vgg[2](F.relu(vgg[0](img)))  # before its own ReLU: negatives survive
+
+    assert len(vgg) == 3
+    assert (conv1_2(x) < 0).any()
+    torch.testing.assert_close(loss_fn(x, gt), F.l1_loss(conv1_2(x), conv1_2(gt)))
+
+
+def test_perceptual_loss_missing_weights_names_file_folder_and_flag(tmp_path):
+    missing = tmp_path / 'nowhere' / models.VGG19_FILE
+    with pytest.raises(FileNotFoundError) as err:
+        models.PerceptualLoss(weights_path=missing)
+    message = str(err.value)
+    assert '\n' not in message and models.VGG19_FILE in message
+    assert str(missing.parent) in message and '--vgg-weights' in message
+
+
+def test_gan_loss_equals_manual_bce():
+    logits = torch.tensor([[-2.0, 0.5], [3.0, 0.0]])
+    sig = torch.sigmoid(logits)
+    gan = models.GANLoss()
+    torch.testing.assert_close(gan(logits, True), -torch.log(sig).mean())
+    torch.testing.assert_close(gan(logits, False), -torch.log(1 - sig).mean())
+
+
+def test_discriminator_gives_per_pixel_logits():
+    disc = models.UNetDiscriminatorSN(num_feat=8)
+    assert disc(torch.rand(2, 3, 24, 16)).shape == (2, 1, 24, 16)
+
+
+class Payload:
+    """An arbitrary class: unpickling it would run the file's code, so weights_only refuses it."""
+
+
+def test_load_checkpoint_errors_are_one_line(tmp_path):
+    pickled, corrupt = tmp_path / 'payload.pth', tmp_path / 'corrupt.pth'
+    torch.save({'params': Payload()}, pickled)
+    corrupt.write_bytes(b'not a checkpoint at all')
+    for path, error, words in [(tmp_path / 'absent.pth', FileNotFoundError, 'not found'),
+                               (pickled, ValueError, 'Payload'),
+                               (corrupt, ValueError, 'not a PyTorch checkpoint')]:
+        with pytest.raises(error) as err:
+            models.load_checkpoint(path)
+        assert str(err.value).startswith(f'{path}: ') and words in str(err.value)
+        assert '\n' not in str(err.value)
+
+
+def test_save_checkpoint_round_trip_and_generator_file(tmp_path):
+    model = models.RRDBNet(**TINY_RRDB)
+    path = tmp_path / 'sub' / 'net_g.pth'
+    models.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet', 'config': TINY_RRDB}, path)
+    assert [p.name for p in path.parent.iterdir()] == ['net_g.pth']  # no temp file left behind
+    with pytest.raises(TypeError):  # torch.save fails half-way: a generator object cannot be pickled
+        models.save_checkpoint({'params_ema': model.state_dict(), 'gen': (i for i in range(2))}, path)
+    assert [p.name for p in path.parent.iterdir()] == ['net_g.pth']  # old file kept, temp file removed
+    loaded = models.load_generator(path)  # arch and config come from the file
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_load_generator_arch_and_name_mismatch_errors(tmp_path):
+    path = tmp_path / 'g.pth'
+    models.save_checkpoint({'params_ema': models.RRDBNet(**TINY_RRDB).state_dict(), 'arch': 'rrdbnet'}, path)
+    with pytest.raises(ValueError, match=r"'rrdbnet'.*'swinir'"):
+        models.load_generator(path, 'swinir')
+    sd = models.SwinIR(**TINY_SWINIR, upsampler='pixelshuffle').state_dict()
+    del sd['conv_first.weight']
+    sd['extra.weight'] = torch.zeros(1)
+    with pytest.raises(ValueError) as err:
+        models.load_generator(sd, **TINY_SWINIR, upsampler='pixelshuffle')  # arch told from the names
+    message = str(err.value)
+    assert '\n' not in message and 'missing: conv_first.weight' in message and 'unexpected: extra.weight' in message
+    with pytest.raises(ValueError, match='wrong shapes: conv_first.weight'):
+        models.load_generator(models.RRDBNet(**TINY_RRDB).state_dict(), 'rrdbnet', num_feat=4, num_block=1)
+
+
+def test_build_generator_rejects_unknown_arch_and_kwargs():
+    with pytest.raises(ValueError, match='unknown generator'):
+        models.build_generator('edsr')
+    with pytest.raises(ValueError, match='window'):
+        models.build_generator('rrdbnet', window=8)
+    with pytest.raises(ValueError, match='upscale'):
+        models.SwinIR(upscale=4, upsampler='')
