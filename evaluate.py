@@ -12,8 +12,9 @@ or a folder of SR images made elsewhere with --sr-dir) is scored against them; e
   - A metric whose weight files are absent shows "missing (file X)" (pyiqa would try to download it,
     DESIGN §6) and the others still compute; --strict makes that an error.
 SR images are scored as the 8-bit PNGs saved in out/sr/<method>/NAME.png (what HGGT's script reads).
-Outputs in --out, each written atomically: results.json, results.csv, per_image.csv, results.md,
-report.html (a comparison slider per image) and perception_distortion.png.
+Outputs in --out: results.json, results.csv, per_image.csv, results.md, report.html (a comparison slider
+per image) and perception_distortion.png, with the PNGs they show. They are written to a staging folder
+beside --out and moved in once the run has finished, so a run that fails leaves --out as it was.
 """
 import argparse
 import csv
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -469,7 +471,7 @@ def build_parser():
     p.add_argument('--out', type=Path, required=True, help='output folder')
     p.add_argument('--metrics', default=','.join(METRICS), help=f"comma list (default all): {','.join(METRICS)}")
     p.add_argument('--strict', action='store_true', help='a metric with absent weights is an error, not a note')
-    p.add_argument('--device', type=torch.device, default='cuda' if torch.cuda.is_available() else 'cpu',
+    p.add_argument('--device', type=nriqa_sr.parse_device, default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='torch device')
     p.add_argument('--amp', action='store_true', help='generator under autocast (fp16 on CUDA, bf16 on CPU)')
     p.add_argument('--tile', type=int, help='tile size in LQ pixels for bounded memory (default: whole image)')
@@ -484,14 +486,31 @@ def build_parser():
     return p
 
 
+def publish(staging, out):
+    """Move every file of `staging` into `out`, the reports last: `out` only ever receives a finished run."""
+    files = sorted((p for p in staging.rglob('*') if p.is_file()), key=lambda p: (p.parent == staging, p))
+    for path in files:
+        target = out / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # every output goes to a staging folder next to `out` first, so a run that fails half-way
+    # (a corrupt image in the 50th set) leaves `out` as it was
+    args.out = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
     try:
         write_reports(evaluate(args), args)
+        publish(args.out, out)
     except (ValueError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)
-    print((args.out / 'results.md').read_text())
+    finally:
+        shutil.rmtree(args.out, ignore_errors=True)
+    print((out / 'results.md').read_text())
 
 
 if __name__ == '__main__':

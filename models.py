@@ -9,6 +9,7 @@ import inspect
 import os
 import pickle
 import re
+import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -512,6 +513,12 @@ def rrdbnet_x4(**overrides):
     return build_generator('rrdbnet', **overrides)
 
 
+# What torch.load(weights_only=True) raises on empty, truncated or garbage bytes besides UnpicklingError
+# (found by feeding it cut and mutated checkpoints and random bytes): the file's fault, not a bug here.
+CORRUPT_FILE_ERRORS = (EOFError, RuntimeError, ValueError, IndexError, KeyError, AssertionError, AttributeError,
+                       struct.error)
+
+
 def load_checkpoint(path):
     """torch.load(weights_only=True) of a checkpoint dict, with one-line errors for bad files."""
     path = Path(path)
@@ -520,12 +527,13 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
-        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+        # torch words it 'Unsupported global: GLOBAL m.f ...' or '... unsupported GLOBAL m.f whose module m is blocked'
+        refused = re.search(r'GLOBAL ([\w.]+)', str(err))
         if refused:
             raise ValueError(f'{path}: refused to unpickle {refused.group(1)}: only tensors and plain containers '
                              f'are loaded (weights_only=True); re-save the state_dicts alone') from None
         raise ValueError(f'{path}: not a PyTorch checkpoint (corrupt or another format)') from None
-    except (EOFError, RuntimeError):
+    except CORRUPT_FILE_ERRORS:
         raise ValueError(f'{path}: not a PyTorch checkpoint (empty, truncated or corrupt)') from None
     if not isinstance(ckpt, Mapping):
         raise ValueError(f'{path}: expected a dict checkpoint, found {type(ckpt).__name__}')

@@ -293,7 +293,8 @@ def _read_cache(path):
         cache = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f'{path}: not a score cache (invalid JSON); delete it or choose another --cache') from None
-    if not isinstance(cache, dict) or cache.get('version') != CACHE_VERSION or not isinstance(cache['scores'], dict):
+    if not (isinstance(cache, dict) and cache.get('version') == CACHE_VERSION
+            and isinstance(cache.get('scores'), dict)):
         raise ValueError(f'{path}: not a version-{CACHE_VERSION} score cache; delete it or choose another --cache')
     return cache
 
@@ -457,6 +458,17 @@ def upscale_file(model, src, dst, scale, tile=None, tile_pad=32):
     save_image(sr, dst, bits=png_bit_depth(src))
 
 
+def parse_device(text):
+    """argparse type of --device: a torch device that exists on this machine (one-line error otherwise)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:  # torch's error for a malformed device string
+        raise argparse.ArgumentTypeError(f"'{text}' is not a torch device (cpu, cuda, cuda:N, ...)") from None
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"'{text}': only {torch.cuda.device_count()} CUDA devices are visible")
+    return device
+
+
 def build_parser():
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -473,7 +485,7 @@ def build_parser():
     score.add_argument('--iqa-weights', type=Path, metavar='PATH',
                        help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
     score.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
-    score.add_argument('--device', default=device, help=f'torch device (default {device})')
+    score.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
     upscale = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
     upscale.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
     upscale.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
@@ -483,7 +495,7 @@ def build_parser():
     upscale.add_argument('--tile', type=int, metavar='N', help='tile size in LQ pixels (default: whole image)')
     upscale.add_argument('--tile-pad', type=int, default=32, metavar='P',
                          help='LQ pixels of context on each side of a tile (default 32)')
-    upscale.add_argument('--device', default=device, help=f'torch device (default {device})')
+    upscale.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
     return parser
 
 
@@ -502,6 +514,8 @@ def run_score(args):
 
 def run_upscale(args):
     files = list_images(args.input)
+    for src in files:  # decode every input first, so that a bad file fails before any output is written
+        load_image(src)
     model = load_generator(args.ckpt).to(args.device)
     scale = getattr(model, 'upscale', None) or getattr(model, 'scale', None)
     if scale is None:
