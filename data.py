@@ -8,6 +8,7 @@ Layout read by `MultiGTDataset` / `PairedTestDataset`:
     <root>/images/original/NAME.png, <root>/images/0k/NAME_0k.png (k = 1..4),
     <root>/labels/{A,B,C}/NAME.json = {"Picture_2": {"Label": "Positive"}, ..., "Picture_5": {...}}
 """
+import contextlib
 import hashlib
 import io
 import json
@@ -65,18 +66,23 @@ def load_image(path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).clamp_(0, 1)  # HWC -> CHW
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to a temp file in the same folder, fsync, then rename over `path`."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """Open `path` for binary writing, atomically: the bytes go to a temp file in the same folder, which
+    is fsync'ed and renamed over `path` only when the block ends without error (never a half-written
+    file, even after kill -9). The project's one way to write an output file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         with os.fdopen(fd, 'wb') as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -101,7 +107,8 @@ def save_image(tensor: torch.Tensor, path, bits: int = 8) -> None:
             raise ValueError(f'{path}: unknown image extension')
         Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format=fmt)
         payload = buf.getvalue()
-    _atomic_write(path, payload)
+    with atomic_open(path) as f:
+        f.write(payload)
 
 
 def _to_rgb(img: torch.Tensor) -> torch.Tensor:
@@ -591,7 +598,8 @@ def make_demo_dataset(dest, num_train: int = 24, num_test: int = 6) -> tuple[Pat
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}.tmp-'))
         try:
             manifest = {**wanted, **_build_demo(tmp, num_train, num_test)}
-            _atomic_write(tmp / 'manifest.json', json.dumps(manifest, indent=1).encode())
+            with atomic_open(tmp / 'manifest.json') as f:
+                f.write(json.dumps(manifest, indent=1).encode())
             if _demo_manifest(dest, wanted) is not None:  # another process finished first: keep its folder
                 shutil.rmtree(tmp)
             else:

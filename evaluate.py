@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import models
 import nriqa_sr
-from data import PairedTestDataset, load_image, save_image
+from data import PairedTestDataset, atomic_open, load_image, save_image
 
 # Paper column order (DESIGN §5); the first five compare with the GTs, the rest score the image alone.
 METRICS = ('psnr', 'ssim', 'lpips', 'stlpips', 'dists', 'musiq', 'nima', 'qalign', 'topiq_nr', 'paq2piq')
@@ -294,18 +294,9 @@ def evaluate(args):
 
 # ----------------------------------------------------------------------------- outputs
 def write_atomic(path, data):
-    """Temp file in the same folder, fsync, os.replace: never a half-written output (contract)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """str or bytes to `path` through data.atomic_open (never a half-written output)."""
+    with atomic_open(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def to_csv(rows, columns):

@@ -6,11 +6,9 @@ perceptual loss and the vanilla GAN loss of HGGT, plus safe checkpoint loading/s
 """
 import functools
 import inspect
-import os
 import pickle
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers as make_vgg_layers
+
+from data import atomic_open
 
 # ----------------------------------------------------------------------------- SwinIR
 
@@ -541,19 +541,9 @@ def load_checkpoint(path):
 
 
 def save_checkpoint(obj, path):
-    """torch.save atomically: temp file in the same folder, fsync, os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save atomically (data.atomic_open: temp file, fsync, rename; never half-written)."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def generator_state(ckpt):

@@ -17,9 +17,7 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import MultiGTDataset, gt_paths, load_image, save_image
+from data import MultiGTDataset, atomic_open, gt_paths, load_image, save_image
 from models import load_checkpoint, load_generator
 
 NUM_GTS = 5  # HGGT: the original + four enhanced GTs (DESIGN §1)
@@ -274,18 +272,9 @@ def to_rgb(image):
     return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image[:3]
 
 
-def _write_json_atomic(obj, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_cache(cache, path):
+    with atomic_open(path) as f:  # a kill mid-write leaves the previous (resumable) cache
+        f.write(json.dumps(cache).encode())
 
 
 def _read_cache(path):
@@ -328,9 +317,9 @@ def score_dataset(root, quality, cache_path=None, flush_every=50):
             raise ValueError(f'{gt_paths(root, name)[0]}: {quality.name} gave a NaN or infinite score')
         scores[name] = set_scores.tolist()
         if done % flush_every == 0:
-            _write_json_atomic({**header, 'scores': scores, 'complete': False}, cache_path)
+            _write_cache({**header, 'scores': scores, 'complete': False}, cache_path)
     if todo or not complete:
-        _write_json_atomic({**header, 'scores': scores, 'complete': True}, cache_path)
+        _write_cache({**header, 'scores': scores, 'complete': True}, cache_path)
     return {name: scores[name] for name in names}
 
 
