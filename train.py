@@ -134,7 +134,7 @@ PRESETS = {  # name -> (both stages, stage 1 only, FT only); applied over FINETU
                   iqa_opts={'musiq': dict(longer_side_lengths=[64], num_layers=1, hidden_size=32, mlp_dim=64,
                                           num_heads=2)},
                   milestones=(), log_every=10, sample_every=50, save_every=100),
-             dict(total_iters=200),
+             dict(total_iters=200, ema_decay=0.95),  # 0.999 would keep 82 % of the random init after 200 steps
              dict(total_iters=100, lr=1e-4, monitor_every=25, monitor_size=2)),
 }
 PRESET_GENERATORS = {  # stage 1 of a preset builds this generator; FT reads its generator from --init
@@ -158,6 +158,7 @@ def parse_config(argv=None):
     """Flags from the TrainConfig fields; values layer as defaults < FT per arch < preset < explicit."""
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0], argument_default=argparse.SUPPRESS,
+        usage='%(prog)s [--preset paper|demo] --data ROOT [flags]  (all flags: --help)',
         epilog='Defaults are the paper\'s stage-1 numbers; --finetune sets ' + ', '.join(FINETUNE['swinir'])
         + ' per arch (DESIGN §3); then --preset, then explicit flags.')
     for f in fields(TrainConfig):
