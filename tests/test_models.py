@@ -12,15 +12,13 @@ import torch.nn.functional as F
 
 import models
 
-REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference'
+REFERENCE = Path(__file__).resolve().parent / 'reference'  # copies of shared/reference (released checkpoints' names)
 TINY_SWINIR = dict(img_size=16, window_size=4, depths=(2, 2), embed_dim=12, num_heads=(2, 3), mlp_ratio=2.0)
 TINY_RRDB = dict(num_feat=8, num_block=1, num_grow_ch=4)
 
 
 def reference_names_shapes(filename):
-    """[(name, shape)] of a shared/reference/*.txt listing ('name<TAB>(d0, d1, ...)', '#' comments)."""
-    if not REFERENCE.is_dir():
-        pytest.skip(f'{REFERENCE} absent: the reference state_dict listings ship outside the repo')
+    """[(name, shape)] of a reference/*.txt listing ('name<TAB>(d0, d1, ...)', '#' comments)."""
     rows = []
     for line in (REFERENCE / filename).read_text().splitlines():
         if line and not line.startswith('#'):
