@@ -175,6 +175,8 @@ def parse_config(argv=None):
         parser.add_argument(flag, **kwargs)
     explicit = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
     finetune, arch, preset = (explicit.get(k, getattr(TrainConfig, k)) for k in ('finetune', 'arch', 'preset'))
+    if finetune and explicit.get('init') and 'arch' not in explicit:  # FT continues the architecture of --init
+        arch = explicit['arch'] = models.load_checkpoint(explicit['init']).get('arch', arch)
     values = dict(FINETUNE[arch]) if finetune else {}
     if preset:
         both, stage1, ft = PRESETS[preset]

@@ -245,6 +245,17 @@ def expect_error(capsys, argv, message):
     assert len(err.splitlines()) == 1, err
 
 
+def test_finetune_reads_the_architecture_and_its_ft_numbers_from_init(tmp_path):
+    path = tmp_path / 'rrdb.pth'
+    config = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
+    models.save_checkpoint({'params_ema': models.RRDBNet(**config).state_dict(), 'arch': 'rrdbnet',
+                            'config': config}, path)
+    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused'])
+    assert (cfg.arch, cfg.lr, cfg.milestones) == ('rrdbnet', 5e-5, ())  # DESIGN §3: RealESRGAN FT lr
+    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused', '--arch', 'swinir'])
+    assert (cfg.arch, cfg.lr) == ('swinir', 5e-6)  # an explicit --arch wins
+
+
 def test_invalid_combinations_fail_with_one_line(demo, tmp_path, capsys, monkeypatch):
     expect_error(capsys, tiny_args(demo, tmp_path, '--finetune'), '--finetune: needs --init')
     unlabelled = tmp_path / 'unlabelled'
