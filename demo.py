@@ -28,6 +28,7 @@ import models
 import nriqa_sr
 
 PY = sys.executable
+HERE = Path(__file__).resolve().parent  # the scripts run from any working folder
 STAGE1 = ('origins', 'upos', 'amo')  # the paper's Table 5 rows the demo reproduces, plus AMO+FT
 
 
@@ -76,9 +77,9 @@ def main():
 
     cache = nriqa_sr.score_cache_path(train_root, rank_q[1])
     if not cache.is_file():
-        run([PY, 'nriqa_sr.py', 'score', '--data', str(train_root), *rank_q[:2], '--cache', str(cache)],
+        run([PY, str(HERE / 'nriqa_sr.py'), 'score', '--data', str(train_root), *rank_q[:2], '--cache', str(cache)],
             timings, 'score')
-    common = [PY, 'train.py', '--preset', 'demo', '--arch', args.arch, '--data', str(train_root), *vgg,
+    common = [PY, str(HERE / 'train.py'), '--preset', 'demo', '--arch', args.arch, '--data', str(train_root), *vgg,
               '--resume', 'auto']
     runs = {sampler: args.out / 'runs' / sampler for sampler in STAGE1}
     for sampler, out in runs.items():
@@ -90,7 +91,7 @@ def main():
              '--out', str(runs['amo_ft'])], timings, 'stage 2 amo+FT')
 
     names = {'origins': 'Origins', 'upos': 'UPos', 'amo': 'AMO', 'amo_ft': 'AMO+FT'}
-    evaluation = [PY, 'evaluate.py', '--data', str(test_root), '--out', str(args.out / 'eval'),
+    evaluation = [PY, str(HERE / 'evaluate.py'), '--data', str(test_root), '--out', str(args.out / 'eval'),
                   '--compare', 'UPos', 'AMO+FT', '--agreement', rank_q[1]]
     for key, out in runs.items():
         evaluation += ['--ckpt', str(out / 'generator.pth'), '--name', names[key]]
