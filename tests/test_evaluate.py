@@ -57,7 +57,7 @@ def offline(monkeypatch, tmp_path):
 class FakeQ(torch.nn.Module):
     """Q = 100 * mean brightness, so every NR score of the hand-made set is known."""
 
-    def __init__(self, name, **options):  # QualityModel's signature; nothing to load
+    def __init__(self, name, *args, **options):  # QualityModel's signature; nothing to load
         super().__init__()
         self.name = name
 
