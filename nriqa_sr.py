@@ -15,6 +15,7 @@ looked up here first and passed to pyiqa explicitly; a missing file is a one-lin
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import sys
@@ -134,6 +135,9 @@ class QualityModel(nn.Module):
         self.members, self.as_loss = members, as_loss
         self.nets, fingerprints = nn.ModuleList(), []
         for metric, _ in members:
+            if metric == 'qalign' and importlib.util.find_spec('icecream') is None:  # pyiqa imports it late
+                raise ValueError('--iqa qalign: needs the Python module icecream besides the q-future/one-align '
+                                 'weights (pip install icecream)')
             opts = dict((metric_opts or {}).get(metric, {}))
             backbone = backbone_path(metric)
             if metric in WEIGHT_FILES and pretrained:

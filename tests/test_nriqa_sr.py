@@ -5,6 +5,7 @@ where its gradient matters, weight-free PIQE where a real metric must run, and F
 where the scores themselves must be known.
 """
 import hashlib
+import importlib.util
 import json
 import socket
 import warnings
@@ -17,8 +18,16 @@ import torch.nn.functional as F
 import models
 import nriqa_sr
 from data import gt_paths, load_image, save_image
-from nriqa_sr import (QualityModel, agreement, argmax_online, load_score_cache, quality_reward,
-                      sample_gt_index, score_dataset, upscale_image)
+from nriqa_sr import (
+    QualityModel,
+    agreement,
+    argmax_online,
+    load_score_cache,
+    quality_reward,
+    sample_gt_index,
+    score_dataset,
+    upscale_image,
+)
 
 TINY = {'musiq': dict(longer_side_lengths=[32], num_layers=1, hidden_size=32, mlp_dim=64, num_heads=2)}
 DRAWS = 20_000
@@ -366,3 +375,12 @@ def test_cli_upscale_gray_rgba_and_16_bit(tmp_path, capsys):
     assert nriqa_sr.main(['upscale', '--ckpt', str(tmp_path / 'none.pth'), '-i', str(src), '-o', str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and 'none.pth' in err and err.count('\n') == 1
+
+
+def test_qalign_without_icecream_is_one_line_not_a_traceback(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'icecream' else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match='icecream') as err:
+        nriqa_sr.QualityModel('qalign')
+    assert '\n' not in str(err.value)
