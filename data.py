@@ -36,6 +36,13 @@ RESIZE_MODES = ('area', 'bilinear', 'bicubic')
 
 
 # ----------------------------------------------------------------------------- image I/O
+def png_bit_depth(path) -> int:
+    """Bit depth of a PNG from its IHDR chunk (byte 24); 8 for anything else."""
+    with open(path, 'rb') as f:
+        head = f.read(25)
+    return 16 if head[:8] == b'\x89PNG\r\n\x1a\n' and len(head) == 25 and head[24] == 16 else 8
+
+
 def load_image(path) -> torch.Tensor:
     """Read an image as a float32 (C,H,W) tensor in [0,1], C = 1 (gray), 3 (RGB) or 4 (RGBA).
 
@@ -50,8 +57,7 @@ def load_image(path) -> torch.Tensor:
             im.load()  # decode now, so a corrupt body fails here and not later
             if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit gray
                 array = np.asarray(im, dtype=np.float32) / 65535.0
-            elif im.format == 'PNG' and im.mode in ('RGB', 'RGBA') and path.read_bytes()[24] == 16:
-                # byte 24 of a PNG is its IHDR bit depth
+            elif im.mode in ('RGB', 'RGBA') and png_bit_depth(path) == 16:
                 bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # (H,W,3|4) uint16, BGR(A) order
                 array = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB if bgr.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
                 array = array.astype(np.float32) / 65535.0
@@ -111,8 +117,8 @@ def save_image(tensor: torch.Tensor, path, bits: int = 8) -> None:
         f.write(payload)
 
 
-def _to_rgb(img: torch.Tensor) -> torch.Tensor:
-    """Gray -> 3 equal channels; RGBA -> RGB (alpha dropped; SR works on colour)."""
+def to_rgb(img: torch.Tensor) -> torch.Tensor:
+    """Gray -> 3 equal channels; RGBA -> RGB (alpha dropped; SR and Q work on colour)."""
     return img.expand(3, -1, -1).contiguous() if img.shape[0] == 1 else img[:3]
 
 
@@ -379,7 +385,7 @@ class MultiGTDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
         g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
-        gts = [_to_rgb(load_image(p)) for p in gt_paths(self.root, name)]
+        gts = [to_rgb(load_image(p)) for p in gt_paths(self.root, name)]
         for p, img in zip(gt_paths(self.root, name)[1:], gts[1:]):
             if img.shape != gts[0].shape:  # files changed since __init__
                 raise ValueError(f'{p}: size {tuple(img.shape[1:])} differs from its original '
@@ -477,8 +483,8 @@ class PairedTestDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
-        gts = torch.stack([_to_rgb(load_image(p)) for p in gt_paths(self.root, name)])  # (5,3,H,W)
-        return {'lq': _to_rgb(load_image(self.lq_dir / f'{name}.png')), 'gts': gts,
+        gts = torch.stack([to_rgb(load_image(p)) for p in gt_paths(self.root, name)])  # (5,3,H,W)
+        return {'lq': to_rgb(load_image(self.lq_dir / f'{name}.png')), 'gts': gts,
                 'positive': _positive(self.labels[name]), 'labels': self.labels[name], 'name': name}
 
 

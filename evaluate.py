@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import models
 import nriqa_sr
-from data import PairedTestDataset, atomic_open, load_image, save_image
+from data import PairedTestDataset, atomic_open, load_image, save_image, to_rgb
 
 # Paper column order (DESIGN §5); the first five compare with the GTs, the rest score the image alone.
 METRICS = ('psnr', 'ssim', 'lpips', 'stlpips', 'dists', 'musiq', 'nima', 'qalign', 'topiq_nr', 'paq2piq')
@@ -198,10 +198,10 @@ def super_resolve(method, model, item, args):
     gt_size = tuple(item['gts'].shape[-2:])
     if model is None:
         path = method.sr_dir / f"{item['name']}.png"
-        sr = nriqa_sr.to_rgb(load_image(path))
+        sr = to_rgb(load_image(path))
     else:
         path = method.ckpt
-        scale = getattr(model, 'upscale', None) or model.scale
+        scale = models.generator_scale(model)
         amp_dtype = torch.float16 if args.device.type == 'cuda' else torch.bfloat16
         with torch.autocast(args.device.type, dtype=amp_dtype, enabled=args.amp):
             sr = nriqa_sr.upscale_image(model, item['lq'][None], scale, args.tile, args.tile_pad)[0]

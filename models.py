@@ -503,6 +503,11 @@ def build_generator(arch, **config):
     return GENERATORS[arch](**{**PAPER_CONFIGS[arch], **config})
 
 
+def generator_scale(model):
+    """Upscaling factor of a generator: SwinIR keeps the official name `upscale`, RRDBNet `scale`."""
+    return model.upscale if isinstance(model, SwinIR) else model.scale
+
+
 def swinir_x4_gan(**overrides):
     """SwinIR x4 of the paper (HGGT real-SR config), overrides applied on top."""
     return build_generator('swinir', **overrides)

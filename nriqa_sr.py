@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import MultiGTDataset, atomic_open, gt_paths, load_image, save_image
-from models import load_checkpoint, load_generator
+from data import MultiGTDataset, atomic_open, gt_paths, load_image, png_bit_depth, save_image, to_rgb
+from models import generator_scale, load_checkpoint, load_generator
 
 NUM_GTS = 5  # HGGT: the original + four enhanced GTs (DESIGN §1)
 TAU = 10.0  # softmax temperature of sma / smp (DESIGN §2)
@@ -271,11 +271,6 @@ def score_cache_path(root, metric):
     return Path(root) / f'scores_{metric}.json'
 
 
-def to_rgb(image):
-    """(C,H,W) with C 1/3/4 -> (3,H,W): gray replicated, alpha dropped (Q scores colour images)."""
-    return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image[:3]
-
-
 def _write_cache(cache, path):
     with atomic_open(path) as f:  # a kill mid-write leaves the previous (resumable) cache
         f.write(json.dumps(cache).encode())
@@ -431,13 +426,6 @@ def list_images(path):
     return files
 
 
-def png_bit_depth(path):
-    """Bit depth of a PNG from its IHDR chunk (byte 24); 8 for anything else."""
-    with open(path, 'rb') as f:
-        head = f.read(25)
-    return 16 if head[:8] == b'\x89PNG\r\n\x1a\n' and len(head) == 25 and head[24] == 16 else 8
-
-
 def upscale_file(model, src, dst, scale, tile=None, tile_pad=32):
     """SR of one image file: gray runs as RGB and is saved gray, alpha is upscaled bicubic on its own,
     a 16-bit PNG gives a 16-bit PNG."""
@@ -510,9 +498,7 @@ def run_upscale(args):
     for src in files:  # decode every input first, so that a bad file fails before any output is written
         load_image(src)
     model = load_generator(args.ckpt).to(args.device)
-    scale = getattr(model, 'upscale', None) or getattr(model, 'scale', None)
-    if scale is None:
-        raise ValueError(f'{args.ckpt}: cannot tell the upscaling factor of {type(model).__name__}')
+    scale = generator_scale(model)
     single_file = args.input.is_file() and args.output.suffix.lower() == '.png'
     for src in tqdm(files, desc='upscale', unit='image'):
         dst = args.output if single_file else args.output / f'{src.stem}.png'

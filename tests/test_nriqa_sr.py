@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import models
 import nriqa_sr
 from data import gt_paths, load_image, save_image
@@ -367,7 +368,7 @@ def test_cli_upscale_gray_rgba_and_16_bit(tmp_path, capsys):
     assert gray.shape == (1, 40, 48) and color.shape == (4, 36, 44) and deep.shape == (3, 32, 32)
     alpha = F.interpolate(load_image(src / 'rgba.png')[None, 3:], scale_factor=4, mode='bicubic')[0].clamp(0, 1)
     assert (color[3] - alpha[0]).abs().max() <= 1 / 255
-    assert nriqa_sr.png_bit_depth(out / 'deep.png') == 16 and nriqa_sr.png_bit_depth(out / 'gray.png') == 8
+    assert data.png_bit_depth(out / 'deep.png') == 16 and data.png_bit_depth(out / 'gray.png') == 8
     with torch.no_grad():  # untiled RGB result of the same model (file is 8-bit)
         sr = model.eval()(load_image(src / 'rgba.png')[None, :3])[0].clamp(0, 1)
     assert (color[:3] - sr).abs().max() <= 0.5 / 255 + 1e-6
