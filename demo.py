@@ -1,6 +1,6 @@
 """The whole paper on the embedded demo data, in one command:  python demo.py
 
-1. build the demo HGGT set from scikit-image's bundled photographs (data.make_demo_dataset);
+1. build the demo HGGT set from scikit-image's bundled photographs (make_demo_dataset);
 2. score every GT once with the NR-IQA model Q (nriqa_sr.py score; the cache sma/smp read);
 3. stage 1 (DESIGN §2-3): train the origins and upos baselines and the paper's amo sampler;
 4. stage 2: fine-tune amo with LoRA on Eq. 2, L~ = L - lambda_Q * Q(SR) ("AMO+FT");
@@ -14,24 +14,190 @@ better, no gradient), the FT reward to a random-weight MUSIQ, the perceptual los
 Put the files where the messages say and the same command uses them.
 """
 import argparse
+import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageEnhance, ImageFilter
 
-import data
 import evaluate
 import models
 import nriqa_sr
+import weights
+from data import ANNOTATORS, LABELS, effective_label, gt_paths
+from degradations import DegradationConfig, degrade
+from files import atomic_open, load_image, save_image
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent  # the scripts run from any working folder
 STAGE1 = ('origins', 'upos', 'amo')  # the paper's Table 5 rows the demo reproduces, plus AMO+FT
 
 
+# ----------------------------------------------------------------------------- demo data
+DEMO_VERSION = 1
+
+
+
+DEMO_SOURCES = ('astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry', 'hubble_deep_field',
+                'retina', 'stereo_motorcycle')
+
+
+
+DEMO_STRENGTHS = (0.5, 1.0, 1.7, 3.0)  # GT 01..04; 04 is over-processed (halos, oversaturation)
+
+
+
+DEMO_THRESHOLDS = {'A': (3.5, 20.0), 'B': (4.5, 17.0), 'C': (2.5, 24.0)}  # Similar | Positive | Negative
+
+
+
+DEMO_FLIP_PROB = 0.1
+
+
+
+def _enhance(img: Image.Image, strength: float) -> Image.Image:
+    """One enhanced GT: unsharp mask, then contrast and saturation, all growing with `strength`."""
+    img = img.filter(ImageFilter.UnsharpMask(radius=1 + 0.8 * strength, percent=int(70 * strength), threshold=0))
+    img = ImageEnhance.Contrast(img).enhance(1 + 0.08 * strength)
+    return ImageEnhance.Color(img).enhance(1 + 0.12 * strength)
+
+
+
+def _demo_votes(change: float, annotator: str, g: torch.Generator) -> str:
+    """The demo annotators' rule: mean |GT_k - GT_0| in 8-bit levels below lo -> Similar, from hi
+    -> Negative, else Positive; each annotator has its own (lo, hi), and with DEMO_FLIP_PROB the
+    label moves one step (Similar <-> Positive <-> Negative), seeded."""
+    lo, hi = DEMO_THRESHOLDS[annotator]
+    order = ('Similar', 'Positive', 'Negative')
+    i = 0 if change < lo else (2 if change >= hi else 1)
+    if torch.rand((), generator=g).item() < DEMO_FLIP_PROB:
+        i = 1 if i != 1 else (0 if torch.rand((), generator=g).item() < 0.5 else 2)
+    return order[i]
+
+
+
+def _demo_sources() -> list[Image.Image]:
+    """scikit-image's bundled photographs (no download), resized to a shorter side of 384 px."""
+    import skimage.data
+    images = []
+    for name in DEMO_SOURCES:
+        array = getattr(skimage.data, name)()
+        array = array[0] if name == 'stereo_motorcycle' else array  # (left, right, disparity)
+        img = Image.fromarray(array).convert('RGB')
+        ratio = 384 / min(img.size)
+        images.append(img.resize((round(img.width * ratio), round(img.height * ratio)), Image.LANCZOS))
+    return images
+
+
+
+def _write_demo_set(root: Path, name: str, original: Image.Image, g: torch.Generator) -> list[list[str]]:
+    """Write the five GTs and three label files of one set; returns the votes (3 annotators x 4)."""
+    jitter = 0.7 + 0.6 * torch.rand((), generator=g, dtype=torch.float64).item()  # per-set strength, so labels differ between sets
+    gts = [original] + [_enhance(original, s * jitter) for s in DEMO_STRENGTHS]
+    for path, img in zip(gt_paths(root, name), gts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+    base = np.asarray(original, dtype=np.float32)
+    changes = [float(np.abs(np.asarray(img, dtype=np.float32) - base).mean()) for img in gts[1:]]
+    votes = []
+    for a in ANNOTATORS:
+        votes.append([_demo_votes(c, a, g) for c in changes])
+        path = root / 'labels' / a / f'{name}.json'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({f'Picture_{k + 2}': {'Label': v} for k, v in enumerate(votes[-1])}, indent=1))
+    return votes
+
+
+
+def _demo_stats(votes: dict) -> dict:
+    """Counts of effective labels over enhanced GTs, non-unanimous GTs and sets without a positive."""
+    effective = {n: [effective_label([v[k] for v in vs]) for k in range(4)] for n, vs in votes.items()}
+    counts = Counter(lab for labs in effective.values() for lab in labs)
+    return {'sets': len(votes), **{lab: counts[lab] for lab in LABELS},
+            'disagreements': sum(len({v[k] for v in vs}) > 1 for vs in votes.values() for k in range(4)),
+            'dropped': sum('Positive' not in labs for labs in effective.values())}
+
+
+
+def _build_demo(root: Path, num_train: int, num_test: int) -> dict:
+    """Write both splits under `root`; returns their label statistics."""
+    g = torch.Generator().manual_seed(DEMO_VERSION)
+    sources = _demo_sources()
+    stats = {}
+    for split, count, size in (('train', num_train, 192), ('test', num_test, 128)):
+        votes = {}
+        for i in range(count):
+            img = sources[i % len(sources)]
+            # train crops end left of the right-most 128 columns, which hold the test crops
+            x = (torch.randint(img.width - 128 - size + 1, (), generator=g).item() if split == 'train'
+                 else img.width - 128)
+            y = torch.randint(img.height - size + 1, (), generator=g).item()
+            name = f'{split}_{i:03d}'
+            votes[name] = _write_demo_set(root / split, name, img.crop((x, y, x + size, y + size)), g)
+            if split == 'test':
+                hr = load_image(gt_paths(root / split, name)[0])
+                save_image(degrade(hr, DegradationConfig(), g), root / split / 'Blind_LR' / f'{name}.png')
+        stats[split] = _demo_stats(votes)
+    return stats
+
+
+
+def _demo_manifest(dest: Path, wanted: dict) -> dict | None:
+    """The manifest of a complete demo folder built with `wanted` settings, else None."""
+    path = dest / 'manifest.json'
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    return manifest if {k: manifest.get(k) for k in wanted} == wanted else None
+
+
+
+def make_demo_dataset(dest, num_train: int = 24, num_test: int = 6) -> tuple[Path, Path]:
+    """Build (or reuse) a small HGGT-layout demo set from scikit-image photographs, offline.
+
+    Train sets are 192 px crops, test sets 128 px crops from the right-most 128 columns of the
+    same photographs (no overlap). GT 01..04 = `_enhance` at DEMO_STRENGTHS times a per-set factor;
+    labels by `_demo_votes`; the test split gets a pre-degraded x4 LQ in test/Blind_LR.
+    Deterministic. Built in a temp folder with `manifest.json` written last, then renamed into
+    place, so a folder without a manifest is half-built and gets rebuilt. Returns (train, test) roots.
+    """
+    dest = Path(dest)
+    wanted = {'version': DEMO_VERSION, 'num_train': num_train, 'num_test': num_test}
+    manifest = _demo_manifest(dest, wanted)
+    if manifest is None:
+        if dest.exists() and not {p.name for p in dest.iterdir()} <= {'train', 'test', 'manifest.json'}:
+            raise ValueError(f'{dest}: exists and is not a demo dataset folder (choose an empty or new folder)')
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}.tmp-'))
+        try:
+            manifest = {**wanted, **_build_demo(tmp, num_train, num_test)}
+            with atomic_open(tmp / 'manifest.json') as f:
+                f.write(json.dumps(manifest, indent=1).encode())
+            if _demo_manifest(dest, wanted) is not None:  # another process finished first: keep its folder
+                shutil.rmtree(tmp)
+            else:
+                if dest.exists():  # a half-built or outdated demo folder
+                    shutil.rmtree(dest)
+                os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    for split in ('train', 'test'):
+        s = manifest[split]
+        print(f'demo {split}: {s["sets"]} sets; effective labels of enhanced GTs: {s["Positive"]} Positive, '
+              f'{s["Similar"]} Similar, {s["Negative"]} Negative; annotators disagree on {s["disagreements"]} GTs; '
+              f'{s["dropped"]} sets without a positive (dropped)')
+    return dest / 'train', dest / 'test'
+
+
+# ----------------------------------------------------------------------------- the demo run
 def run(cmd, timings, label):
     """Print a step's command, run it, stop the demo (with its exit code) when it fails."""
     print('\n$ ' + shlex.join(cmd), flush=True)
@@ -45,13 +211,13 @@ def run(cmd, timings, label):
 def weight_choices():
     """Flags for Q and the VGG: the real weights where present, else loud, explicit stand-ins."""
     meaningless = []
-    if nriqa_sr.missing_weights('musiq'):
+    if weights.missing_weights('musiq'):
         rank_q, reward_q = ['--iqa', 'piqe', '--no-random-iqa'], ['--iqa', 'musiq', '--random-iqa']
-        meaningless.append(f'MUSIQ weights absent ({nriqa_sr.weight_path("musiq")}): amo ranks GTs with PIQE, '
+        meaningless.append(f'MUSIQ weights absent ({weights.weight_path("musiq")}): amo ranks GTs with PIQE, '
                            'and the FT reward is a RANDOM MUSIQ, so AMO+FT and every MUSIQ column are meaningless')
     else:
         rank_q = reward_q = ['--iqa', 'musiq', '--no-random-iqa', '--iqa-opts', '{}']
-    vgg_file = Path(torch.hub.get_dir()) / 'checkpoints' / models.VGG19_FILE
+    vgg_file = Path(torch.hub.get_dir()) / 'checkpoints' / weights.VGG19_FILE
     if vgg_file.is_file():
         vgg = ['--no-random-vgg']
     else:
@@ -69,7 +235,7 @@ def main():
 
     timings = {}
     start = time.perf_counter()
-    train_root, test_root = data.make_demo_dataset(args.data)
+    train_root, test_root = make_demo_dataset(args.data)
     timings['demo data'] = time.perf_counter() - start
     rank_q, reward_q, vgg, meaningless = weight_choices()
     for line in meaningless:
@@ -96,9 +262,9 @@ def main():
     for key, out in runs.items():
         evaluation += ['--ckpt', str(out / 'generator.pth'), '--name', names[key]]
     # every table metric whose weights are here; MUSIQ (random, flagged as such) when its file is not
-    metrics = [m for m in evaluate.METRICS if m == 'musiq' or not nriqa_sr.missing_weights(m)]
+    metrics = [m for m in evaluate.METRICS if m == 'musiq' or not weights.missing_weights(m)]
     evaluation += ['--metrics', ','.join(metrics)]
-    if nriqa_sr.missing_weights('musiq'):
+    if weights.missing_weights('musiq'):
         evaluation.append('--random-iqa')
     run(evaluation, timings, 'evaluate')
 

@@ -35,7 +35,9 @@ from tqdm import tqdm
 
 import models
 import nriqa_sr
-from data import PairedTestDataset, atomic_open, load_image, save_image, to_rgb
+from data import PairedTestDataset
+from files import atomic_open, load_checkpoint, load_image, save_image, to_rgb
+from weights import missing_weights, weight_file, weight_path
 
 # Paper column order (DESIGN §5); the first five compare with the GTs, the rest score the image alone.
 METRICS = ('psnr', 'ssim', 'lpips', 'stlpips', 'dists', 'musiq', 'nima', 'qalign', 'topiq_nr', 'paq2piq')
@@ -102,8 +104,8 @@ def _pyiqa_full_reference(name, device, weights):
     """LPIPS / LPIPS-ST / DISTS from pyiqa with a local weight file. pyiqa loads these non-strictly
     (DESIGN §6), so a file none of whose names fit would silently give random layers: refused here."""
     import pyiqa
-    path = nriqa_sr.weight_path(name, weights)
-    state = models.load_checkpoint(path)  # the weights_only check: pyiqa itself unpickles without it
+    path = weight_path(name, weights)
+    state = load_checkpoint(path)  # the weights_only check: pyiqa itself unpickles without it
     try:
         metric = pyiqa.create_metric(name, device=device, pretrained_model_path=str(path))
     except RuntimeError as err:  # load_state_dict: shape mismatch
@@ -124,9 +126,9 @@ def build_metric(name, device, weights=None, random_iqa=False, strict=False):
         return Metric(pyiqa_psnr(device))
     if name == 'ssim':
         return Metric(calculate_ssim)
-    absent = nriqa_sr.missing_weights(name, weights)
+    absent = missing_weights(name, weights)
     if random_iqa and name not in FULL_REFERENCE:
-        absent = [p for p in absent if p.name != nriqa_sr.weight_file(name)]
+        absent = [p for p in absent if p.name != weight_file(name)]
     if absent:
         if strict:
             raise FileNotFoundError(f'{absent[0]}: {name} needs this file (--strict); put it there or pass '

@@ -2,13 +2,10 @@
 
 SwinIR and RRDBNet (RealESRGAN) generators with parameter names identical to the released
 checkpoints (shared/reference/*.txt), the U-Net discriminator with spectral norm, the VGG19
-perceptual loss and the vanilla GAN loss of HGGT, plus safe checkpoint loading/saving.
+perceptual loss and the vanilla GAN loss of HGGT, and building a generator from a checkpoint.
 """
 import functools
 import inspect
-import pickle
-import re
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +15,8 @@ import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
 from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers as make_vgg_layers
 
-from data import atomic_open
+from files import load_checkpoint
+from weights import VGG19_FILE
 
 # ----------------------------------------------------------------------------- SwinIR
 
@@ -423,7 +421,6 @@ class UNetDiscriminatorSN(nn.Module):
         return self.conv9(act(self.conv8(act(self.conv7(x6)))))  # (B, 1, H, W)
 
 
-VGG19_FILE = 'vgg19-dcbb9e9d.pth'  # torchvision's ImageNet VGG19 weights
 VGG19_LAYERS = {'conv1_2': 2, 'conv2_2': 7, 'conv3_4': 16, 'conv4_4': 25, 'conv5_4': 34}  # index in vgg19().features
 HGGT_LAYER_WEIGHTS = {'conv1_2': 0.1, 'conv2_2': 0.1, 'conv3_4': 1.0, 'conv4_4': 1.0, 'conv5_4': 1.0}
 
@@ -516,39 +513,6 @@ def swinir_x4_gan(**overrides):
 def rrdbnet_x4(**overrides):
     """RRDBNet x4 of the paper (RealESRGAN_x4plus), overrides applied on top."""
     return build_generator('rrdbnet', **overrides)
-
-
-# What torch.load(weights_only=True) raises on empty, truncated or garbage bytes besides UnpicklingError
-# (found by feeding it cut and mutated checkpoints and random bytes): the file's fault, not a bug here.
-CORRUPT_FILE_ERRORS = (EOFError, RuntimeError, ValueError, IndexError, KeyError, AssertionError, AttributeError,
-                       struct.error)
-
-
-def load_checkpoint(path):
-    """torch.load(weights_only=True) of a checkpoint dict, with one-line errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: checkpoint file not found')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch words it 'Unsupported global: GLOBAL m.f ...' or '... unsupported GLOBAL m.f whose module m is blocked'
-        refused = re.search(r'GLOBAL ([\w.]+)', str(err))
-        if refused:
-            raise ValueError(f'{path}: refused to unpickle {refused.group(1)}: only tensors and plain containers '
-                             f'are loaded (weights_only=True); re-save the state_dicts alone') from None
-        raise ValueError(f'{path}: not a PyTorch checkpoint (corrupt or another format)') from None
-    except CORRUPT_FILE_ERRORS:
-        raise ValueError(f'{path}: not a PyTorch checkpoint (empty, truncated or corrupt)') from None
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f'{path}: expected a dict checkpoint, found {type(ckpt).__name__}')
-    return ckpt
-
-
-def save_checkpoint(obj, path):
-    """torch.save atomically (data.atomic_open: temp file, fsync, rename; never half-written)."""
-    with atomic_open(path) as f:
-        torch.save(obj, f)
 
 
 def generator_state(ckpt):

@@ -46,6 +46,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import data
+import files
 import lora
 import models
 import nriqa_sr
@@ -176,7 +177,7 @@ def parse_config(argv=None):
     explicit = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
     finetune, arch, preset = (explicit.get(k, getattr(TrainConfig, k)) for k in ('finetune', 'arch', 'preset'))
     if finetune and explicit.get('init') and 'arch' not in explicit:  # FT continues the architecture of --init
-        arch = explicit['arch'] = models.load_checkpoint(explicit['init']).get('arch', arch)
+        arch = explicit['arch'] = files.load_checkpoint(explicit['init']).get('arch', arch)
     values = dict(FINETUNE[arch]) if finetune else {}
     if preset:
         both, stage1, ft = PRESETS[preset]
@@ -318,7 +319,7 @@ def train(cfg):
     # ---- models (same seed on every rank; DDP also broadcasts rank 0's weights)
     torch.manual_seed(cfg.seed)
     if cfg.init:
-        init = models.load_checkpoint(cfg.init)
+        init = files.load_checkpoint(cfg.init)
         gen_config = {**models.PAPER_CONFIGS[cfg.arch], **init.get('config', {}), **cfg.generator}
         raw_g = models.load_generator(cfg.init, arch=cfg.arch, **gen_config).train()  # the path: errors name it
     else:
@@ -373,7 +374,7 @@ def train(cfg):
     step = bad_steps = 0
     found = sorted(out.glob('ckpt_*.pth')) if cfg.resume == 'auto' else [Path(cfg.resume)] if cfg.resume else []
     if found:
-        ckpt = models.load_checkpoint(found[-1])
+        ckpt = files.load_checkpoint(found[-1])
         needed = ['step', 'bad_steps', 'train_config', 'params', 'optimizer_g', 'scheduler_g', 'scaler']
         needed += ['net_d', 'optimizer_d', 'scheduler_d'] if raw_d is not None else []
         missing = [k for k in needed if k not in ckpt]
@@ -439,7 +440,7 @@ def train(cfg):
                 'scaler': scaler.state_dict(), 'queue': queues}
         if raw_d is not None:
             ckpt.update(net_d=raw_d.state_dict(), optimizer_d=opt_d.state_dict(), scheduler_d=sched_d.state_dict())
-        models.save_checkpoint(ckpt, out / f'ckpt_{step:07d}.pth')
+        files.save_checkpoint(ckpt, out / f'ckpt_{step:07d}.pth')
         for old in sorted(out.glob('ckpt_*.pth'))[:-cfg.keep]:
             old.unlink()
 
@@ -573,7 +574,7 @@ def train(cfg):
             if cfg.sample_every and step % cfg.sample_every == 0:
                 up = F.interpolate(lq[:1].float(), scale_factor=4, mode='nearest')  # (1, 3, 4h, 4w)
                 panel = torch.cat([up[0], sr[0].float(), gt[0].float()], dim=2)  # (3, H, 3W): LQ | SR | chosen GT
-                data.save_image(panel.detach().clamp(0, 1).cpu(), out / 'samples' / f'{step:07d}.png')
+                files.save_image(panel.detach().clamp(0, 1).cpu(), out / 'samples' / f'{step:07d}.png')
             if held and step % cfg.monitor_every == 0:
                 now = monitor(raw_g, quality, second, held_out)
                 for k, v in now.items():
@@ -588,16 +589,16 @@ def train(cfg):
 
     # ---- exports
     if cfg.dump_rank_state:
-        models.save_checkpoint({'grads': first_grads, 'params': raw_g.state_dict()}, out / f'rank{rank}_state.pth')
+        files.save_checkpoint({'grads': first_grads, 'params': raw_g.state_dict()}, out / f'rank{rank}_state.pth')
     if master:
         pbar.close()
         writer.close()
         log_file.close()
         export = {'params_ema': ema.state_dict() if ema else merged_state(raw_g), 'arch': cfg.arch,
                   'config': gen_config, 'scale': 4}
-        models.save_checkpoint(export, out / 'generator.pth')
+        files.save_checkpoint(export, out / 'generator.pth')
         if cfg.finetune and cfg.lora:
-            models.save_checkpoint({'params_lora': lora.lora_state_dict(raw_g), 'arch': cfg.arch,
+            files.save_checkpoint({'params_lora': lora.lora_state_dict(raw_g), 'arch': cfg.arch,
                                     'config': gen_config, 'lora_rank': cfg.lora_rank or lora.LORA_PRESETS[cfg.arch][1]},
                                    out / 'lora_adapters.pth')
         print(f'done: {step} steps; generator: {out / "generator.pth"}')

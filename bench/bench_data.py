@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from demo import make_demo_dataset  # noqa: E402
 
 
 def samples_per_second(dataset, workers, batch_size, batches):
@@ -67,7 +68,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    train_root, _ = data.make_demo_dataset(args.demo)
+    train_root, _ = make_demo_dataset(args.demo)
     dataset = data.MultiGTDataset(train_root, gt_size=args.gt_size)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; {len(dataset)} sets, gt_size '
           f'{args.gt_size}, batch {args.batch_size}, {args.batches} timed batches')

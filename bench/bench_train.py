@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import files  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
+from demo import make_demo_dataset  # noqa: E402
 
 SMALL_G = {'embed_dim': 60, 'depths': [2, 2], 'num_heads': [6, 6], 'window_size': 8}
 
@@ -37,11 +38,11 @@ def steps_per_second(argv, out, warmup):
 
 def measure(args, tmp):
     """Best it/s of every configuration over `rounds` interleaved runs; the AMP runs only on CUDA."""
-    root = args.data or data.make_demo_dataset(tmp / 'demo')[0]
+    root = args.data or make_demo_dataset(tmp / 'demo')[0]
     init = tmp / 'init.pth'
     torch.manual_seed(0)
     g = models.build_generator('swinir', **args.generator)
-    models.save_checkpoint({'params_ema': g.state_dict(), 'arch': 'swinir', 'config': args.generator}, init)
+    files.save_checkpoint({'params_ema': g.state_dict(), 'arch': 'swinir', 'config': args.generator}, init)
     common = ['--data', str(root), '--generator', json.dumps(args.generator), '--gt-size', str(args.gt_size),
               '--batch-size', str(args.batch_size), '--total-iters', str(args.warmup + args.steps),
               '--random-vgg', '--random-iqa', '--iqa-opts', json.dumps(args.iqa_opts), '--device', args.device,

@@ -5,13 +5,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error
 from PIL import Image
 
 import data
+import degradations
+import files
 
 POS, SIM, NEG = 'Positive', 'Similar', 'Negative'
 # near-identity degradation: delta kernel, no resize, no noise, JPEG 100 -> LQ = plain x4 downsampling
-IDENTITY = data.DegradationConfig(kernel_sizes=(3,), blur_sigma=(0.1, 0.1), resize_prob=(0, 0, 1),
+IDENTITY = degradations.DegradationConfig(kernel_sizes=(3,), blur_sigma=(0.1, 0.1), resize_prob=(0, 0, 1),
                                   gaussian_noise_prob=1.0, noise_range=(0, 0), jpeg_range=(100, 100))
 
 
@@ -34,11 +37,6 @@ def write_set(root: Path, name: str, votes=None, size=(96, 96), sizes=None):
 
 
 GOOD = [[POS, SIM, NEG, NEG]] * 3
-
-
-def assert_one_line_error(excinfo, path):
-    message = str(excinfo.value)
-    assert '\n' not in message and str(path) in message, message
 
 
 # ----------------------------------------------------------------------------- labels
@@ -127,29 +125,29 @@ def test_loader_workers_do_not_change_samples(tmp_path):
 # ----------------------------------------------------------------------------- degradation, kernels, queue
 def test_degrade_shape_range_dtype_and_8bit():
     hr = torch.rand(3, 50, 38)
-    out = data.degrade(hr, data.DegradationConfig(), torch.Generator().manual_seed(0))
+    out = degradations.degrade(hr, degradations.DegradationConfig(), torch.Generator().manual_seed(0))
     assert out.shape == (3, 12, 9) and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
     assert torch.equal(out * 255, (out * 255).round())
-    again = data.degrade(hr, data.DegradationConfig(), torch.Generator().manual_seed(0))
+    again = degradations.degrade(hr, degradations.DegradationConfig(), torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
-    assert not torch.equal(out, data.degrade(hr, data.DegradationConfig(), torch.Generator().manual_seed(1)))
+    assert not torch.equal(out, degradations.degrade(hr, degradations.DegradationConfig(), torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize('kinds', [('iso',), ('aniso',), ('generalized_iso',), ('generalized_aniso',),
                                    ('plateau_iso',), ('plateau_aniso',), ('sinc',)])
 def test_random_kernels_are_normalised(kinds):
-    cfg = (data.DegradationConfig(sinc_prob=1.0) if kinds == ('sinc',)
-           else data.DegradationConfig(kernel_list=kinds, kernel_prob=(1.0,)))
+    cfg = (degradations.DegradationConfig(sinc_prob=1.0) if kinds == ('sinc',)
+           else degradations.DegradationConfig(kernel_list=kinds, kernel_prob=(1.0,)))
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
-        k = data.random_kernel(cfg, g)
+        k = degradations.random_kernel(cfg, g)
         assert k.shape[0] == k.shape[1] and k.shape[0] in cfg.kernel_sizes and torch.isfinite(k).all()
         assert abs(k.sum().item() - 1) < 1e-5
         if 'aniso' not in kinds[0]:  # isotropic kernels are symmetric under transposition
             assert torch.allclose(k, k.T, atol=1e-6)
     with pytest.raises(ValueError, match='kernel_list'):
-        data.DegradationConfig(kernel_list=('box',), kernel_prob=(1.0,))
+        degradations.DegradationConfig(kernel_list=('box',), kernel_prob=(1.0,))
 
 
 def make_batch(start: int, b: int = 4) -> dict:
@@ -201,8 +199,8 @@ def test_sample_queue_resumes_from_state_dict(tmp_path):
 def test_save_load_round_trip(tmp_path, channels, bits):
     x = torch.rand(channels, 9, 7, generator=torch.Generator().manual_seed(0))
     path = tmp_path / 'img.png'
-    data.save_image(x, path, bits=bits)
-    y = data.load_image(path)
+    files.save_image(x, path, bits=bits)
+    y = files.load_image(path)
     assert y.shape == x.shape and y.dtype == torch.float32
     assert path.read_bytes()[24] == bits  # PNG header: bit depth
     atol = 0.5 / 65535 + 1e-6 if bits == 16 else 0.5 / 255 + 1e-6  # every depth keeps its full precision
@@ -212,9 +210,9 @@ def test_save_load_round_trip(tmp_path, channels, bits):
 
 def test_save_image_rejects_bad_input_without_writing(tmp_path):
     with pytest.raises(ValueError):
-        data.save_image(torch.rand(2, 4, 4), tmp_path / 'x.png')
+        files.save_image(torch.rand(2, 4, 4), tmp_path / 'x.png')
     with pytest.raises(ValueError):
-        data.save_image(torch.rand(3, 4, 4), tmp_path / 'x.jpg', bits=16)
+        files.save_image(torch.rand(3, 4, 4), tmp_path / 'x.jpg', bits=16)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -278,71 +276,11 @@ def test_empty_or_missing_root(tmp_path):
 def test_paired_test_dataset_and_lq_size_check(tmp_path):
     write_set(tmp_path, 'a', GOOD)
     lq = tmp_path / 'Blind_LR' / 'a.png'
-    data.save_image(torch.rand(3, 24, 24), lq)
+    files.save_image(torch.rand(3, 24, 24), lq)
     item = data.PairedTestDataset(tmp_path)[0]
     assert item['lq'].shape == (3, 24, 24) and item['gts'].shape == (5, 3, 96, 96)
     assert item['labels'] == ['Original', POS, SIM, NEG, NEG] and item['positive'].tolist()[1] is True
-    data.save_image(torch.rand(3, 24, 25), lq)
+    files.save_image(torch.rand(3, 24, 25), lq)
     with pytest.raises(ValueError) as excinfo:
         data.PairedTestDataset(tmp_path)
     assert_one_line_error(excinfo, lq)
-
-
-# ----------------------------------------------------------------------------- demo data
-@pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    dest = tmp_path_factory.mktemp('demo') / 'demo_data'
-    return dest, data.make_demo_dataset(dest)
-
-
-def test_demo_builds_and_loads(demo):
-    dest, (train_root, test_root) = demo
-    train = data.MultiGTDataset(train_root, gt_size=64, require_labels=True)
-    item = train[0]
-    assert len(train) + train.num_dropped == 24 and item['gts'].shape == (5, 3, 64, 64)
-    assert item['lq'].shape == (3, 16, 16)
-    test = data.PairedTestDataset(test_root)
-    item = test[0]
-    assert len(test) >= 1 and item['lq'].shape[1:] == tuple(s // 4 for s in item['gts'].shape[2:])
-    effective = [lab for labs in train.labels.values() for lab in labs]
-    assert NEG in effective and POS in effective
-    votes = [json.loads((train_root / 'labels' / a / 'train_000.json').read_text()) for a in data.ANNOTATORS]
-    manifest = json.loads((dest / 'manifest.json').read_text())
-    assert manifest['train']['disagreements'] > 0 and manifest['train']['Negative'] > 0
-    assert all(set(v) == {'Picture_2', 'Picture_3', 'Picture_4', 'Picture_5'} for v in votes)
-
-
-def test_demo_is_cached_and_deterministic(demo, tmp_path):
-    dest, roots = demo
-    stamp = (dest / 'manifest.json').stat().st_mtime_ns
-    assert data.make_demo_dataset(dest) == roots and (dest / 'manifest.json').stat().st_mtime_ns == stamp
-    other = tmp_path / 'again'
-    data.make_demo_dataset(other, num_train=3, num_test=1)
-    for rel in ('images/03/train_001_03.png', 'labels/C/train_002.json'):  # same draws for the same sets
-        assert (other / 'train' / rel).read_bytes() == (dest / 'train' / rel).read_bytes(), rel
-    assert (other / 'test' / 'Blind_LR' / 'test_000.png').is_file()
-
-
-def test_interrupted_demo_build_leaves_nothing_half(tmp_path, monkeypatch):
-    calls = []
-    real = data._write_demo_set
-
-    def failing(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-    monkeypatch.setattr(data, '_write_demo_set', failing)
-    dest = tmp_path / 'demo'
-    with pytest.raises(KeyboardInterrupt):
-        data.make_demo_dataset(dest, num_train=4, num_test=1)
-    assert list(tmp_path.iterdir()) == []  # neither dest nor a temp folder
-    monkeypatch.setattr(data, '_write_demo_set', real)
-    (dest / 'train').mkdir(parents=True)  # a half folder without manifest is rebuilt
-    train_root, _ = data.make_demo_dataset(dest, num_train=2, num_test=1)
-    assert (dest / 'manifest.json').is_file() and len(data.MultiGTDataset(train_root, gt_size=64).names) >= 1
-    (tmp_path / 'mine').mkdir()
-    (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
-    with pytest.raises(ValueError) as excinfo:  # never delete a folder that is not a demo set
-        data.make_demo_dataset(tmp_path / 'mine')
-    assert_one_line_error(excinfo, tmp_path / 'mine')

@@ -1,7 +1,14 @@
-"""demo.py: with no weight file, the demo picks the offline stand-ins and says which numbers they spoil."""
-import torch
+"""demo.py: the demo data set it builds, and with no weight file, the offline stand-ins it picks and flags."""
+import json
 
+import pytest
+import torch
+from conftest import assert_one_line_error
+
+import data
 import demo
+
+POS, NEG = 'Positive', 'Negative'
 
 
 def test_without_weights_the_demo_ranks_with_piqe_and_flags_the_random_models(tmp_path, monkeypatch):
@@ -23,3 +30,63 @@ def test_with_weights_the_demo_uses_them(tmp_path, monkeypatch):
     rank_q, reward_q, vgg, meaningless = demo.weight_choices()
     assert rank_q == reward_q and rank_q[:3] == ['--iqa', 'musiq', '--no-random-iqa']
     assert vgg == ['--no-random-vgg'] and meaningless == []
+
+
+# ----------------------------------------------------------------------------- demo data
+@pytest.fixture(scope='module')
+def demo_set(tmp_path_factory):
+    dest = tmp_path_factory.mktemp('demo') / 'demo_data'
+    return dest, demo.make_demo_dataset(dest)
+
+
+def test_demo_builds_and_loads(demo_set):
+    dest, (train_root, test_root) = demo_set
+    train = data.MultiGTDataset(train_root, gt_size=64, require_labels=True)
+    item = train[0]
+    assert len(train) + train.num_dropped == 24 and item['gts'].shape == (5, 3, 64, 64)
+    assert item['lq'].shape == (3, 16, 16)
+    test = data.PairedTestDataset(test_root)
+    item = test[0]
+    assert len(test) >= 1 and item['lq'].shape[1:] == tuple(s // 4 for s in item['gts'].shape[2:])
+    effective = [lab for labs in train.labels.values() for lab in labs]
+    assert NEG in effective and POS in effective
+    votes = [json.loads((train_root / 'labels' / a / 'train_000.json').read_text()) for a in data.ANNOTATORS]
+    manifest = json.loads((dest / 'manifest.json').read_text())
+    assert manifest['train']['disagreements'] > 0 and manifest['train']['Negative'] > 0
+    assert all(set(v) == {'Picture_2', 'Picture_3', 'Picture_4', 'Picture_5'} for v in votes)
+
+
+def test_demo_is_cached_and_deterministic(demo_set, tmp_path):
+    dest, roots = demo_set
+    stamp = (dest / 'manifest.json').stat().st_mtime_ns
+    assert demo.make_demo_dataset(dest) == roots and (dest / 'manifest.json').stat().st_mtime_ns == stamp
+    other = tmp_path / 'again'
+    demo.make_demo_dataset(other, num_train=3, num_test=1)
+    for rel in ('images/03/train_001_03.png', 'labels/C/train_002.json'):  # same draws for the same sets
+        assert (other / 'train' / rel).read_bytes() == (dest / 'train' / rel).read_bytes(), rel
+    assert (other / 'test' / 'Blind_LR' / 'test_000.png').is_file()
+
+
+def test_interrupted_demo_build_leaves_nothing_half(tmp_path, monkeypatch):
+    calls = []
+    real = demo._write_demo_set
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(demo, '_write_demo_set', failing)
+    dest = tmp_path / 'demo'
+    with pytest.raises(KeyboardInterrupt):
+        demo.make_demo_dataset(dest, num_train=4, num_test=1)
+    assert list(tmp_path.iterdir()) == []  # neither dest nor a temp folder
+    monkeypatch.setattr(demo, '_write_demo_set', real)
+    (dest / 'train').mkdir(parents=True)  # a half folder without manifest is rebuilt
+    train_root, _ = demo.make_demo_dataset(dest, num_train=2, num_test=1)
+    assert (dest / 'manifest.json').is_file() and len(data.MultiGTDataset(train_root, gt_size=64).names) >= 1
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
+    with pytest.raises(ValueError) as excinfo:  # never delete a folder that is not a demo set
+        demo.make_demo_dataset(tmp_path / 'mine')
+    assert_one_line_error(excinfo, tmp_path / 'mine')

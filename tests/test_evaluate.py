@@ -21,8 +21,10 @@ from skimage.metrics import structural_similarity
 
 import data
 import evaluate
+import files
 import models
 import nriqa_sr
+from demo import make_demo_dataset
 
 TINY = {'musiq': {'longer_side_lengths': [32], 'num_layers': 1, 'hidden_size': 32, 'mlp_dim': 64, 'num_heads': 2}}
 TINY_RRDB = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
@@ -121,16 +123,16 @@ def write_hand_set(root, size=32, sr_size=None):
         texture = rng.integers(60, 141, (size, size, 3))
         textures[name] = texture
         for path, off in zip(data.gt_paths(root, name), offsets):
-            data.save_image(to_tensor((texture + off).astype(np.uint8))[0], path)
+            files.save_image(to_tensor((texture + off).astype(np.uint8))[0], path)
         for annotator, labels in zip('ABC', votes):
             label_file = root / 'labels' / annotator / f'{name}.json'
             label_file.parent.mkdir(parents=True, exist_ok=True)
             label_file.write_text(json.dumps({f'Picture_{k + 2}': {'Label': lab} for k, lab in enumerate(labels)}))
-        data.save_image(torch.rand(3, size // 4, size // 4), root / 'Blind_LR' / f'{name}.png')
+        files.save_image(torch.rand(3, size // 4, size // 4), root / 'Blind_LR' / f'{name}.png')
         sr = to_tensor((texture + SR_OFFSET).astype(np.uint8))
         if sr_size:
             sr = sr[..., :sr_size, :sr_size]
-        data.save_image(sr[0], root / 'sr' / f'{name}.png')
+        files.save_image(sr[0], root / 'sr' / f'{name}.png')
     return textures
 
 
@@ -204,12 +206,12 @@ def test_full_reference_metric_from_a_local_weight_file(tmp_path):
 def demo_run(tmp_path_factory):
     """evaluate.py once on a small demo test split with two tiny random generators, all metrics."""
     root = tmp_path_factory.mktemp('demo')
-    _, test_root = data.make_demo_dataset(root / 'demo', num_train=1, num_test=2)
+    _, test_root = make_demo_dataset(root / 'demo', num_train=1, num_test=2)
     torch.manual_seed(0)
     for arch, config in (('rrdbnet', TINY_RRDB), ('swinir', TINY_SWINIR)):
         export = {'params_ema': models.build_generator(arch, **config).state_dict(), 'arch': arch,
                   'config': config, 'scale': 4}  # train.py's export format
-        models.save_checkpoint(export, root / f'{arch}.pth')
+        files.save_checkpoint(export, root / f'{arch}.pth')
     out = root / 'out'
     with pytest.MonkeyPatch.context() as mp:
         go_offline(mp, root)
@@ -288,7 +290,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     shutil.copy(tmp_path / 'set' / 'sr' / 's1.png', tmp_path / 'set' / 'partial' / 's1.png')
     export = {'params_ema': models.build_generator('rrdbnet', **TINY_RRDB).state_dict(), 'arch': 'rrdbnet',
               'config': TINY_RRDB, 'scale': 4}
-    models.save_checkpoint(export, tmp_path / 'rrdb.pth')
+    files.save_checkpoint(export, tmp_path / 'rrdb.pth')
     base = ['--data', tmp_path / 'set', '--out', tmp_path / 'out', '--metrics', 'psnr']
     cases = [
         (['--sr-dir', tmp_path / 'set' / 'partial'], f"{tmp_path / 'set' / 'partial'}: missing s2.png"),

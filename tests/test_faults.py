@@ -28,6 +28,7 @@ import torch
 
 import data
 import evaluate
+import files
 import lora
 import models
 import nriqa_sr
@@ -46,7 +47,7 @@ def write_set(root, name, size, seed, votes=GOOD_VOTES):
     """One HGGT-layout set of random 8-bit GTs (size x size) with three annotators' labels."""
     g = torch.Generator().manual_seed(seed)
     for path in data.gt_paths(root, name):
-        data.save_image(torch.rand(3, size, size, generator=g), path)
+        files.save_image(torch.rand(3, size, size, generator=g), path)
     for annotator, labels in zip(data.ANNOTATORS, votes):
         write_labels(root / 'labels' / annotator / f'{name}.json',
                      {f'Picture_{k + 2}': {'Label': lab} for k, lab in enumerate(labels)})
@@ -61,7 +62,7 @@ def export(path, arch, config):
     """A generator file in train.py's export format."""
     torch.manual_seed(0)
     state = models.build_generator(arch, **config).state_dict()
-    models.save_checkpoint({'params_ema': state, 'arch': arch, 'config': config, 'scale': 4}, path)
+    files.save_checkpoint({'params_ema': state, 'arch': arch, 'config': config, 'scale': 4}, path)
     return path
 
 
@@ -103,10 +104,10 @@ def world(tmp_path_factory):
         write_set(root / 'train', name, 48, i)
     for i, name in enumerate(['s1', 's2']):
         write_set(root / 'test', name, 32, 10 + i)
-        data.save_image(torch.rand(3, 8, 8), root / 'test' / 'Blind_LR' / f'{name}.png')
-        data.save_image(torch.rand(3, 32, 32), root / 'sr' / f'{name}.png')
+        files.save_image(torch.rand(3, 8, 8), root / 'test' / 'Blind_LR' / f'{name}.png')
+        files.save_image(torch.rand(3, 32, 32), root / 'sr' / f'{name}.png')
     for name in ('a', 'b'):
-        data.save_image(torch.rand(3, 8, 8), root / 'images' / f'{name}.png')
+        files.save_image(torch.rand(3, 8, 8), root / 'images' / f'{name}.png')
     w = World(root, root / 'train', root / 'test', root / 'sr', root / 'images',
               export(root / 'swinir.pth', 'swinir', TINY_G), export(root / 'rrdb.pth', 'rrdbnet', TINY_RRDB),
               root / 'run' / 'ckpt_0000001.pth', root / 'scores.json')
@@ -169,7 +170,7 @@ def upscale_truncated_png(w, tmp):
     images = copy_tree(w.images, tmp / 'in')
     full = (images / 'b.png').read_bytes()
     (images / 'b.png').write_bytes(full[:len(full) // 2])  # header intact, pixel data cut
-    data.save_image(torch.zeros(3, 4, 4), tmp / 'out' / 'a.png')  # an earlier result: must stay as it is
+    files.save_image(torch.zeros(3, 4, 4), tmp / 'out' / 'a.png')  # an earlier result: must stay as it is
     return Bad('nriqa_sr', upscale(w, tmp, images=images), images / 'b.png', 'cannot read image')
 
 
@@ -231,7 +232,7 @@ def train_missing_gt(w, tmp):
 def train_gt_sizes_differ(w, tmp):
     root = copy_tree(w.train, tmp / 'train')
     gt = data.gt_paths(root, 'b')[2]
-    data.save_image(torch.rand(3, 48, 44), gt)
+    files.save_image(torch.rand(3, 48, 44), gt)
     return Bad('train', train_args(w, tmp, root=root), gt, 'differs from')
 
 
@@ -243,7 +244,7 @@ def train_gt_smaller_than_gt_size(w, tmp):
 def evaluate_lq_not_quarter(w, tmp):
     root = copy_tree(w.test, tmp / 'test')
     lq = root / 'Blind_LR' / 's2.png'
-    data.save_image(torch.rand(3, 16, 16), lq)
+    files.save_image(torch.rand(3, 16, 16), lq)
     return Bad('evaluate', evaluate_args(w, tmp, '--sr-dir', w.sr, data_root=root), lq, 'is not 1/4 of its GT size')
 
 
@@ -262,7 +263,7 @@ def evaluate_sr_dir_missing_image(w, tmp):
 
 def evaluate_sr_wrong_size(w, tmp):
     sr = copy_tree(w.sr, tmp / 'sr')
-    data.save_image(torch.rand(3, 28, 32), sr / 's2.png')  # the second set: s1 is scored and saved first
+    files.save_image(torch.rand(3, 28, 32), sr / 's2.png')  # the second set: s1 is scored and saved first
     (tmp / 'out').mkdir()
     (tmp / 'out' / 'results.md').write_text('an earlier evaluation, to be left as it is')
     return Bad('evaluate', evaluate_args(w, tmp, '--sr-dir', sr), sr / 's2.png', 'expected 32x32 (the GT size)')
@@ -420,20 +421,20 @@ def train_init_wrong_arch(w, tmp):
 
 def upscale_ckpt_wrong_shapes(w, tmp):
     state = models.build_generator('rrdbnet', **{**TINY_RRDB, 'num_feat': 16}).state_dict()
-    models.save_checkpoint({'params_ema': state, 'arch': 'rrdbnet', 'config': TINY_RRDB}, tmp / 'shapes.pth')
+    files.save_checkpoint({'params_ema': state, 'arch': 'rrdbnet', 'config': TINY_RRDB}, tmp / 'shapes.pth')
     return Bad('nriqa_sr', upscale(w, tmp, ckpt=tmp / 'shapes.pth'), tmp / 'shapes.pth', 'wrong shapes')
 
 
 def train_init_missing_keys(w, tmp):
-    ckpt = models.load_checkpoint(w.swinir)
+    ckpt = files.load_checkpoint(w.swinir)
     del ckpt['params_ema']['conv_first.weight']
-    models.save_checkpoint(ckpt, tmp / 'partial.pth')
+    files.save_checkpoint(ckpt, tmp / 'partial.pth')
     return Bad('train', train_args(w, tmp, '--init', tmp / 'partial.pth'), tmp / 'partial.pth',
                'missing: conv_first.weight')
 
 
 def evaluate_ckpt_unknown_names(w, tmp):
-    models.save_checkpoint({'params': {'encoder.weight': torch.zeros(2)}}, tmp / 'other.pth')
+    files.save_checkpoint({'params': {'encoder.weight': torch.zeros(2)}}, tmp / 'other.pth')
     return Bad('evaluate', evaluate_args(w, tmp, '--ckpt', tmp / 'other.pth'), tmp / 'other.pth',
                'cannot tell the generator')
 
@@ -441,7 +442,7 @@ def evaluate_ckpt_unknown_names(w, tmp):
 def train_init_is_lora_adapters(w, tmp):
     model = models.build_generator('swinir', **TINY_G)
     lora.inject_lora(model, 'swinir', rank=2)
-    models.save_checkpoint({'params_lora': lora.lora_state_dict(model), 'arch': 'swinir', 'config': TINY_G},
+    files.save_checkpoint({'params_lora': lora.lora_state_dict(model), 'arch': 'swinir', 'config': TINY_G},
                            tmp / 'lora_adapters.pth')
     return Bad('train', train_args(w, tmp, '--finetune', '--init', tmp / 'lora_adapters.pth', '--monitor-every', '0'),
                tmp / 'lora_adapters.pth', 'does not fit the model')
@@ -453,10 +454,10 @@ def lora_adapters_wrong_keys(w, tmp):
     adapters = lora.lora_state_dict(model)
     adapters['layers.0.residual_group.blocks.0.mlp.fc3.lora_A'] = adapters.pop(
         'layers.0.residual_group.blocks.0.mlp.fc2.lora_A')
-    models.save_checkpoint({'params_lora': adapters}, tmp / 'adapters.pth')
+    files.save_checkpoint({'params_lora': adapters}, tmp / 'adapters.pth')
 
     def load():
-        lora.load_lora_state_dict(model, models.load_checkpoint(tmp / 'adapters.pth')['params_lora'])
+        lora.load_lora_state_dict(model, files.load_checkpoint(tmp / 'adapters.pth')['params_lora'])
     return Bad(load, [], 'mlp.fc3.lora_A', '1 missing adapter keys', raises=ValueError)
 
 
@@ -584,9 +585,9 @@ def train_resume_without_discriminator(w, tmp):
 
 
 def train_init_other_discriminator(w, tmp):
-    ckpt = models.load_checkpoint(w.ckpt)
+    ckpt = files.load_checkpoint(w.ckpt)
     ckpt['net_d'] = models.UNetDiscriminatorSN(num_feat=4).state_dict()
-    models.save_checkpoint(ckpt, tmp / 'with_d.pth')
+    files.save_checkpoint(ckpt, tmp / 'with_d.pth')
     return Bad('train', train_args(w, tmp, '--init', tmp / 'with_d.pth', '--gan-weight', '0.1', '--d-num-feat', '8'),
                tmp / 'with_d.pth', 'wrong shapes')
 
@@ -718,7 +719,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, legacy):
         path = tmp_path / f'{name}.pth'
         torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
         with pytest.raises(ValueError) as excinfo:
-            models.load_checkpoint(path)
+            files.load_checkpoint(path)
         message = str(excinfo.value)
         assert message.startswith(f'{path}: refused to unpickle ') and 'mkdir' in message and '\n' not in message
         assert not marker.exists()
@@ -803,8 +804,8 @@ def test_kill_9_at_random_points_then_resume_equals_uninterrupted_run(world, tmp
                 p.wait()
     assert codes[-1] == 0 and -signal.SIGKILL in codes, codes
     assert straight.returncode == 0, output[-3000:]
-    a, b = (models.load_checkpoint(run / 'ckpt_0000008.pth') for run in (tmp_path / 'straight', out))
+    a, b = (files.load_checkpoint(run / 'ckpt_0000008.pth') for run in (tmp_path / 'straight', out))
     for key in RESULT_KEYS:
         assert_equal(a[key], b[key], key)
-    assert_equal(models.load_checkpoint(tmp_path / 'straight' / 'generator.pth'),
-                 models.load_checkpoint(out / 'generator.pth'))
+    assert_equal(files.load_checkpoint(tmp_path / 'straight' / 'generator.pth'),
+                 files.load_checkpoint(out / 'generator.pth'))

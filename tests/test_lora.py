@@ -6,8 +6,16 @@ import torch
 import torch.nn as nn
 
 import models
-from lora import (LORA_PRESETS, LoRAConv2d, LoRALinear, inject_lora, load_lora_state_dict, lora_parameters,
-                  lora_state_dict, merge_lora)
+from lora import (
+    LORA_PRESETS,
+    LoRAConv2d,
+    LoRALinear,
+    inject_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+)
 
 # base-layer factory and input shape; the convs cover stride, padding, dilation, a rectangular kernel
 LAYERS = {

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import files
 import models
+import weights
 
 REFERENCE = Path(__file__).resolve().parent / 'reference'  # copies of shared/reference (released checkpoints' names)
 TINY_SWINIR = dict(img_size=16, window_size=4, depths=(2, 2), embed_dim=12, num_heads=(2, 3), mlp_ratio=2.0)
@@ -155,11 +157,11 @@ def test_perceptual_loss_layer_weights_and_pre_relu_features():
 
 
 def test_perceptual_loss_missing_weights_names_file_folder_and_flag(tmp_path):
-    missing = tmp_path / 'nowhere' / models.VGG19_FILE
+    missing = tmp_path / 'nowhere' / weights.VGG19_FILE
     with pytest.raises(FileNotFoundError) as err:
         models.PerceptualLoss(weights_path=missing)
     message = str(err.value)
-    assert '\n' not in message and models.VGG19_FILE in message
+    assert '\n' not in message and weights.VGG19_FILE in message
     assert str(missing.parent) in message and '--vgg-weights' in message
 
 
@@ -188,7 +190,7 @@ def test_load_checkpoint_errors_are_one_line(tmp_path):
                                (pickled, ValueError, 'Payload'),
                                (corrupt, ValueError, 'not a PyTorch checkpoint')]:
         with pytest.raises(error) as err:
-            models.load_checkpoint(path)
+            files.load_checkpoint(path)
         assert str(err.value).startswith(f'{path}: ') and words in str(err.value)
         assert '\n' not in str(err.value)
 
@@ -196,10 +198,10 @@ def test_load_checkpoint_errors_are_one_line(tmp_path):
 def test_save_checkpoint_round_trip_and_generator_file(tmp_path):
     model = models.RRDBNet(**TINY_RRDB)
     path = tmp_path / 'sub' / 'net_g.pth'
-    models.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet', 'config': TINY_RRDB}, path)
+    files.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet', 'config': TINY_RRDB}, path)
     assert [p.name for p in path.parent.iterdir()] == ['net_g.pth']  # no temp file left behind
     with pytest.raises(TypeError):  # torch.save fails half-way: a generator object cannot be pickled
-        models.save_checkpoint({'params_ema': model.state_dict(), 'gen': (i for i in range(2))}, path)
+        files.save_checkpoint({'params_ema': model.state_dict(), 'gen': (i for i in range(2))}, path)
     assert [p.name for p in path.parent.iterdir()] == ['net_g.pth']  # old file kept, temp file removed
     loaded = models.load_generator(path)  # arch and config come from the file
     x = torch.rand(1, 3, 8, 8)
@@ -209,7 +211,7 @@ def test_save_checkpoint_round_trip_and_generator_file(tmp_path):
 
 def test_load_generator_arch_and_name_mismatch_errors(tmp_path):
     path = tmp_path / 'g.pth'
-    models.save_checkpoint({'params_ema': models.RRDBNet(**TINY_RRDB).state_dict(), 'arch': 'rrdbnet'}, path)
+    files.save_checkpoint({'params_ema': models.RRDBNet(**TINY_RRDB).state_dict(), 'arch': 'rrdbnet'}, path)
     with pytest.raises(ValueError, match=r"'rrdbnet'.*'swinir'"):
         models.load_generator(path, 'swinir')
     sd = models.SwinIR(**TINY_SWINIR, upsampler='pixelshuffle').state_dict()

@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+import files
 import models
 import nriqa_sr
-from data import gt_paths, load_image, save_image
+import weights
+from data import gt_paths
+from files import load_image, save_image
 from nriqa_sr import (
     QualityModel,
     agreement,
@@ -209,15 +211,15 @@ def test_ensemble_is_weighted_mean_of_range_normalised_scores():
 def test_missing_weights_is_one_line_naming_file_folder_and_flag(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     folder = tmp_path / 'torch' / 'hub' / 'pyiqa'
-    for weights, where in ((None, folder), (tmp_path / 'mine', tmp_path / 'mine')):
+    for given, where in ((None, folder), (tmp_path / 'mine', tmp_path / 'mine')):
         with pytest.raises(FileNotFoundError) as err:
-            QualityModel('musiq', weights=weights)
+            QualityModel('musiq', weights=given)
         message = str(err.value)
         assert '\n' not in message and 'musiq_koniq_ckpt-e95806b9.pth' in message
         assert str(where) in message and '--iqa-weights' in message
-    assert nriqa_sr.missing_weights('musiq') == [folder / 'musiq_koniq_ckpt-e95806b9.pth']
-    assert nriqa_sr.weight_file('musiq') == 'musiq_koniq_ckpt-e95806b9.pth' and nriqa_sr.weight_file('piqe') is None
-    assert nriqa_sr.missing_weights('psnr') == []
+    assert weights.missing_weights('musiq') == [folder / 'musiq_koniq_ckpt-e95806b9.pth']
+    assert weights.weight_file('musiq') == 'musiq_koniq_ckpt-e95806b9.pth' and weights.weight_file('piqe') is None
+    assert weights.missing_weights('psnr') == []
 
 
 def test_missing_backbone_is_named_before_pyiqa_can_download_it(tmp_path, monkeypatch):
@@ -225,7 +227,7 @@ def test_missing_backbone_is_named_before_pyiqa_can_download_it(tmp_path, monkey
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
     torch.save({}, tmp_path / 'NIMA_InceptionV2_ava-b0c77c00.pth')
     backbone = tmp_path / 'hf' / 'models--timm--inception_resnet_v2.tf_in1k'
-    assert nriqa_sr.missing_weights('nima', tmp_path) == [backbone]
+    assert weights.missing_weights('nima', tmp_path) == [backbone]
     with pytest.raises(FileNotFoundError, match='models--timm--inception_resnet_v2.tf_in1k: backbone of nima'):
         QualityModel('nima', weights=tmp_path)
 
@@ -355,7 +357,7 @@ def test_cli_upscale_gray_rgba_and_16_bit(tmp_path, capsys):
     config = dict(num_feat=8, num_block=1, num_grow_ch=4)
     model = models.build_generator('rrdbnet', **config)
     ckpt = tmp_path / 'g.pth'
-    models.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet', 'config': config, 'scale': 4}, ckpt)
+    files.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet', 'config': config, 'scale': 4}, ckpt)
     src, out = tmp_path / 'in', tmp_path / 'out'
     save_image(torch.rand(1, 10, 12), src / 'gray.png')
     rgba = torch.rand(4, 9, 11)
@@ -368,7 +370,7 @@ def test_cli_upscale_gray_rgba_and_16_bit(tmp_path, capsys):
     assert gray.shape == (1, 40, 48) and color.shape == (4, 36, 44) and deep.shape == (3, 32, 32)
     alpha = F.interpolate(load_image(src / 'rgba.png')[None, 3:], scale_factor=4, mode='bicubic')[0].clamp(0, 1)
     assert (color[3] - alpha[0]).abs().max() <= 1 / 255
-    assert data.png_bit_depth(out / 'deep.png') == 16 and data.png_bit_depth(out / 'gray.png') == 8
+    assert files.png_bit_depth(out / 'deep.png') == 16 and files.png_bit_depth(out / 'gray.png') == 8
     with torch.no_grad():  # untiled RGB result of the same model (file is 8-bit)
         sr = model.eval()(load_image(src / 'rgba.png')[None, :3])[0].clamp(0, 1)
     assert (color[:3] - sr).abs().max() <= 0.5 / 255 + 1e-6

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import data
+import files
 import lora
 import models
 import nriqa_sr
 import train
+from demo import make_demo_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ def run(args, nproc=1, check=True):
 
 
 def load(path):
-    return models.load_checkpoint(path)
+    return files.load_checkpoint(path)
 
 
 def assert_equal_states(a, b, where=''):
@@ -62,7 +64,7 @@ def assert_equal_states(a, b, where=''):
 
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
-    train_root, _ = data.make_demo_dataset(tmp_path_factory.getbasetemp() / 'demo')
+    train_root, _ = make_demo_dataset(tmp_path_factory.getbasetemp() / 'demo')
     return train_root
 
 
@@ -72,7 +74,7 @@ def tiny_init(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp('init') / 'generator.pth'
     g = models.build_generator('swinir', **TINY_G)
-    models.save_checkpoint({'params_ema': g.state_dict(), 'arch': 'swinir', 'config': TINY_G, 'scale': 4}, path)
+    files.save_checkpoint({'params_ema': g.state_dict(), 'arch': 'swinir', 'config': TINY_G, 'scale': 4}, path)
     return path
 
 
@@ -248,7 +250,7 @@ def expect_error(capsys, argv, message):
 def test_finetune_reads_the_architecture_and_its_ft_numbers_from_init(tmp_path):
     path = tmp_path / 'rrdb.pth'
     config = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
-    models.save_checkpoint({'params_ema': models.RRDBNet(**config).state_dict(), 'arch': 'rrdbnet',
+    files.save_checkpoint({'params_ema': models.RRDBNet(**config).state_dict(), 'arch': 'rrdbnet',
                             'config': config}, path)
     cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused'])
     assert (cfg.arch, cfg.lr, cfg.milestones) == ('rrdbnet', 5e-5, ())  # DESIGN §3: RealESRGAN FT lr

@@ -1,0 +1,159 @@
+"""Files in and out: images (8/16-bit, gray/RGB/RGBA), atomic writes, and checkpoints loaded safely.
+
+Every output of the project goes through `atomic_open` (temp file, fsync, rename: never a half-written
+file, even after kill -9); every checkpoint is read with `torch.load(weights_only=True)`, so a file
+cannot run code. Both data.py and models.py use these without importing each other.
+"""
+import contextlib
+import io
+import os
+import pickle
+import re
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+
+def png_bit_depth(path) -> int:
+    """Bit depth of a PNG from its IHDR chunk (byte 24); 8 for anything else."""
+    with open(path, 'rb') as f:
+        head = f.read(25)
+    return 16 if head[:8] == b'\x89PNG\r\n\x1a\n' and len(head) == 25 and head[24] == 16 else 8
+
+
+
+def load_image(path) -> torch.Tensor:
+    """Read an image as a float32 (C,H,W) tensor in [0,1], C = 1 (gray), 3 (RGB) or 4 (RGBA).
+
+    8-bit and 16-bit PNGs keep their full precision: Pillow decodes 16-bit *colour* PNGs to 8 bits
+    per channel, so those go through OpenCV's decoder instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: no such image file')
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so a corrupt body fails here and not later
+            if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit gray
+                array = np.asarray(im, dtype=np.float32) / 65535.0
+            elif im.mode in ('RGB', 'RGBA') and png_bit_depth(path) == 16:
+                bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # (H,W,3|4) uint16, BGR(A) order
+                array = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB if bgr.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+                array = array.astype(np.float32) / 65535.0
+            else:
+                target = {'1': 'L', 'L': 'L', 'RGB': 'RGB', 'RGBA': 'RGBA', 'LA': 'RGBA'}.get(im.mode)
+                if target is None:  # palette, CMYK, YCbCr, ...: keep transparency if there is one
+                    target = 'RGBA' if 'transparency' in im.info else 'RGB'
+                array = np.asarray(im.convert(target), dtype=np.float32) / 255.0
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow's errors for truncated/corrupt files
+        raise ValueError(f'{path}: cannot read image ({err})') from err
+    array = array[:, :, None] if array.ndim == 2 else array
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).clamp_(0, 1)  # HWC -> CHW
+
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """Open `path` for binary writing, atomically: the bytes go to a temp file in the same folder, which
+    is fsync'ed and renamed over `path` only when the block ends without error (never a half-written
+    file, even after kill -9). The project's one way to write an output file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
+        with os.fdopen(fd, 'wb') as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+
+def save_image(tensor: torch.Tensor, path, bits: int = 8) -> None:
+    """Save a (C,H,W) tensor in [0,1] (C 1/3/4) atomically; 8-bit PNG/JPEG or 16-bit PNG."""
+    path = Path(path)
+    if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
+        raise ValueError(f'{path}: expected a (C,H,W) tensor with C in 1/3/4, got {tuple(tensor.shape)}')
+    if bits not in (8, 16) or (bits == 16 and path.suffix.lower() != '.png'):
+        raise ValueError(f'{path}: bits={bits} is not supported (8, or 16 for .png)')
+    array = tensor.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()  # CHW -> HWC
+    if bits == 16:
+        array = np.round(array * 65535.0).astype(np.uint16)  # Pillow cannot write 16-bit colour: OpenCV can
+        if array.shape[2] > 1:
+            array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+        payload = cv2.imencode('.png', array)[1].tobytes()
+    else:
+        array = np.round(array * 255.0).astype(np.uint8)
+        buf = io.BytesIO()
+        fmt = Image.registered_extensions().get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(f'{path}: unknown image extension')
+        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format=fmt)
+        payload = buf.getvalue()
+    with atomic_open(path) as f:
+        f.write(payload)
+
+
+
+def to_rgb(img: torch.Tensor) -> torch.Tensor:
+    """Gray -> 3 equal channels; RGBA -> RGB (alpha dropped; SR and Q work on colour)."""
+    return img.expand(3, -1, -1).contiguous() if img.shape[0] == 1 else img[:3]
+
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(W,H) from the file header only (Pillow does not decode pixels on open)."""
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: missing image')
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f'{path}: cannot read image header ({err})') from err
+
+
+
+# What torch.load(weights_only=True) raises on empty, truncated or garbage bytes besides UnpicklingError
+# (found by feeding it cut and mutated checkpoints and random bytes): the file's fault, not a bug here.
+CORRUPT_FILE_ERRORS = (EOFError, RuntimeError, ValueError, IndexError, KeyError, AssertionError, AttributeError,
+                       struct.error)
+
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) of a checkpoint dict, with one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: checkpoint file not found')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch words it 'Unsupported global: GLOBAL m.f ...' or '... unsupported GLOBAL m.f whose module m is blocked'
+        refused = re.search(r'GLOBAL ([\w.]+)', str(err))
+        if refused:
+            raise ValueError(f'{path}: refused to unpickle {refused.group(1)}: only tensors and plain containers '
+                             f'are loaded (weights_only=True); re-save the state_dicts alone') from None
+        raise ValueError(f'{path}: not a PyTorch checkpoint (corrupt or another format)') from None
+    except CORRUPT_FILE_ERRORS:
+        raise ValueError(f'{path}: not a PyTorch checkpoint (empty, truncated or corrupt)') from None
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f'{path}: expected a dict checkpoint, found {type(ckpt).__name__}')
+    return ckpt
+
+
+
+def save_checkpoint(obj, path):
+    """torch.save atomically (data.atomic_open: temp file, fsync, rename; never half-written)."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
