@@ -231,12 +231,16 @@ def main():
     parser.add_argument('--data', type=Path, default=Path('demo_data'), help='where the demo data set is built')
     parser.add_argument('--out', type=Path, default=Path('demo_out'), help='runs, evaluation and reports')
     parser.add_argument('--arch', default='swinir', choices=sorted(models.GENERATORS), help='generator')
+    parser.add_argument('--data-only', action='store_true', help='only build the demo data set (seconds), then stop')
     args = parser.parse_args()
 
     timings = {}
     start = time.perf_counter()
     train_root, test_root = make_demo_dataset(args.data)
     timings['demo data'] = time.perf_counter() - start
+    if args.data_only:
+        print(f'train with: python train.py --preset demo --data {train_root} --out runs/demo_amo')
+        return
     rank_q, reward_q, vgg, meaningless = weight_choices()
     for line in meaningless:
         print(f'WARNING: {line}', file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Self-written LoRA for the paper's stage-2 "direct optimization" (DESIGN §3).
+"""Self-written LoRA for the paper's stage-2 "direct optimization" (arXiv 2504.18524 §4.2, supp. §8.3).
 
 Zhang et al., CVPR 2025 fine-tune a frozen SR generator on L~ = L - lambda_Q * Q(SR) and train
 only low-rank adapters (LoRA, Hu et al. 2021, arXiv 2106.09685): SwinIR gets LoRA on the MLPs
@@ -7,20 +7,28 @@ The adapters act as a regularizer: without them the generator learns to exploit 
 Fig. 5). LoRA is merged at inference, so there is no runtime cost and no capacity gain.
 
 A LoRA layer computes  y = W x + b + (alpha / r) * B(A(dropout(x)))  with B zero-initialised.
+The paper does not state alpha; the default alpha = r (scaling 1) is ours, and its FT learning rates
+carry over only with the same scaling (the adapters' effective step grows with alpha / r).
 LoRALinear / LoRAConv2d subclass nn.Linear / nn.Conv2d and adopt the base layer's own
 Parameters, so the state_dict names stay `...mlp.fc1.weight` and only `lora_A` / `lora_B`
 are added next to them. Merging is explicit (`merge()`, `merge_lora`): unlike
 microsoft/LoRA, `eval()` never rewrites weights in place.
+
+    python lora.py merge --base runs/upos/generator.pth --adapters runs/upos_ft/lora_adapters.pth --out merged.pth
 """
+import argparse
 import math
 import re
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# preset -> (regex that fully matches the module names, rank); DESIGN §3, names per
-# shared/reference/*.txt.  Not matched: conv_first, conv_body, upsampling convs, attention.
+# preset -> (regex that fully matches the module names, rank): paper supp. §8.3, SwinIR's transformer
+# MLPs at rank 48, RRDBNet's RRDB convs at rank 24; names as in the released checkpoints.
+# Not matched: conv_first, conv_body, upsampling convs, attention.
 LORA_PRESETS = {
     'swinir': (r'layers\.\d+\.residual_group\.blocks\.\d+\.mlp\.fc[12]', 48),
     'rrdbnet': (r'body\.\d+\.rdb[123]\.conv[1-5]', 24),
@@ -121,7 +129,7 @@ def _lora_layers(model):
 
 def inject_lora(model: nn.Module, target: str | list[str], rank: int | None = None,
                 alpha: float | None = None, dropout: float = 0.0) -> list[str]:
-    """Wrap the target layers in place and freeze every non-LoRA parameter (DESIGN §3).
+    """Wrap the target layers in place and freeze every non-LoRA parameter (paper supp. §8.3).
 
     target: a LORA_PRESETS name, or a list of module names (then `rank` is required).
     Returns the wrapped module names."""
@@ -199,7 +207,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer and replace it by a plain nn.Linear / nn.Conv2d (in place).
 
     The result has the state_dict of the generator without LoRA (loads strictly into a fresh
-    one) and its cost: "LoRA is merged at inference" (DESIGN §3)."""
+    one) and its cost: LoRA is merged at inference (paper §4.2), no runtime cost."""
     for name, layer in _lora_layers(model):
         layer.merge()
         if isinstance(layer, LoRALinear):
@@ -212,3 +220,46 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition('.')
         setattr(model.get_submodule(parent), child, plain)
     return model
+
+
+def merge_adapter_file(base_path, adapters_path, out_path):
+    """base generator + lora_adapters.pth (train.py's FT export) -> one plain generator file, merged."""
+    import models  # the CLI needs the generators; the layers above do not
+    from files import load_checkpoint, save_checkpoint
+    adapters = load_checkpoint(adapters_path)
+    if 'params_lora' not in adapters:
+        raise ValueError(f'{adapters_path}: not a LoRA adapter file (no params_lora); train.py --finetune writes one')
+    model = models.load_generator(base_path, arch=adapters.get('arch'))
+    inject_lora(model, models.generator_arch(model), rank=adapters.get('lora_rank'),
+                alpha=adapters.get('lora_alpha'))
+    try:
+        load_lora_state_dict(model, adapters['params_lora'])
+    except ValueError as err:
+        raise ValueError(f'{adapters_path}: {err} (adapters of another base generator?)') from None
+    base = load_checkpoint(base_path)
+    save_checkpoint({'params_ema': merge_lora(model).state_dict(), 'arch': adapters.get('arch'),
+                     'config': base.get('config', adapters.get('config', {})), 'scale': base.get('scale', 4)}, out_path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest='command', required=True)
+    merge = commands.add_parser('merge', help='merge a lora_adapters.pth into its base generator')
+    merge.add_argument('--base', type=Path, required=True, help='the generator the adapters were trained on (FT --init)')
+    merge.add_argument('--adapters', type=Path, required=True, help="train.py --finetune's lora_adapters.pth")
+    merge.add_argument('--out', type=Path, required=True, help='merged generator file to write')
+    args = parser.parse_args(argv)
+    if args.out.resolve() in (args.base.resolve(), args.adapters.resolve()):
+        print(f'error: --out {args.out}: is one of the inputs; choose a new file', file=sys.stderr)
+        return 2
+    try:
+        merge_adapter_file(args.base, args.adapters, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    print(f'merged {args.adapters} into {args.base} -> {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

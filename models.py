@@ -505,6 +505,11 @@ def generator_scale(model):
     return model.upscale if isinstance(model, SwinIR) else model.scale
 
 
+def generator_arch(model):
+    """'swinir' or 'rrdbnet': the GENERATORS name of a generator module."""
+    return next(name for name, cls in GENERATORS.items() if isinstance(model, cls))
+
+
 def swinir_x4_gan(**overrides):
     """SwinIR x4 of the paper (HGGT real-SR config), overrides applied on top."""
     return build_generator('swinir', **overrides)
@@ -538,12 +543,13 @@ def load_strict(model, state, source):
         raise ValueError(f'{source}: checkpoint does not fit the model: {"; ".join(problems)}')
 
 
-def load_generator(path_or_state, arch=None, **config):
+def load_generator(path_or_state, arch=None, source=None, **config):
     """A generator in eval mode with the weights of a checkpoint file or dict (strict).
     arch / config come from the file's 'arch' / 'config' when not given (given config kwargs win);
-    for released checkpoints without 'arch' it is told from the parameter names."""
+    for released checkpoints without 'arch' it is told from the parameter names. `source` names a
+    dict's file in errors."""
     ckpt = path_or_state if isinstance(path_or_state, Mapping) else load_checkpoint(path_or_state)
-    source = 'state_dict' if isinstance(path_or_state, Mapping) else str(path_or_state)
+    source = source or ('state_dict' if isinstance(path_or_state, Mapping) else str(path_or_state))
     state = generator_state(ckpt)
     if arch is not None and ckpt.get('arch', arch) != arch:
         raise ValueError(f"{source}: checkpoint holds a {ckpt['arch']!r} generator, not {arch!r}")

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -158,57 +159,34 @@ class QualityModel(nn.Module):
         return total / sum(w for _, w in self.members)
 
 
-def sample_gt_index(sampler, positive, scores, generator, tau=TAU):
-    """Index of the GT each sample trains on (DESIGN §2), drawn with `generator`; Long(B).
+def sample_gt_index(sampler, positive, generator, scores=None, patches=None, quality=None, tau=TAU):
+    """Index of the GT each sample trains on (paper §4.1), Long(B); draws come from `generator`.
 
-    positive: Bool(B,5) effective positives (GT 0 never); scores: (B,5) cached image-level Q scores.
+    positive: Bool(B,5) effective positives (GT 0 never); scores: (B,5) cached image-level Q scores (sma, smp);
+    patches: (B,5,3,H,W) the five training patches and `quality` the Q to score them with now (amo).
       origins: i = 0
-      upos:    P(i) = 1 / |Pos|                                   for i in Pos (HGGT baseline)
+      upos:    P(i) = 1 / |Pos|                                   for i in Pos (HGGT's baseline)
       sma:     P(i) = exp(Q(S_i)/tau) / sum_{j=0..4} exp(Q(S_j)/tau)
       smp:     P(i) = exp(Q(S_i)/tau) / sum_{j in Pos} exp(Q(S_j)/tau)   for i in Pos
-    amo scores training patches online: use argmax_online.
+      amo:     i = argmax_j Q(patch of S_j)      (one batched no-grad forward; ties -> lowest index)
+    Inputs are checked where they are made (train.py's config checks, the dataset, the score cache).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"--sampler: unknown '{sampler}'; choose from {', '.join(SAMPLERS)}")
-    if sampler == 'amo':
-        raise ValueError('--sampler amo: scores the training patches online; call argmax_online(gts, quality)')
-    if positive.dim() != 2 or positive.shape[1] != NUM_GTS:
-        raise ValueError(f'positive: expected shape (B,{NUM_GTS}), got {tuple(positive.shape)}')
-    out_device, positive = positive.device, positive.to(generator.device, torch.bool)
     if sampler == 'origins':
-        return torch.zeros(len(positive), dtype=torch.long, device=out_device)
-    allowed = positive if sampler in ('upos', 'smp') else torch.ones_like(positive)
-    if not allowed.any(1).all():
-        row = int((~allowed.any(1)).nonzero()[0])
-        raise ValueError(f'--sampler {sampler}: batch row {row} has no effective positive GT (sets without one '
-                         'must be dropped by the dataset)')
-    if sampler == 'upos':
-        probs = allowed.double()
-    else:
-        if scores is None or tuple(scores.shape) != tuple(positive.shape):
-            raise ValueError(f'--sampler {sampler}: needs cached scores of shape (B,{NUM_GTS}) '
-                             '(python nriqa_sr.py score --data ROOT --iqa NAME)')
-        if not tau > 0:
-            raise ValueError(f'--tau: must be positive, got {tau}')
-        scores = scores.to(generator.device, torch.float64)
-        if not torch.isfinite(scores).all():
-            row = int((~torch.isfinite(scores)).any(1).nonzero()[0])
-            raise ValueError(f'--sampler {sampler}: NaN or infinite score in batch row {row}; rebuild the score cache')
-        probs = torch.softmax((scores / tau).masked_fill(~allowed, float('-inf')), dim=1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(out_device)
+        return torch.zeros(len(positive), dtype=torch.long)
+    if sampler == 'amo':
+        return argmax_online(patches, quality)
+    allowed = positive.bool() if sampler in ('upos', 'smp') else torch.ones_like(positive, dtype=torch.bool)
+    logits = torch.zeros(allowed.shape, dtype=torch.float64) if sampler == 'upos' else scores.double() / tau
+    probs = torch.softmax(logits.masked_fill(~allowed, float('-inf')), dim=1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def argmax_online(gts, quality):
-    """amo (DESIGN §2): i = argmax_j Q(patch of S_j), the five *training patches* scored now.
-
-    gts: (B,5,3,H,W); one batched forward over B*5 patches under no_grad; ties -> lowest index.
-    """
-    if gts.dim() != 5 or gts.shape[1] != NUM_GTS:
-        raise ValueError(f'gts: expected shape (B,{NUM_GTS},3,H,W), got {tuple(gts.shape)}')
+def argmax_online(patches, quality):
+    """amo: argmax over the five training patches of each sample, scored by Q now: (B,5,3,H,W) -> Long(B).
+    A non-finite score never wins (it counts as -inf); ties go to the lowest index."""
     with torch.no_grad():
-        scores = quality(gts.flatten(0, 1)).reshape(len(gts), NUM_GTS)  # (B*5,3,H,W) -> (B*5,) -> (B,5)
-    if not torch.isfinite(scores).all():
-        raise ValueError(f'--sampler amo: {quality.name} gave a NaN or infinite patch score')
+        scores = quality(patches.flatten(0, 1)).reshape(patches.shape[:2])  # (B*5,3,H,W) -> (B*5,) -> (B,5)
+    scores = scores.nan_to_num(nan=float('-inf'), posinf=float('-inf'))
     index = torch.arange(NUM_GTS, device=scores.device).expand_as(scores)
     return torch.where(scores == scores.amax(1, keepdim=True), index, NUM_GTS).amin(1)
 
@@ -225,6 +203,15 @@ def quality_reward(quality, sr):
 def score_cache_path(root, metric):
     """Default cache file of `python nriqa_sr.py score --data ROOT --iqa METRIC`."""
     return Path(root) / f'scores_{metric}.json'
+
+
+def score_command(root, metric, iqa_opts=None, random_iqa=False, cache=None, iqa_weights=None):
+    """The `score` command line that builds the cache a run with these Q settings accepts."""
+    parts = ['python nriqa_sr.py score --data', str(root), '--iqa', metric]
+    parts += ['--iqa-opts', shlex.quote(json.dumps(iqa_opts))] if iqa_opts else []
+    parts += ['--iqa-weights', str(iqa_weights)] if iqa_weights else []
+    parts += ['--cache', str(cache)] if cache else []
+    return ' '.join(parts + ['--random-iqa'] * bool(random_iqa))
 
 
 def _write_cache(cache, path):

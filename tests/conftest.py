@@ -8,3 +8,20 @@ def assert_one_line_error(excinfo, path):
     """The raised error is one line that names `path`."""
     message = str(excinfo.value)
     assert '\n' not in message and str(path) in message, message
+
+
+TINY_G = {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4}  # a SwinIR with one 12-channel block
+TINY_RRDB = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
+TINY_Q = {'musiq': {'longer_side_lengths': [32], 'num_layers': 1, 'hidden_size': 32, 'mlp_dim': 64, 'num_heads': 2}}
+
+
+def assert_states_equal(a, b, where=''):
+    """Bitwise equality of nested checkpoint content (tensors with torch.equal, same dtype)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, (dict, list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for k in (a if isinstance(a, dict) else range(len(a))):
+            assert_states_equal(a[k], b[k], f'{where}/{k}')
+    else:
+        assert a == b, where

@@ -343,7 +343,7 @@ def train_no_positive_anywhere(w, tmp):
 # roots
 def train_empty_root(w, tmp):
     (tmp / 'empty').mkdir()
-    return Bad('train', train_args(w, tmp, root=tmp / 'empty'), tmp / 'empty' / 'images' / 'original', 'no PNG images')
+    return Bad('train', train_args(w, tmp, root=tmp / 'empty'), tmp / 'empty' / 'images' / 'original', 'no such folder')
 
 
 def evaluate_missing_root(w, tmp):
@@ -470,7 +470,7 @@ def train_resume_other_generator(w, tmp):
     run = copy_tree(w.ckpt.parent, tmp / 'run')
     other = json.dumps({**TINY_G, 'embed_dim': 16})
     return Bad('train', train_args(w, tmp, '--resume', 'auto', '--generator', other), run / w.ckpt.name,
-               'wrong shapes')
+               'cannot resume with changed generator')
 
 
 # score caches
@@ -524,7 +524,7 @@ def cache_nan_scores(w, tmp):
 
 
 def cache_missing(w, tmp):
-    return Bad('train', sma(w, tmp, tmp / 'none.json'), tmp / 'none.json', 'score cache not found')
+    return Bad('train', sma(w, tmp, tmp / 'none.json'), tmp / 'none.json', 'not found; build it with: python nriqa_sr.py score')
 
 
 # flags
@@ -621,7 +621,7 @@ def evaluate_absent_gpu(w, tmp):
 
 
 def train_zero_lr(w, tmp):
-    return Bad('train', train_args(w, tmp, '--lr', '0'), '--lr', 'must be positive')
+    return Bad('train', train_args(w, tmp, '--lr', '0'), '--lr', 'must be in (0, 1]')
 
 
 def evaluate_duplicate_names(w, tmp):

@@ -1,5 +1,6 @@
-"""train.py (issue 5): DDP on CPU (gloo), gradient equivalence, exact resume after a kill, LoRA FT, exports,
-invalid combinations. Tiny configurations on the demo data, random weights only (VGG19, MUSIQ)."""
+"""train.py: the two stages as the paper and HGGT train them. DDP on CPU (gloo) against one process with the same
+global batch, exact resume after a kill, LoRA FT on Eq. 2 with an EMA, the FT critic, presets per option file.
+Tiny configurations on the demo data, random weights only (VGG19, MUSIQ)."""
 import json
 import os
 import signal
@@ -16,19 +17,20 @@ import files
 import lora
 import models
 import nriqa_sr
+import runs
 import train
+from conftest import TINY_G, TINY_Q, assert_states_equal
 from demo import make_demo_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')
 REPO = Path(__file__).resolve().parents[1]
-TINY_G = {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4}
-TINY_Q = {'musiq': {'longer_side_lengths': [32], 'num_layers': 1, 'hidden_size': 32, 'mlp_dim': 64, 'num_heads': 2}}
+NO_DROP = {**TINY_G, 'drop_path_rate': 0.0}  # stochastic depth draws per rank: off where ranks are compared
 
 
 def tiny_args(data_root, out, *extra, generator=TINY_G):
     return [str(a) for a in ['--data', data_root, '--out', out, '--generator', json.dumps(generator), '--gt-size', '32',
-            '--batch-size', '2', '--d-num-feat', '8', '--random-vgg', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q),
-            '--num-workers', '0', '--log-every', '1', '--sample-every', '0', *extra]]
+            '--batch-size', '2', '--queue-size', '0', '--d-num-feat', '8', '--random-vgg', '--random-iqa',
+            '--iqa-opts', json.dumps(TINY_Q), '--num-workers', '0', '--log-every', '1', '--sample-every', '0', *extra]]
 
 
 def run(args, nproc=1, check=True):
@@ -46,20 +48,15 @@ def load(path):
     return files.load_checkpoint(path)
 
 
-def assert_equal_states(a, b, where=''):
-    """Bitwise equality of nested checkpoint content (tensors with torch.equal)."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_equal_states(a[k], b[k], f'{where}/{k}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_states(x, y, f'{where}/{i}')
-    else:
-        assert a == b, where
+def adam_gradients(ckpt, which='optimizer_g'):
+    """After Adam's first step, exp_avg = (1 - beta1) * grad: the step-1 gradients, from a checkpoint."""
+    return [s['exp_avg'] / 0.1 for _, s in sorted(ckpt[which]['state'].items())]
+
+
+def assert_close_lists(a, b, atol):
+    assert len(a) == len(b) and len(a) > 0
+    for i, (x, y) in enumerate(zip(a, b)):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=f'tensor {i}')
 
 
 @pytest.fixture(scope='module')
@@ -70,7 +67,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tiny_init(tmp_path_factory):
-    """A tiny stage-1 result in the exported format (what --finetune --init reads)."""
+    """A tiny stage-1 result in the exported format (what --finetune --init reads), without a discriminator."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp('init') / 'generator.pth'
     g = models.build_generator('swinir', **TINY_G)
@@ -78,50 +75,75 @@ def tiny_init(tmp_path_factory):
     return path
 
 
-NO_DROP = {**TINY_G, 'drop_path_rate': 0.0}  # stochastic depth draws per rank: off where ranks are compared
+# ----------------------------------------------------------------------------- presets: HGGT's option files
+# PosNegGTSR/options/train/PosNegGTSR/train_SwinIRGAN_PosNegGT_Blind_Pos_x4.yml and
+# train_RealESRGAN_PosNegGT_Blind_Pos_x4.yml (HGGT): batch_size_per_gpu, queue_size, the degradation,
+# scheduler milestones / gamma, total_iter, optimiser lr, ema_decay, loss weights, gt_size.
+HGGT_FILES = {
+    'swinir': dict(batch_size=8, queue_size=160, degradation='one-stage', milestones=(200_000, 250_000, 275_000, 287_500),
+                   gamma=0.5, total_iters=300_000, lr=1e-4, ema_decay=0.999, l1_weight=1.0, perceptual_weight=1.0,
+                   gan_weight=0.1, gt_size=256),
+    'rrdbnet': dict(batch_size=12, queue_size=180, degradation='two-stage', milestones=(300_000,), gamma=0.5,
+                    total_iters=300_000, lr=1e-4, ema_decay=0.999, l1_weight=1.0, perceptual_weight=1.0,
+                    gan_weight=0.1, gt_size=256),
+}
+# paper supp. §8.3: 20K FT steps, lambda_Q 0.05, lambda_A 0, lr 5e-6 halved at 5K (SwinIR) / 5e-5 (RealESRGAN);
+# everything else stays HGGT's, the EMA included.
+PAPER_FT = {'swinir': dict(total_iters=20_000, lr=5e-6, milestones=(5_000,), lambda_q=0.05, gan_weight=0.0),
+            'rrdbnet': dict(total_iters=20_000, lr=5e-5, milestones=(), lambda_q=0.05, gan_weight=0.0)}
 
 
-@pytest.fixture(scope='module')
-def ddp_stage1(demo, tmp_path_factory):
-    """torchrun x2 (gloo): stage 1 with amo, batch 4 per rank, 2 steps, rank states dumped."""
-    out = tmp_path_factory.mktemp('ddp1')
-    run(tiny_args(demo, out, '--sampler', 'amo', '--batch-size', '4', '--total-iters', '2', '--dump-rank-state',
-                  generator=NO_DROP), nproc=2)
-    return out
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_paper_preset_is_hggt_option_file_per_arch(arch):
+    for argv in (['--arch', arch], ['--arch', arch, '--preset', 'paper']):
+        cfg = train.parse_config(argv + ['--data', 'x'])
+        assert {k: getattr(cfg, k) for k in HGGT_FILES[arch]} == HGGT_FILES[arch]
+    cfg = train.parse_config(['--arch', arch, '--finetune', '--init', 'absent.pth', '--data', 'x'])
+    assert {k: getattr(cfg, k) for k in PAPER_FT[arch]} == PAPER_FT[arch]
+    kept = {k: v for k, v in HGGT_FILES[arch].items() if k not in PAPER_FT[arch]}
+    assert {k: getattr(cfg, k) for k in kept} == kept  # batch, queue, degradation, EMA 0.999 as in stage 1
+    assert train.parse_config(['--arch', arch, '--batch-size', '3', '--data', 'x']).batch_size == 3  # flags win
 
 
-def test_torchrun_stage1_amo_ranks_end_identical(ddp_stage1):
-    r0, r1 = load(ddp_stage1 / 'rank0_state.pth'), load(ddp_stage1 / 'rank1_state.pth')
-    assert_equal_states(r0['params'], r1['params'])
-    init = models.build_generator('swinir', **NO_DROP)  # the run moved the weights
-    assert not all(torch.equal(v, r0['params'][k]) for k, v in init.state_dict().items())
-    ckpt = load(ddp_stage1 / 'ckpt_0000002.pth')
-    assert ckpt['step'] == 2 and ckpt['train_config']['sampler'] == 'amo'
-    assert_equal_states(ckpt['params'], r0['params'])
-    assert (ddp_stage1 / 'generator.pth').is_file() and (ddp_stage1 / 'log.csv').read_text().count('\n') == 3
+def test_finetune_reads_the_architecture_its_numbers_and_its_critic_width_from_init(tmp_path):
+    path = tmp_path / 'rrdb.pth'
+    config = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
+    files.save_checkpoint({'params_ema': models.RRDBNet(**config).state_dict(), 'arch': 'rrdbnet', 'config': config,
+                           'net_d': models.UNetDiscriminatorSN(num_feat=16).state_dict()}, path)
+    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused'])
+    assert (cfg.arch, cfg.lr, cfg.milestones, cfg.d_num_feat, cfg.ema_decay) == ('rrdbnet', 5e-5, (), 16, 0.999)
+    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused', '--arch', 'swinir'])
+    assert (cfg.arch, cfg.lr) == ('swinir', 5e-6)  # an explicit --arch wins
 
 
-def test_two_ranks_batch4_give_one_rank_batch8_gradients(ddp_stage1, demo, tmp_path):
-    # DistributedSampler: rank r takes perm[r::2], so ranks 0+1 x 4 see the same 8 sets as 1 x 8 (perm[:8])
-    train.main(tiny_args(demo, tmp_path, '--sampler', 'amo', '--batch-size', '8', '--total-iters', '1',
-                         '--dump-rank-state', generator=NO_DROP))
-    two = load(ddp_stage1 / 'rank0_state.pth')['grads']
-    one = load(tmp_path / 'rank0_state.pth')['grads']
-    assert two.keys() == one.keys() and len(one) > 10
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+def test_sampling_q_and_reward_q_are_separate_flags():
+    cfg = train.parse_config(['--finetune', '--init', 'x.pth', '--data', 'x', '--sampler', 'amo', '--iqa', 'musiq',
+                              '--sample-iqa', 'piqe', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q)])
+    sampling, reward = train.build_quality(cfg, torch.device('cpu'))
+    assert (sampling.name, sampling.as_loss, reward.name, reward.as_loss) == ('piqe', False, 'musiq', True)
+    cfg.sample_iqa = ''
+    sampling, reward = train.build_quality(cfg, torch.device('cpu'))
+    assert sampling is reward  # one model for both roles
+    cfg.sampler = 'upos'
+    assert train.build_quality(cfg, torch.device('cpu'))[0] is None
 
 
-def test_torchrun_finetune_ranks_end_identical(ddp_stage1, demo, tmp_path):
-    run(tiny_args(demo, tmp_path, '--finetune', '--init', ddp_stage1 / 'generator.pth', '--batch-size', '2',
-                  '--total-iters', '2', '--lr', '1e-3', '--perceptual-weight', '0', '--monitor-every', '0',
-                  '--dump-rank-state'), nproc=2)
-    r0, r1 = load(tmp_path / 'rank0_state.pth'), load(tmp_path / 'rank1_state.pth')
-    assert_equal_states(r0['params'], r1['params'])
-    assert all('lora_' in k for k in r0['grads'])  # only the adapters were trained
-    assert any(r0['params'][k].abs().sum() > 0 for k in r0['params'] if k.endswith('lora_B'))
+# ----------------------------------------------------------------------------- DDP equals one process
+def test_two_ranks_ft_equals_one_rank_with_the_same_global_batch(demo, tiny_init, tmp_path):
+    common = ['--finetune', '--init', tiny_init, '--sampler', 'origins', '--total-iters', '2', '--lr', '1e-3',
+              '--monitor-every', '0', '--save-every', '1', '--keep', '2', '--ema-decay', '0.5']
+    run(tiny_args(demo, tmp_path / 'two', *common, '--batch-size', '2'), nproc=2)
+    train.main(tiny_args(demo, tmp_path / 'one', *common, '--batch-size', '4'))
+    two, one = (load(tmp_path / run_dir / 'ckpt_0000001.pth') for run_dir in ('two', 'one'))
+    assert_close_lists(adam_gradients(two), adam_gradients(one), atol=1e-6)  # the all-reduced gradient
+    two, one = (load(tmp_path / run_dir / 'ckpt_0000002.pth') for run_dir in ('two', 'one'))
+    for k in one['params']:
+        torch.testing.assert_close(two['params'][k], one['params'][k], rtol=0, atol=3e-3, msg=k)  # Adam: ~lr
+    base = models.generator_state(load(tiny_init))
+    assert all(torch.equal(two['params'][k], v) for k, v in base.items())  # only the adapters moved
 
 
+# ----------------------------------------------------------------------------- kill -9 while saving, then resume
 KILLER = """
 import os, signal, sys, runpy, torch
 real_save, calls = torch.save, []
@@ -158,32 +180,37 @@ def test_kill_while_saving_leaves_previous_checkpoint_loadable(killed_run):
     assert list(killed.glob('.ckpt_0000004.pth.*.tmp'))  # the half-written file never took the name
     ckpt = load(killed / 'ckpt_0000002.pth')
     assert ckpt['step'] == 2 and len(ckpt['queue'][0]['pool']['lq']) == 4
-    assert ckpt['queue'][0]['pool']['gts'].dtype == torch.uint8  # 8-bit data stored exactly as uint8
 
 
-def test_resume_after_kill_equals_uninterrupted_run_bitwise(killed_run, demo):
+def test_resume_after_kill_equals_uninterrupted_run_bitwise_and_logs_each_step_once(killed_run, demo):
     straight, killed, args = killed_run
+    logged = [line.split(',')[0] for line in (killed / 'log.csv').read_text().splitlines()[1:]]
+    assert logged == ['1', '2', '3', '4']  # steps 3 and 4 were logged before the kill at the step-4 save
     proc = run(tiny_args(demo, killed, *args, '--resume', 'auto'))
     assert 'resumed' in proc.stdout and 'at step 2' in proc.stdout
     a, b = load(straight / 'ckpt_0000004.pth'), load(killed / 'ckpt_0000004.pth')
     for key in ('params', 'params_ema', 'net_d', 'optimizer_g', 'optimizer_d', 'scheduler_g', 'queue', 'step'):
-        assert_equal_states(a[key], b[key], key)
-    assert_equal_states(load(straight / 'generator.pth'), load(killed / 'generator.pth'))
+        assert_states_equal(a[key], b[key], key)
+    assert_states_equal(load(straight / 'generator.pth'), load(killed / 'generator.pth'))
+    steps = [line.split(',')[0] for line in (killed / 'log.csv').read_text().splitlines()[1:]]
+    assert steps == ['1', '2', '3', '4']  # steps 3 and 4 were dropped on resume, then logged again once
 
 
+# ----------------------------------------------------------------------------- stage 2: LoRA on Eq. 2
 @pytest.fixture(scope='module')
 def finetuned(demo, tiny_init, tmp_path_factory):
-    """LoRA FT driven by Q alone with a high lr, so that Q's rise is clear after a few steps."""
+    """LoRA FT driven by Q alone with a high lr, so that Q's rise is clear after a few steps; alpha != rank."""
     out = tmp_path_factory.mktemp('ft')
     train.main(tiny_args(demo, out, '--finetune', '--init', tiny_init, '--sampler', 'origins', '--total-iters', '6',
                          '--lr', '1e-2', '--lambda-q', '1', '--l1-weight', '0', '--perceptual-weight', '0',
-                         '--monitor-every', '3', '--monitor-size', '2'))
+                         '--monitor-every', '3', '--monitor-size', '2', '--lora-rank', '48', '--lora-alpha', '96',
+                         '--ema-decay', '0.5'))
     return out
 
 
-def lora_model(init, params):
+def lora_model(init, params, rank=48, alpha=96):
     model = models.load_generator(init)
-    lora.inject_lora(model, 'swinir')
+    lora.inject_lora(model, 'swinir', rank=rank, alpha=alpha)
     model.load_state_dict(params)
     return model.eval()
 
@@ -195,27 +222,32 @@ def test_finetune_changes_only_lora_and_raises_q(finetuned, tiny_init, demo):
     for k, v in base.items():
         assert torch.equal(params[k], v), k
     assert all(params[k].abs().sum() > 0 for k in params if k.endswith('lora_B'))
-    # mean Q of one fixed batch, before and after the 6 steps
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # mean Q of one fixed batch, before and after the 6 steps
         warnings.simplefilter('ignore')
         quality = nriqa_sr.QualityModel('musiq', pretrained=False, metric_opts=TINY_Q)
     dataset = data.MultiGTDataset(demo, gt_size=32)
-    lq = torch.stack([dataset[i]['lq'] for i in range(4)])
+    lq = torch.stack([train.images(dataset[i]['lq'], 'cpu') for i in range(4)])
     with torch.no_grad():
         before = quality(models.load_generator(tiny_init)(lq).clamp(0, 1)).mean()
         after = quality(lora_model(tiny_init, params)(lq).clamp(0, 1)).mean()
     assert after > before * 1.5, (before, after)
 
 
-def test_exported_finetuned_generator_is_plain_and_matches_lora_model(finetuned, tiny_init):
-    plain = models.load_generator(finetuned / 'generator.pth')  # strict, no LoRA names
-    assert not any('lora_' in k for k in plain.state_dict())
-    model = lora_model(tiny_init, load(finetuned / 'ckpt_0000006.pth')['params'])
+def test_export_is_the_merged_ema_and_alpha_round_trips(finetuned, tiny_init, tmp_path):
+    ckpt = load(finetuned / 'ckpt_0000006.pth')
+    assert (ckpt['lora_rank'], ckpt['lora_alpha']) == (48, 96)
     adapters = load(finetuned / 'lora_adapters.pth')
-    assert_equal_states(adapters['params_lora'], lora.lora_state_dict(model))
+    assert (adapters['lora_rank'], adapters['lora_alpha']) == (48, 96)
+    assert_states_equal(adapters['params_lora'], ckpt['ema_lora'])  # the EMA's adapters, not the raw ones
+    assert not all(torch.equal(ckpt['ema_lora'][k], ckpt['params'][k]) for k in ckpt['ema_lora'])
+    ema = lora_model(tiny_init, {**ckpt['params'], **ckpt['ema_lora']})
+    plain = models.load_generator(finetuned / 'generator.pth')  # strict, no LoRA names
     x = torch.rand(2, 3, 12, 12)
     with torch.no_grad():
-        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(plain(x), ema(x), rtol=0, atol=1e-5)
+    assert lora.main(['merge', '--base', str(tiny_init), '--adapters', str(finetuned / 'lora_adapters.pth'),
+                      '--out', str(tmp_path / 'merged.pth')]) == 0
+    assert_states_equal(load(tmp_path / 'merged.pth')['params_ema'], load(finetuned / 'generator.pth')['params_ema'])
 
 
 def test_full_finetune_without_lora_changes_base_weights(demo, tiny_init, tmp_path):
@@ -228,53 +260,90 @@ def test_full_finetune_without_lora_changes_base_weights(demo, tiny_init, tmp_pa
     assert not (tmp_path / 'lora_adapters.pth').exists()
 
 
-def test_non_finite_losses_stop_the_run_and_keep_the_checkpoint(demo, tmp_path, monkeypatch):
-    fast = ('--sampler', 'origins', '--gan-weight', '0', '--perceptual-weight', '0', '--max-bad-steps', '2')
-    train.main(tiny_args(demo, tmp_path, *fast, '--total-iters', '2'))
+def test_ft_with_a_gan_term_starts_from_the_stage1_critic(demo, tmp_path, capsys):
+    stage1 = tmp_path / 'stage1'
+    train.main(tiny_args(demo, stage1, '--sampler', 'origins', '--total-iters', '2', '--perceptual-weight', '0'))
+    export = load(stage1 / 'generator.pth')
+    assert 'net_d' in export  # the stage-1 export carries what FT_IG / FT_NNR need
+    cfg = train.parse_config(tiny_args(demo, tmp_path / 'ft', '--finetune', '--init', stage1 / 'generator.pth',
+                                       '--gan-weight', '0.1'))
+    _, _, d, _, _ = train.build_models(cfg, torch.device('cpu'))
+    assert_states_equal(d.state_dict(), export['net_d'])  # FT step 0: the stage-1 discriminator
+    no_d = tmp_path / 'no_d.pth'
+    files.save_checkpoint({k: v for k, v in export.items() if k != 'net_d'}, no_d)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(demo, tmp_path / 'ft2', '--finetune', '--init', no_d, '--gan-weight', '0.1'))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert str(no_d) in err and 'no discriminator' in err and 'generator.pth' in err
+
+
+# ----------------------------------------------------------------------------- non-finite and diverging runs
+FAST = ('--sampler', 'origins', '--gan-weight', '0', '--perceptual-weight', '0')
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_and_keep_the_checkpoint(demo, tmp_path, monkeypatch, capsys):
+    train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '2', '--max-bad-steps', '2'))
     good = load(tmp_path / 'ckpt_0000002.pth')
     monkeypatch.setattr(train.F, 'l1_loss', lambda sr, gt: (sr - gt).abs().mean() * float('nan'))
-    with pytest.raises(SystemExit, match='2 non-finite losses in a row up to iteration 4'):
-        train.main(tiny_args(demo, tmp_path, *fast, '--total-iters', '6', '--resume', 'auto'))
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '6', '--resume', 'auto', '--max-bad-steps', '2'))
+    err = capsys.readouterr().err
+    assert f'2 non-finite losses in a row up to iteration 4; stopped. the last good checkpoint is ' \
+           f'{tmp_path / "ckpt_0000002.pth"} (step 2)' in err
     assert sorted(p.name for p in tmp_path.glob('ckpt_*.pth')) == ['ckpt_0000002.pth']
-    assert_equal_states(load(tmp_path / 'ckpt_0000002.pth')['params'], good['params'])
+    assert_states_equal(load(tmp_path / 'ckpt_0000002.pth')['params'], good['params'])
 
 
-def expect_error(capsys, argv, message):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith('error: ') and message in err, err
-    assert len(err.splitlines()) == 1, err
+def test_exploded_weights_are_never_saved_and_good_checkpoints_stay(demo, tmp_path, monkeypatch, capsys):
+    real_step = train.optimizer_step
+    calls = []
+
+    def exploding(opts, scaler, grad_clip):  # from step 3 on, the weights blow up (as --lr inf or a huge gamma did)
+        real_step(opts, scaler, grad_clip)
+        calls.append(1)
+        if len(calls) >= 3:
+            with torch.no_grad():
+                for p in opts[0].param_groups[0]['params']:
+                    p.mul_(1e30)
+    monkeypatch.setattr(train, 'optimizer_step', exploding)
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '8', '--save-every', '2', '--keep', '1',
+                             '--ema-decay', '0'))
+    err = capsys.readouterr().err
+    assert 'weights diverged by step 4' in err and f'{tmp_path / "ckpt_0000002.pth"} (step 2)' in err
+    assert sorted(p.name for p in tmp_path.glob('ckpt_*.pth')) == ['ckpt_0000002.pth']
+    assert not runs.insane_tensors(load(tmp_path / 'ckpt_0000002.pth')['params'])
+    assert not (tmp_path / 'generator.pth').exists()
 
 
-def test_finetune_reads_the_architecture_and_its_ft_numbers_from_init(tmp_path):
-    path = tmp_path / 'rrdb.pth'
-    config = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
-    files.save_checkpoint({'params_ema': models.RRDBNet(**config).state_dict(), 'arch': 'rrdbnet',
-                            'config': config}, path)
-    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused'])
-    assert (cfg.arch, cfg.lr, cfg.milestones) == ('rrdbnet', 5e-5, ())  # DESIGN §3: RealESRGAN FT lr
-    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused', '--arch', 'swinir'])
-    assert (cfg.arch, cfg.lr) == ('swinir', 5e-6)  # an explicit --arch wins
+# ----------------------------------------------------------------------------- resume refuses what would mix runs
+def test_resume_refuses_changed_math_and_names_allowed_changes(demo, tmp_path, capsys):
+    train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '2'))
+    for extra, names in ((['--batch-size', '4'], 'batch_size'), (['--sampler', 'upos'], 'sampler'),
+                         (['--lr', '1e-3', '--gt-size', '48'], 'gt_size, lr')):
+        args = tiny_args(demo, tmp_path, *FAST, '--total-iters', '3', '--resume', 'auto')
+        with pytest.raises(SystemExit):
+            train.main(args + extra)
+        err = capsys.readouterr().err
+        assert f'cannot resume with changed {names} (saved: ' in err and len(err.strip().splitlines()) == 1, err
+    train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '3', '--resume', 'auto', '--keep', '5'))
+    out = capsys.readouterr().out
+    assert 'with changed settings: keep 3 -> 5; total_iters 2 -> 3' in out and 'resumed' in out
 
 
-def test_invalid_combinations_fail_with_one_line(demo, tmp_path, capsys, monkeypatch):
-    expect_error(capsys, tiny_args(demo, tmp_path, '--finetune'), '--finetune: needs --init')
-    unlabelled = tmp_path / 'unlabelled'
-    unlabelled.mkdir()
-    (unlabelled / 'images').symlink_to(demo / 'images')
-    for sampler in ('upos', 'smp'):
-        expect_error(capsys, tiny_args(unlabelled, tmp_path, '--sampler', sampler, '--score-cache', 'x.json'),
-                     'the upos/smp samplers need labels')
-    cache = tmp_path / 'scores.json'
-    names = data.MultiGTDataset(demo, gt_size=32).names
-    cache.write_text(json.dumps({'version': nriqa_sr.CACHE_VERSION, 'metric': 'musiq', 'fingerprint': 'other',
-                                 'scores': {n: [1.0] * 5 for n in names}, 'complete': True}))
-    expect_error(capsys, tiny_args(demo, tmp_path, '--sampler', 'sma', '--score-cache', cache),
-                 'scores are from other musiq weights')
-    expect_error(capsys, tiny_args(demo, tmp_path, '--sampler', 'sma'), '--sampler sma: needs --score-cache')
-    monkeypatch.setenv('RANK', '0')
-    monkeypatch.setenv('LOCAL_RANK', '0')
-    monkeypatch.setenv('WORLD_SIZE', str(len(names) + 1))  # as torchrun --nproc_per_node=25 sets it
-    expect_error(capsys, tiny_args(demo, tmp_path), f'--nproc_per_node: {len(names) + 1} processes but')
-    assert not list(tmp_path.glob('ckpt_*.pth'))
+def test_resume_with_fewer_processes_goes_on_with_the_queue(demo, tmp_path):
+    args = ['--sampler', 'upos', '--queue-size', '4', '--save-every', '2', '--gan-weight', '0',
+            '--perceptual-weight', '0']
+    run(tiny_args(demo, tmp_path, *args, '--total-iters', '2'), nproc=2)
+    assert len(load(tmp_path / 'ckpt_0000002.pth')['queue']) == 2
+    proc = run(tiny_args(demo, tmp_path, *args, '--total-iters', '4', '--resume', 'auto'))
+    assert '2 -> 1 processes' in proc.stdout and 'resumed' in proc.stdout
+    assert load(tmp_path / 'ckpt_0000004.pth')['world_size'] == 1
+
+
+def test_progress_lines_when_output_is_not_a_terminal(demo, tmp_path):
+    proc = run(tiny_args(demo, tmp_path, *FAST, '--total-iters', '4', '--log-every', '2'))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('step ')]
+    assert [line.split()[1] for line in lines] == ['2/4', '4/4']
+    assert all(' it/s | ETA ' in line and 'l1 ' in line for line in lines)
