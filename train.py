@@ -298,7 +298,7 @@ def train(cfg):
 
     # ---- data; checked before the process group so that a bad setup fails at once on every rank
     dataset = data.MultiGTDataset(cfg.data, gt_size=cfg.gt_size, seed=cfg.seed,
-                                  require_labels=cfg.sampler in ('upos', 'smp'))
+                                  positives_only=cfg.sampler in ('upos', 'smp'))
     held = cfg.monitor_size if cfg.finetune and cfg.monitor_every else 0  # FT: the monitor's sets leave training
     if held >= len(dataset):
         raise ValueError(f'--monitor-size: {held} held-out sets leave none of the {len(dataset)} sets of {cfg.data} '
@@ -471,6 +471,7 @@ def train(cfg):
         if held:
             items = [dataset[i] for i in range(len(dataset) - held, len(dataset))]
             held_out = [torch.stack([it[k] for it in items]).to(device) for k in ('lq', 'gts', 'positive')]
+            held_out[:2] = [x.float() / 255 for x in held_out[:2]]  # the dataset's uint8 images
             second = nriqa_sr.QualityModel('piqe', device=device)  # weight-free, no gradient needed
             baseline = monitor(raw_g, quality, second, held_out)
             tqdm.write(f'monitor at step {step} (held-out sets; all higher is better): '
@@ -484,7 +485,9 @@ def train(cfg):
         torch.manual_seed(step_seed(cfg.seed, rank, step, 'torch'))  # drop-path
         if queue is not None:
             batch = queue(batch)
-        lq, gts = batch['lq'].to(device, non_blocking=True), batch['gts'].to(device, non_blocking=True)
+        # uint8 from the loader (4x less to copy); floats in [0,1] on the device
+        lq = batch['lq'].to(device, non_blocking=True).float() / 255
+        gts = batch['gts'].to(device, non_blocking=True).float() / 255
         # DESIGN §2: pick the GT each sample trains on; it feeds L1, perceptual and the GAN's real sample
         if cfg.sampler == 'amo':
             choice = nriqa_sr.argmax_online(gts, quality)
