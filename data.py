@@ -126,19 +126,18 @@ class SetList:
         self.labels = {n: labels[n] for n in self.names if n in labels}
 
     def summary(self, root) -> str:
+        """One line for the trainer to print."""
         return (f'{root}: {self.num_sets} sets, {self.num_without_positive} without an effective Positive GT, '
                 f'{self.num_unlabelled} unlabelled; {self.num_dropped} dropped, {len(self.names)} used')
 
 
-def _check_set_sizes(root: Path, name: str, min_size: int) -> tuple[int, int]:
-    """All five GTs exist, share one size, and are at least `min_size` on each side; returns (W,H)."""
+def _set_size(root: Path, name: str) -> tuple[int, int]:
+    """(W,H) of a set from its PNG headers (cheap even for HGGT's 20K sets); all five GTs must share it."""
     paths = gt_paths(root, name)
     size = image_size(paths[0])
     for p in paths[1:]:
         if image_size(p) != size:
             raise ValueError(f'{p}: size {image_size(p)} differs from {paths[0].name} {size} in its set')
-    if min(size) < min_size:
-        raise ValueError(f'{paths[0]}: size {size} is smaller than gt_size {min_size}')
     return size
 
 
@@ -150,8 +149,12 @@ def _positive(labels: list[str] | None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- packed cache
 def _file_stamps(root: Path, name: str) -> list[list[int]]:
     """(bytes, mtime_ns) of the five GT files: what decides whether a packed set is stale."""
-    stats = [p.stat() for p in gt_paths(root, name)]
-    return [[s.st_size, s.st_mtime_ns] for s in stats]
+    stamps = []
+    for path in gt_paths(root, name):
+        if not path.is_file():
+            raise FileNotFoundError(f'{path}: missing image')
+        stamps.append([path.stat().st_size, path.stat().st_mtime_ns])
+    return stamps
 
 
 def _decode_set(args) -> tuple[str, list, np.ndarray]:
@@ -253,8 +256,10 @@ class MultiGTDataset(torch.utils.data.Dataset):
 
     One stage: crop before degrading. Only a window of crop_context(...) HR px around the crop is degraded
     (HGGT degrades the whole image, then crops): blur, JPEG and resize act locally, so without a resize
-    the crop's LQ equals that of the whole image with the same JPEG grid, bit for bit; with one, the
-    resampling grid's sub-pixel phase differs, as it differs between crop positions in HGGT. The window
+    the crop's LQ equals that of the whole image with the same JPEG grid (bit for bit but for exact .5
+    ties of the 8-bit rounding, which torch's bilinear kernel breaks by ulps that depend on the width);
+    with one, the resampling grid's sub-pixel phase differs, as it differs between crop positions in
+    HGGT. Noise is drawn for the window's shape: same distribution, other values. The window
     starts a further 0..12 px (steps of scale) before the crop, drawn, so that the JPEG block grid falls
     on the crop with HGGT's phases (uniform over {0,4,8,12} HR px without resize); the flipped set is
     windowed after flipping, so a flip keeps that phase. At an image border the window stops there, as
@@ -283,9 +288,9 @@ class MultiGTDataset(torch.utils.data.Dataset):
         logger.info(self.summary)
         folder = Path(packed) if packed is not None else self.root / 'packed'
         self.packed = PackedImages(folder, self.root, self.names) if packed is not None or folder.is_dir() else None
-        self.sizes = {}  # (W,H) per set: header reads only, cheap even for HGGT's 20K sets
+        self.sizes = {}  # (W,H) per set
         for name in self.names:
-            self.sizes[name] = self.packed.size(name) if self.packed else _check_set_sizes(self.root, name, 1)
+            self.sizes[name] = self.packed.size(name) if self.packed else _set_size(self.root, name)
             if min(self.sizes[name]) < gt_size:
                 raise ValueError(f'{gt_paths(self.root, name)[0]}: size {self.sizes[name]} is smaller than '
                                  f'gt_size {gt_size}')
@@ -401,7 +406,7 @@ class PairedTestDataset(torch.utils.data.Dataset):
         sets = SetList(self.root, positives_only=True)
         self.names, self.labels, self.num_dropped = sets.names, sets.labels, sets.num_dropped
         for name in self.names:
-            w, h = _check_set_sizes(self.root, name, 1)
+            w, h = _set_size(self.root, name)
             lq_path = self.lq_dir / f'{name}.png'
             if image_size(lq_path) != (w // scale, h // scale):
                 raise ValueError(f'{lq_path}: size {image_size(lq_path)} is not 1/{scale} of its GT size {(w, h)}')

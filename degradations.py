@@ -166,14 +166,13 @@ def blur(x: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
     return out
 
 
-def _random_resize(x, cfg: OneStageDegradation, g, draws, key):
-    """Resize (1,C,H,W) by f: up ~ U(1, hi), down ~ U(lo, 1) or keep, in a random mode; returns (x, mode)."""
+def _draw_resize(cfg: OneStageDegradation, g, draws, key) -> tuple[float, str]:
+    """f: up ~ U(1, hi), down ~ U(lo, 1) or keep (1), and a mode; both factors are drawn whatever the branch."""
     updown = _choice(g, cfg.resize_prob)
-    up, down = _uniform(g, 1.0, cfg.resize_range[1]), _uniform(g, cfg.resize_range[0], 1.0)  # both drawn
-    factor = (up, down, 1.0)[updown]
-    mode = _pick(g, RESIZE_MODES)
+    up, down = _uniform(g, 1.0, cfg.resize_range[1]), _uniform(g, cfg.resize_range[0], 1.0)
+    factor, mode = (up, down, 1.0)[updown], _pick(g, RESIZE_MODES)
     draws[key] = (('up', 'down', 'keep')[updown], factor, mode)
-    return (x if factor == 1.0 else F.interpolate(x, scale_factor=factor, mode=mode)), mode
+    return factor, mode
 
 
 def _add_noise(x, cfg: OneStageDegradation, g, draws, key):
@@ -220,7 +219,8 @@ def _one_stage(hr, cfg: OneStageDegradation, g, scale, draws):
     h, w = hr.shape[1:]
     draws['kernel1'] = kernel = random_kernel(cfg, g)
     x = blur(hr, kernel.weights)[None]  # (1,3,H,W)
-    x, mode = _random_resize(x, cfg, g, draws, 'resize1')
+    factor, mode = _draw_resize(cfg, g, draws, 'resize1')
+    x = x if factor == 1.0 else F.interpolate(x, scale_factor=factor, mode=mode)  # f = 1: the identity
     x = _add_noise(x, cfg, g, draws, 'noise1')
     x = _random_jpeg(x, cfg, g, draws, 'jpeg1')
     return F.interpolate(x, size=(h // scale, w // scale), mode=mode)  # HGGT reuses the first resize's mode
@@ -244,17 +244,15 @@ def _two_stage(hr, cfg: TwoStageDegradation, g, scale, draws):
     draws['final_sinc'] = sinc
     # stage 1
     x = blur(hr, kernel1.weights)[None]  # (1,3,H,W)
-    x, _ = _random_resize(x, cfg.first, g, draws, 'resize1')
+    factor, mode = _draw_resize(cfg.first, g, draws, 'resize1')
+    x = x if factor == 1.0 else F.interpolate(x, scale_factor=factor, mode=mode)
     x = _add_noise(x, cfg.first, g, draws, 'noise1')
     x = _random_jpeg(x, cfg.first, g, draws, 'jpeg1')
     # stage 2: the resize targets a size relative to the LQ size, (H/scale * f2, W/scale * f2)
     draws['blur2'] = torch.rand((), generator=g).item() < cfg.second_blur_prob
     if draws['blur2']:
         x = blur(x[0], kernel2.weights)[None]
-    updown = _choice(g, cfg.second.resize_prob)
-    up, down = _uniform(g, 1.0, cfg.second.resize_range[1]), _uniform(g, cfg.second.resize_range[0], 1.0)
-    factor, mode = (up, down, 1.0)[updown], _pick(g, RESIZE_MODES)
-    draws['resize2'] = (('up', 'down', 'keep')[updown], factor, mode)
+    factor, mode = _draw_resize(cfg.second, g, draws, 'resize2')
     x = F.interpolate(x, size=(int(h / scale * factor), int(w / scale * factor)), mode=mode)
     x = _add_noise(x, cfg.second, g, draws, 'noise2')
     draws['resize_first'] = torch.rand((), generator=g).item() < 0.5

@@ -200,7 +200,7 @@ def test_finetune_changes_only_lora_and_raises_q(finetuned, tiny_init, demo):
         warnings.simplefilter('ignore')
         quality = nriqa_sr.QualityModel('musiq', pretrained=False, metric_opts=TINY_Q)
     dataset = data.MultiGTDataset(demo, gt_size=32)
-    lq = torch.stack([dataset[i]['lq'] for i in range(4)]).float() / 255  # the dataset's uint8 LQ
+    lq = torch.stack([dataset[i]['lq'] for i in range(len(dataset))]).float() / 255  # every set: uint8 -> [0,1]
     with torch.no_grad():
         before = quality(models.load_generator(tiny_init)(lq).clamp(0, 1)).mean()
         after = quality(lora_model(tiny_init, params)(lq).clamp(0, 1)).mean()
