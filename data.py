@@ -266,8 +266,9 @@ class MultiGTDataset(torch.utils.data.Dataset):
     the image does. Poisson noise counts the window's distinct values (256 for natural images, as for
     whole ones). Two stages: the whole image is degraded, then cropped (crop_context explains why).
 
-    Labels (when labels/ exists) give the `positive` mask; positives_only drops the sets without an
-    effective Positive (upos, smp); counts in num_sets, num_without_positive, num_unlabelled, num_dropped.
+    Labels (when labels/ exists) give the `positive` mask; require_labels refuses a root without labels/;
+    positives_only (upos, smp) also drops the sets without an effective Positive; counts in num_sets,
+    num_without_positive, num_unlabelled, num_dropped, and one line in `summary`.
     Decoded images come from `packed` (a `pack` folder; default <root>/packed when it exists), else from
     the PNGs. Workers see `set_epoch` when the DataLoader iterator is created (not with persistent_workers).
     """

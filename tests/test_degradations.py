@@ -173,7 +173,7 @@ def check_stage(draws, stage, expected):
     gauss = [k for k in kernels if k.kind != 'sinc']
     lo, hi = expected['sigma']
     sigmas = [k.sigma_x for k in gauss] + [k.sigma_y for k in gauss if k.kind == 'aniso']
-    assert lo <= min(sigmas) < lo + 0.02 * (hi - lo) * 5 and hi - 0.1 * (hi - lo) < max(sigmas) <= hi
+    assert lo <= min(sigmas) < lo + 0.1 * (hi - lo) and hi - 0.1 * (hi - lo) < max(sigmas) <= hi
     assert near(sum(k.kind == 'iso' for k in gauss) / len(gauss), 0.7, len(gauss))
     thetas = [k.theta for k in gauss if k.kind == 'aniso']
     assert -math.pi <= min(thetas) < -2.5 and 2.5 < max(thetas) <= math.pi
@@ -284,13 +284,13 @@ def test_crop_context_makes_the_window_exact(monkeypatch):
         o = (margin + jitter) // 4
         return out[:, o:o + size // 4, o:o + size // 4]
     same, short = [], []
-    for seed in range(24):
+    for seed in range(16):
         jitter = 4 * (seed % 4)
         diff = (lq(context, jitter, seed) - lq(context + 64, jitter, seed)).abs()
         assert diff.max() <= 1, (seed, diff.max())
         same.append((diff == 0).float().mean().item())
         short.append((lq(4, jitter, seed) - lq(4 + 64, jitter, seed)).abs().max().item())
-    assert np.mean(same) > 0.99 and sum(d > 1 for d in short) > 12, (np.mean(same), short)
+    assert np.mean(same) > 0.99 and sum(d > 1 for d in short) > 8, (np.mean(same), short)
 
 
 @pytest.mark.parametrize('cfg, psnr', [(dg.OneStageDegradation(), 30.21), (dg.TwoStageDegradation(), 20.41)],
