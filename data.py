@@ -1,34 +1,44 @@
-"""HGGT multi-ground-truth data: labels, the training and test datasets, the sample queue.
+"""HGGT multi-ground-truth data: labels, the training and test datasets, the packed image cache, the sample queue.
 
-DESIGN §1. A set is five HR versions of one photograph (GT 0 = the original, GT 1..4 = enhanced) and
-three annotators' Positive/Similar/Negative labels of GT 1..4. Training inputs are degraded on the fly
-from the original GT; the samplers of DESIGN §2 (nriqa_sr.py) then pick the GT the step trains on.
+A set (HGGT, Chen et al., CVPR 2023) is five HR versions of one photograph (GT 0 = the original, GT 1..4 =
+enhanced) and three annotators' Positive/Similar/Negative labels of GT 1..4. Training inputs are degraded on
+the fly from the original GT (degradations.py); the samplers of arXiv 2504.18524 (nriqa_sr.py) then pick
+the GT a step trains on.
 
 Layout read by `MultiGTDataset` / `PairedTestDataset`:
     <root>/images/original/NAME.png, <root>/images/0k/NAME_0k.png (k = 1..4),
     <root>/labels/{A,B,C}/NAME.json = {"Picture_2": {"Label": "Positive"}, ..., "Picture_5": {...}}
+    <root>/packed/{gts.u8,index.json}   optional: `python data.py pack --data ROOT` (no PNG decode per sample)
 """
+import argparse
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import sys
 from collections import Counter
+from multiprocessing import Pool
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from degradations import DegradationConfig, degrade
-from files import image_size, load_image, to_rgb
+from degradations import JPEG_MCU, OneStageDegradation, crop_context, degrade
+from files import atomic_open, image_size, load_image, read_rgb8, to_rgb
 
 logger = logging.getLogger(__name__)
 
 LABELS = ('Positive', 'Similar', 'Negative')
 ANNOTATORS = ('A', 'B', 'C')
 GT_DIRS = ('original', '01', '02', '03', '04')
+PACK_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- labels
 def effective_label(votes: list[str]) -> str:
-    """DESIGN §1: the majority of the three annotators' labels; all three different -> 'Similar'."""
+    """The majority of the three annotators' labels; all three different -> 'Similar' (HGGT's datasets,
+    e.g. PosNegGTSR/basicsr/data/twostagedegradation_posneggtpos_dataset.py)."""
     if len(votes) != 3 or any(v not in LABELS for v in votes):
         raise ValueError(f'effective_label: expected three of {LABELS}, got {votes}')
     label, count = Counter(votes).most_common(1)[0]
@@ -54,6 +64,7 @@ def _read_votes(path: Path) -> list[str]:
     return votes
 
 
+
 def gt_paths(root, name: str) -> list[Path]:
     """The five GT files of set `name`: original, then enhanced 01..04."""
     root = Path(root)
@@ -61,52 +72,169 @@ def gt_paths(root, name: str) -> list[Path]:
         root / 'images' / d / f'{name}_{d}.png' for d in GT_DIRS[1:]]
 
 
-def _scan_sets(root, require_labels: bool):
-    """Set names, effective labels (None without labels/) and the number of sets dropped.
-
-    Labels are parsed once here (STYLE: never per sample). A set with no effective Positive is
-    dropped (DESIGN §1); the count is logged and returned.
-    """
+def list_sets(root) -> list[str]:
+    """Names of the sets under root: the PNG files of images/original. Dot files (macOS '._NAME.png',
+    editors' '.NAME.png') and folders named '*.png' are not sets."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f'{root}: no such dataset folder')
     originals = root / 'images' / 'original'
-    names = sorted(p.stem for p in originals.glob('*.png')) if originals.is_dir() else []
+    names = sorted(p.stem for p in originals.glob('*.png') if not p.name.startswith('.') and p.is_file()) \
+        if originals.is_dir() else []
     if not names:
         raise FileNotFoundError(f'{originals}: no PNG images (expected the HGGT layout images/original/NAME.png)')
-    label_dir = root / 'labels'
-    if not label_dir.is_dir():
-        if require_labels:
-            raise ValueError(f'{label_dir}: missing; the upos/smp samplers need labels/A|B|C/NAME.json')
-        return names, None, 0
+    return names
+
+
+def _read_labels(root: Path, names: list[str]) -> dict[str, list[str]]:
+    """Effective labels ['Original', GT 1..4] of each set with label files, parsed once (never per sample).
+
+    A set with none of its three files is unlabelled (absent from the dict); one with only some of them
+    is an error naming the missing file.
+    """
     labels = {}
     for name in names:
-        votes = [_read_votes(label_dir / a / f'{name}.json') for a in ANNOTATORS]  # 3 x 4 labels
-        effective = [effective_label([v[k] for v in votes]) for k in range(4)]
-        if 'Positive' in effective:
-            labels[name] = ['Original'] + effective
-    dropped = len(names) - len(labels)
-    if not labels:
-        raise ValueError(f'{label_dir}: no set has an effective Positive GT ({dropped} sets)')
-    logger.info('%s: %d sets, %d dropped without an effective Positive GT', root, len(labels), dropped)
-    return sorted(labels), labels, dropped
+        paths = [root / 'labels' / a / f'{name}.json' for a in ANNOTATORS]
+        if not any(p.is_file() for p in paths):
+            continue
+        votes = [_read_votes(p) for p in paths]  # 3 x 4 labels
+        labels[name] = ['Original'] + [effective_label([v[k] for v in votes]) for k in range(4)]
+    return labels
 
 
-def _check_set_sizes(root: Path, name: str, min_size: int) -> tuple[int, int]:
-    """All five GTs exist, share one size, and are at least `min_size` on each side; returns (W,H)."""
+class SetList:
+    """The sets of a root and their effective labels; with positives_only, only sets with an effective
+    Positive GT are kept (HGGT's *_Pos_* datasets drop the others; the label-free samplers keep them).
+
+    Counts: num_sets (found), num_unlabelled (no label files), num_without_positive (labelled, no effective
+    Positive), num_dropped (left out: the last two when positives_only, else 0).
+    """
+
+    def __init__(self, root, require_labels: bool = False, positives_only: bool = False):
+        root = Path(root)
+        names = list_sets(root)
+        if (require_labels or positives_only) and not (root / 'labels').is_dir():
+            raise ValueError(f'{root / "labels"}: missing; the upos/smp samplers need labels/A|B|C/NAME.json')
+        labels = _read_labels(root, names) if (root / 'labels').is_dir() else {}
+        self.num_sets = len(names)
+        self.num_unlabelled = sum(name not in labels for name in names)
+        self.num_without_positive = sum('Positive' not in labs for labs in labels.values())
+        self.names = [n for n in names if 'Positive' in labels.get(n, ())] if positives_only else names
+        self.num_dropped = self.num_sets - len(self.names)
+        if not self.names:
+            raise ValueError(f'{root / "labels"}: no set has an effective Positive GT ({self.num_sets} sets)')
+        self.labels = {n: labels[n] for n in self.names if n in labels}
+
+    def summary(self, root) -> str:
+        """One line for the trainer to print."""
+        return (f'{root}: {self.num_sets} sets, {self.num_without_positive} without an effective Positive GT, '
+                f'{self.num_unlabelled} unlabelled; {self.num_dropped} dropped, {len(self.names)} used')
+
+
+def _set_size(root: Path, name: str) -> tuple[int, int]:
+    """(W,H) of a set from its PNG headers (cheap even for HGGT's 20K sets); all five GTs must share it."""
     paths = gt_paths(root, name)
     size = image_size(paths[0])
     for p in paths[1:]:
         if image_size(p) != size:
             raise ValueError(f'{p}: size {image_size(p)} differs from {paths[0].name} {size} in its set')
-    if min(size) < min_size:
-        raise ValueError(f'{paths[0]}: size {size} is smaller than gt_size {min_size}')
     return size
 
 
 def _positive(labels: list[str] | None) -> torch.Tensor:
     """Bool(5): effective positives (GT 0 'Original' is never one; all False when unlabelled)."""
     return torch.tensor([lab == 'Positive' for lab in labels] if labels else [False] * 5)
+
+
+# ----------------------------------------------------------------------------- packed cache
+def _file_stamps(root: Path, name: str) -> list[list[int]]:
+    """(bytes, mtime_ns) of the five GT files: what decides whether a packed set is stale."""
+    stamps = []
+    for path in gt_paths(root, name):
+        if not path.is_file():
+            raise FileNotFoundError(f'{path}: missing image')
+        stamps.append([path.stat().st_size, path.stat().st_mtime_ns])
+    return stamps
+
+
+def _decode_set(args) -> tuple[str, list, np.ndarray]:
+    root, name = args
+    stamps = _file_stamps(root, name)  # before reading: a file changed while packing shows up as stale
+    images = [read_rgb8(p) for p in gt_paths(root, name)]
+    for p, img in zip(gt_paths(root, name)[1:], images[1:]):
+        if img.shape != images[0].shape:
+            raise ValueError(f'{p}: size {img.shape[1::-1]} differs from its original {images[0].shape[1::-1]}')
+    return name, stamps, np.stack(images)  # (5,H,W,3) uint8 RGB
+
+
+def pack(root, out=None, workers: int = 0) -> Path:
+    """Decode every set's five GTs once into <out>/gts.u8 ((5,H,W,3) uint8 RGB per set, back to back) and
+    <out>/index.json (offsets, sizes, and each PNG's bytes and mtime); out defaults to <root>/packed, where
+    MultiGTDataset finds it. Both files are written atomically, the index last; an up-to-date pack is kept."""
+    root = Path(root)
+    out = Path(out) if out is not None else root / 'packed'
+    names = list_sets(root)
+    try:
+        PackedImages(out, root, names)
+        return out
+    except (ValueError, FileNotFoundError):
+        pass  # absent or stale: (re)build
+    (out / 'index.json').unlink(missing_ok=True)  # no index ever describes another data file
+    index, offset = {}, 0
+    with Pool(workers) if workers > 0 else contextlib.nullcontext() as pool, atomic_open(out / 'gts.u8') as f:
+        jobs = [(root, name) for name in names]
+        for name, stamps, images in (pool.imap(_decode_set, jobs) if pool else map(_decode_set, jobs)):
+            f.write(images.tobytes())
+            index[name] = {'offset': offset, 'height': images.shape[1], 'width': images.shape[2], 'files': stamps}
+            offset += images.nbytes
+    with atomic_open(out / 'index.json') as f:
+        f.write(json.dumps({'version': PACK_VERSION, 'bytes': offset, 'sets': index}).encode())
+    return out
+
+
+class PackedImages:
+    """The decoded GTs of a root, from `pack`'s files through a read-only memory map.
+
+    Refused at init, with one line naming the rebuild command, when a set is missing from the index or
+    any of its PNGs differs in bytes or mtime from when it was packed. The memory map is opened lazily,
+    so a DataLoader worker opens its own instead of receiving a pickled copy.
+    """
+
+    def __init__(self, folder, root, names: list[str]):
+        self.folder, self.data_path = Path(folder), Path(folder) / 'gts.u8'
+        rebuild = f'rebuild with: python data.py pack --data {root}'
+        if self.folder != Path(root) / 'packed':
+            rebuild += f' --out {self.folder}'
+        index_path = self.folder / 'index.json'
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            raise ValueError(f'{index_path}: missing or unreadable packed index; {rebuild}') from None
+        if not isinstance(index, dict) or index.get('version') != PACK_VERSION or not self.data_path.is_file() \
+                or self.data_path.stat().st_size != index.get('bytes'):
+            raise ValueError(f'{self.folder}: packed images incomplete or of another version; {rebuild}')
+        self.sets = index['sets']
+        for name in names:
+            if name not in self.sets:
+                raise ValueError(f'{self.folder}: set {name} is not packed; {rebuild}')
+            for path, stamp, packed in zip(gt_paths(root, name), _file_stamps(root, name), self.sets[name]['files']):
+                if stamp != packed:
+                    raise ValueError(f'{self.folder}: stale, {path} changed since it was packed; {rebuild}')
+        self._data = None
+
+    def size(self, name: str) -> tuple[int, int]:
+        return self.sets[name]['width'], self.sets[name]['height']
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """(5,H,W,3) uint8 RGB view of one set."""
+        if self._data is None:
+            self._data = np.memmap(self.data_path, dtype=np.uint8, mode='r')
+        entry = self.sets[name]
+        shape = (5, entry['height'], entry['width'], 3)
+        return self._data[entry['offset']:entry['offset'] + int(np.prod(shape))].reshape(shape)
+
+    def __getstate__(self):
+        return {**self.__dict__, '_data': None}
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -117,31 +245,56 @@ def _item_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiGTDataset(torch.utils.data.Dataset):
-    """HGGT training sets (DESIGN §1): five GT crops at one random place + the LQ of the original.
+    """HGGT training sets: five GT crops at one random place + the LQ of the original's crop, all uint8.
 
-    Crop before degrading (cheaper than HGGT, same distribution): we degrade a window around the
-    crop, not the whole image. Blur, noise and JPEG act locally and the two resizes send the crop
-    to the same LQ pixels, so the crop's LQ depends only on HR pixels near it; the window keeps all
-    of them: a margin of 32 HR px (a multiple of scale) covers the blur radius (<= 4), both
-    resampling supports (< 8) and a whole JPEG MCU (16 px after the resize, <= 20 HR px). Its
-    top-left margin is jittered by 0..12 px in steps of scale so the JPEG block grid falls on the
-    crop with HGGT's phases (exactly {0,4,8,12} px without resize); at an image border the window
-    stops there, as the image does. Left: sub-pixel resampling phase, and for Poisson noise the
-    count of distinct values (rounded up to a power of 2: 256 for natural windows and images).
-    Workers see `set_epoch` when the DataLoader iterator is created (not with persistent_workers).
+    item: 'lq' uint8 (3, gt_size/scale, gt_size/scale), 'gts' uint8 (5, 3, gt_size, gt_size) (the trainer
+    converts both with .float() / 255 on the device), 'positive' bool (5), 'index', 'name'.
+
+    As HGGT (paired_random_crop after feed_data): a random crop at a multiple of scale, a horizontal
+    flip of the whole set before degrading (no rotation), the LQ of exactly the crop's place.
+    `degradation` is a OneStageDegradation or a TwoStageDegradation (degradations.py).
+
+    One stage: crop before degrading. Only a window of crop_context(...) HR px around the crop is degraded
+    (HGGT degrades the whole image, then crops): blur, JPEG and resize act locally, so without a resize
+    the crop's LQ equals that of the whole image with the same JPEG grid (bit for bit but for exact .5
+    ties of the 8-bit rounding, which torch's bilinear kernel breaks by ulps that depend on the width);
+    with one, the resampling grid's sub-pixel phase differs, as it differs between crop positions in
+    HGGT. Noise is drawn for the window's shape: same distribution, other values. The window
+    starts a further 0..12 px (steps of scale) before the crop, drawn, so that the JPEG block grid falls
+    on the crop with HGGT's phases (uniform over {0,4,8,12} HR px without resize); the flipped set is
+    windowed after flipping, so a flip keeps that phase. At an image border the window stops there, as
+    the image does. Poisson noise counts the window's distinct values (256 for natural images, as for
+    whole ones). Two stages: the whole image is degraded, then cropped (crop_context explains why).
+
+    Labels (when labels/ exists) give the `positive` mask; require_labels refuses a root without labels/;
+    positives_only (upos, smp) also drops the sets without an effective Positive; counts in num_sets,
+    num_without_positive, num_unlabelled, num_dropped, and one line in `summary`.
+    Decoded images come from `packed` (a `pack` folder; default <root>/packed when it exists), else from
+    the PNGs. Workers see `set_epoch` when the DataLoader iterator is created (not with persistent_workers).
     """
 
-    def __init__(self, root, gt_size: int = 256, scale: int = 4, degradation: DegradationConfig = DegradationConfig(),
-                 seed: int = 0, require_labels: bool = False, flip: bool = True):
+    def __init__(self, root, gt_size: int = 256, scale: int = 4, degradation=OneStageDegradation(), seed: int = 0,
+                 require_labels: bool = False, positives_only: bool = False, flip: bool = True, packed=None):
         if gt_size % scale:
             raise ValueError(f'gt_size: {gt_size} must be a multiple of scale {scale}')
         self.root = Path(root)
         self.gt_size, self.scale, self.degradation = gt_size, scale, degradation
         self.seed, self.flip, self.epoch = seed, flip, 0
-        self.context = -(-32 // scale) * scale  # crop-before-degrade margin (class docstring)
-        self.names, self.labels, self.num_dropped = _scan_sets(self.root, require_labels)
-        for name in self.names:  # header reads only: cheap even for HGGT's 20K sets
-            _check_set_sizes(self.root, name, gt_size)
+        self.context = crop_context(degradation, scale)
+        sets = SetList(self.root, require_labels, positives_only)
+        self.names, self.labels = sets.names, sets.labels
+        self.num_sets, self.num_unlabelled = sets.num_sets, sets.num_unlabelled
+        self.num_without_positive, self.num_dropped = sets.num_without_positive, sets.num_dropped
+        self.summary = sets.summary(self.root)
+        logger.info(self.summary)
+        folder = Path(packed) if packed is not None else self.root / 'packed'
+        self.packed = PackedImages(folder, self.root, self.names) if packed is not None or folder.is_dir() else None
+        self.sizes = {}  # (W,H) per set
+        for name in self.names:
+            self.sizes[name] = self.packed.size(name) if self.packed else _set_size(self.root, name)
+            if min(self.sizes[name]) < gt_size:
+                raise ValueError(f'{gt_paths(self.root, name)[0]}: size {self.sizes[name]} is smaller than '
+                                 f'gt_size {gt_size}')
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -149,32 +302,44 @@ class MultiGTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
+    def _read_set(self, name: str) -> list[np.ndarray]:
+        """Five (H,W,3) uint8 RGB arrays, checked against the size seen at init (files may change since)."""
+        if self.packed is not None:
+            return list(self.packed[name])
+        images = [read_rgb8(p) for p in gt_paths(self.root, name)]
+        for p, img in zip(gt_paths(self.root, name), images):
+            if img.shape[1::-1] != self.sizes[name]:
+                raise ValueError(f'{p}: size {img.shape[1::-1]} differs from {self.sizes[name]}, the size of its '
+                                 'set when the dataset was opened (the file changed since)')
+        return images
+
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
         g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
-        gts = [to_rgb(load_image(p)) for p in gt_paths(self.root, name)]
-        for p, img in zip(gt_paths(self.root, name)[1:], gts[1:]):
-            if img.shape != gts[0].shape:  # files changed since __init__
-                raise ValueError(f'{p}: size {tuple(img.shape[1:])} differs from its original '
-                                 f'{tuple(gts[0].shape[1:])}')
+        images = self._read_set(name)
         s, size = self.scale, self.gt_size
-        h, w = (gts[0].shape[1] // s) * s, (gts[0].shape[2] // s) * s  # the part the LQ covers
+        h, w = (images[0].shape[0] // s) * s, (images[0].shape[1] // s) * s  # the part the LQ covers
         top = s * torch.randint((h - size) // s + 1, (), generator=g).item()
         left = s * torch.randint((w - size) // s + 1, (), generator=g).item()
         flip = self.flip and torch.rand((), generator=g).item() < 0.5
-        jitter = s * torch.randint(16 // s, (2,), generator=g)  # JPEG-grid phase (class docstring)
-        y0, x0 = max(0, top - self.context - jitter[0].item()), max(0, left - self.context - jitter[1].item())
-        y1, x1 = min(h, top + size + self.context), min(w, left + size + self.context)
+        images = [img[:h, :w][:, ::-1] if flip else img[:h, :w] for img in images]  # views: HGGT flips first
+        gts = np.stack([img[top:top + size, left:left + size] for img in images])  # (5,size,size,3)
+        return {'lq': self._lq(images[0], top, left, g), 'gts': torch.from_numpy(gts).permute(0, 3, 1, 2).contiguous(),
+                'positive': _positive(self.labels.get(name)), 'index': index, 'name': name}
 
-        crops = torch.stack([img[:, top:top + size, left:left + size] for img in gts])  # (5,3,size,size)
-        window = gts[0][:, y0:y1, x0:x1]
-        off_y, off_x = top - y0, left - x0  # crop position inside the window
-        if flip:  # HGGT flips before degrading: mirror the window and the crop position in it
-            crops, window = crops.flip(-1), window.flip(-1)
-            off_x = (x1 - x0) - off_x - size
-        lq = degrade(window, self.degradation, g, s)[:, off_y // s:(off_y + size) // s, off_x // s:(off_x + size) // s]
-        return {'lq': lq.contiguous(), 'gts': crops.contiguous(),
-                'positive': _positive(self.labels[name] if self.labels else None), 'index': index, 'name': name}
+    def _lq(self, image: np.ndarray, top: int, left: int, g: torch.Generator) -> torch.Tensor:
+        """uint8 (3, size/s, size/s): the LQ of the crop at (top, left) of `image` (H,W,3), degraded in a
+        window around it (one stage) or whole (two stages)."""
+        s, size, (h, w) = self.scale, self.gt_size, image.shape[:2]
+        y0, x0, y1, x1 = 0, 0, h, w
+        if self.context is not None:
+            jitter = s * torch.randint(JPEG_MCU // s, (2,), generator=g)  # JPEG block phase (class docstring)
+            y0, x0 = max(0, top - self.context - jitter[0].item()), max(0, left - self.context - jitter[1].item())
+            y1, x1 = min(h, top + size + self.context), min(w, left + size + self.context)
+        window = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1].transpose(2, 0, 1))).float() / 255
+        lq = degrade(window, self.degradation, g, s)  # (3,(y1-y0)/s,(x1-x0)/s) float of 8-bit levels
+        oy, ox = (top - y0) // s, (left - x0) // s
+        return (lq[:, oy:oy + size // s, ox:ox + size // s] * 255).round().to(torch.uint8)
 
 
 class SampleQueue:
@@ -230,17 +395,19 @@ class PairedTestDataset(torch.utils.data.Dataset):
     """Test-100 style sets: full-size five GTs, effective labels, and a pre-degraded LQ per set.
 
     The LQ is `<lq_dir>/NAME.png` (default `<root>/Blind_LR`) and must be exactly (H//scale, W//scale)
-    of its GTs. Labels are required (full-reference metrics average over effective positives,
-    DESIGN §5); sets without a positive are dropped and counted in `num_dropped`.
+    of its GTs. Items are float32 in [0,1] (16-bit PNGs at full precision). Labels are required:
+    full-reference metrics average over a set's effective positives (arXiv 2504.18524, Tables 5 and 7),
+    so sets without one are dropped and counted in `num_dropped`.
     """
 
     def __init__(self, root, lq_dir=None, scale: int = 4):
         self.root = Path(root)
         self.lq_dir = Path(lq_dir) if lq_dir is not None else self.root / 'Blind_LR'
         self.scale = scale
-        self.names, self.labels, self.num_dropped = _scan_sets(self.root, require_labels=True)
+        sets = SetList(self.root, positives_only=True)
+        self.names, self.labels, self.num_dropped = sets.names, sets.labels, sets.num_dropped
         for name in self.names:
-            w, h = _check_set_sizes(self.root, name, 1)
+            w, h = _set_size(self.root, name)
             lq_path = self.lq_dir / f'{name}.png'
             if image_size(lq_path) != (w // scale, h // scale):
                 raise ValueError(f'{lq_path}: size {image_size(lq_path)} is not 1/{scale} of its GT size {(w, h)}')
@@ -254,3 +421,27 @@ class PairedTestDataset(torch.utils.data.Dataset):
         return {'lq': to_rgb(load_image(self.lq_dir / f'{name}.png')), 'gts': gts,
                 'positive': _positive(self.labels[name]), 'labels': self.labels[name], 'name': name}
 
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='HGGT multi-GT data tools.')
+    commands = parser.add_subparsers(dest='command', required=True)
+    cmd = commands.add_parser('pack', help='decode every GT PNG of a training root once, for MultiGTDataset',
+                              description=pack.__doc__)
+    cmd.add_argument('--data', type=Path, required=True, help='dataset root (images/original/NAME.png, ...)')
+    cmd.add_argument('--out', type=Path, default=None,
+                     help='folder for gts.u8 and index.json (default: DATA/packed, where the dataset looks)')
+    cmd.add_argument('--workers', type=int, default=0, help='processes decoding PNGs (0: this process only)')
+    args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f'--workers: {args.workers} must be >= 0')
+    try:
+        out = pack(args.data, args.out, args.workers)
+    except (ValueError, OSError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
+    print(f'{out}: {os.path.getsize(out / "gts.u8") / 2 ** 30:.2f} GiB of decoded GTs, up to date')
+
+
+if __name__ == '__main__':
+    main()

@@ -34,7 +34,7 @@ import models
 import nriqa_sr
 import weights
 from data import ANNOTATORS, LABELS, effective_label, gt_paths
-from degradations import DegradationConfig, degrade
+from degradations import OneStageDegradation, degrade
 from files import atomic_open, load_image, save_image
 
 PY = sys.executable
@@ -145,7 +145,7 @@ def _build_demo(root: Path, num_train: int, num_test: int) -> dict:
             votes[name] = _write_demo_set(root / split, name, img.crop((x, y, x + size, y + size)), g)
             if split == 'test':
                 hr = load_image(gt_paths(root / split, name)[0])
-                save_image(degrade(hr, DegradationConfig(), g), root / split / 'Blind_LR' / f'{name}.png')
+                save_image(degrade(hr, OneStageDegradation(), g), root / split / 'Blind_LR' / f'{name}.png')
         stats[split] = _demo_stats(votes)
     return stats
 

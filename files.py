@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
 
 def png_bit_depth(path) -> int:
     """Bit depth of a PNG from its IHDR chunk (byte 24); 8 for anything else."""
     with open(path, 'rb') as f:
         head = f.read(25)
-    return 16 if head[:8] == b'\x89PNG\r\n\x1a\n' and len(head) == 25 and head[24] == 16 else 8
+    return 16 if head[:8] == PNG_SIGNATURE and len(head) == 25 and head[24] == 16 else 8
 
 
 
@@ -55,6 +57,32 @@ def load_image(path) -> torch.Tensor:
         raise ValueError(f'{path}: cannot read image ({err})') from err
     array = array[:, :, None] if array.ndim == 2 else array
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).clamp_(0, 1)  # HWC -> CHW
+
+
+
+def read_rgb8(path) -> np.ndarray:
+    """Read an image as an (H,W,3) uint8 RGB array: the training data's fast path (OpenCV's decoder, no floats).
+
+    Gray is repeated to three channels and alpha dropped, as `to_rgb(load_image(path))`; 16-bit images
+    are rounded to the nearest 8-bit level, round(v * 255 / 65535). (HGGT reads GTs with
+    cv2.imread(IMREAD_COLOR), which keeps the high byte of a 16-bit value; its GTs are 8-bit.)
+    A PNG without its IEND chunk is refused before decoding, so libpng prints nothing of its own.
+    The array is a view with the channels reversed from OpenCV's BGR order: copy what you keep.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: no such image file')
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw[:8].tobytes() == PNG_SIGNATURE and raw[-4096:].tobytes().rfind(b'IEND') < 0:
+        raise ValueError(f'{path}: cannot read image (truncated PNG: no IEND chunk)')
+    array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None  # (H,W) gray, BGR or BGRA
+    if array is None:
+        raise ValueError(f'{path}: cannot read image (empty, corrupt or not an image)')
+    if array.dtype == np.uint16:
+        array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if array.ndim == 2:
+        return np.repeat(array[:, :, None], 3, axis=2)
+    return array[:, :, 2::-1]  # BGR(A) -> RGB, alpha dropped
 
 
 

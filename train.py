@@ -40,6 +40,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import data
+import degradations
 import files
 import lora
 import models
@@ -332,8 +333,11 @@ def step_seed(*keys):
 
 def build_data(cfg, world):
     """The training sets (minus the FT monitor's held-out ones) and what the run prints about them."""
-    positives_only = cfg.positives_only or cfg.sampler in NEEDS_LABELS
-    dataset = data.MultiGTDataset(cfg.data, gt_size=cfg.gt_size, seed=cfg.seed, require_labels=cfg.sampler in NEEDS_LABELS)
+    degradation = degradations.TwoStageDegradation() if cfg.degradation == 'two-stage' else \
+        degradations.OneStageDegradation()
+    dataset = data.MultiGTDataset(cfg.data, gt_size=cfg.gt_size, seed=cfg.seed, degradation=degradation,
+                                  require_labels=cfg.sampler in NEEDS_LABELS,
+                                  positives_only=cfg.positives_only or cfg.sampler in NEEDS_LABELS)
     held = cfg.monitor_size if cfg.finetune and cfg.monitor_every else 0
     if held >= len(dataset):
         raise ValueError(f'--monitor-size: {held} held-out sets leave none of the {len(dataset)} sets of {cfg.data} '
@@ -344,10 +348,11 @@ def build_data(cfg, world):
     if world * cfg.batch_size > len(train_set):
         raise ValueError(f'--batch-size: {cfg.batch_size} per process x {world} processes exceeds the '
                          f'{len(train_set)} training sets of {cfg.data}')
-    why = ('without an effective positive dropped: ' + ('--positives-only' if cfg.positives_only else
-           f'{cfg.sampler} draws from the positives')) if positives_only else 'kept, labels unused'
-    about = f'{len(train_set)} training sets ({dataset.num_dropped} {why}; {held} held out for the monitor)'
-    return dataset, train_set, held, about
+    why = ('--positives-only: HGGT\'s positives-only set' if cfg.positives_only else
+           f'{cfg.sampler} draws from the positives' if cfg.sampler in NEEDS_LABELS else
+           f'{cfg.sampler} needs no labels, every set is kept; --positives-only keeps only HGGT\'s positives-only set')
+    return dataset, train_set, held, f'{dataset.summary} ({why}); {held} held out for the FT monitor'
+
 
 
 def build_models(cfg, device):

@@ -1,5 +1,10 @@
 """Shared test settings and helpers: a small thread count so tests behave the same on 2-core CI."""
+import json
+
 import torch
+
+import data
+import files
 
 torch.set_num_threads(2)
 
@@ -25,3 +30,14 @@ def assert_states_equal(a, b, where=''):
             assert_states_equal(a[k], b[k], f'{where}/{k}')
     else:
         assert a == b, where
+
+
+def write_random_set(root, name, size, seed, votes):
+    """One HGGT-layout set of random 8-bit GTs (size x size) with three annotators' labels (votes: 3 x 4)."""
+    g = torch.Generator().manual_seed(seed)
+    for path in data.gt_paths(root, name):
+        files.save_image(torch.rand(3, size, size, generator=g), path)
+    for annotator, labels in zip(data.ANNOTATORS, votes):
+        path = root / 'labels' / annotator / f'{name}.json'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({f'Picture_{k + 2}': {'Label': lab} for k, lab in enumerate(labels)}))

@@ -19,7 +19,7 @@ import models
 import nriqa_sr
 import runs
 import train
-from conftest import TINY_G, TINY_Q, assert_states_equal
+from conftest import TINY_G, TINY_Q, assert_states_equal, write_random_set
 from demo import make_demo_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')
@@ -128,6 +128,20 @@ def test_sampling_q_and_reward_q_are_separate_flags():
     assert train.build_quality(cfg, torch.device('cpu'))[0] is None
 
 
+@pytest.mark.parametrize('sampler, used', [('origins', 3), ('amo', 3), ('upos', 2)])
+def test_label_free_samplers_train_on_sets_without_a_positive(tmp_path, sampler, used, capsys):
+    for i, votes in enumerate([[['Positive', 'Similar', 'Negative', 'Negative']] * 3] * 2
+                              + [[['Similar', 'Negative', 'Negative', 'Similar']] * 3]):
+        write_random_set(tmp_path / 'root', f's{i}', 48, i, votes)
+    train.main(tiny_args(tmp_path / 'root', tmp_path / 'run', '--sampler', sampler, '--total-iters', '1',
+                         '--batch-size', '1', '--gan-weight', '0', '--perceptual-weight', '0'))
+    out = capsys.readouterr().out
+    assert f'3 sets, 1 without an effective Positive GT, 0 unlabelled; {3 - used} dropped, {used} used' in out
+    train.main(tiny_args(tmp_path / 'root', tmp_path / 'run2', '--sampler', sampler, '--total-iters', '1',
+                         '--batch-size', '1', '--gan-weight', '0', '--perceptual-weight', '0', '--positives-only'))
+    assert '1 dropped, 2 used' in capsys.readouterr().out  # HGGT's positives-only set, on request
+
+
 # ----------------------------------------------------------------------------- DDP equals one process
 def test_two_ranks_ft_equals_one_rank_with_the_same_global_batch(demo, tiny_init, tmp_path):
     common = ['--finetune', '--init', tiny_init, '--sampler', 'origins', '--total-iters', '2', '--lr', '1e-3',
@@ -222,11 +236,11 @@ def test_finetune_changes_only_lora_and_raises_q(finetuned, tiny_init, demo):
     for k, v in base.items():
         assert torch.equal(params[k], v), k
     assert all(params[k].abs().sum() > 0 for k in params if k.endswith('lora_B'))
-    with warnings.catch_warnings():  # mean Q of one fixed batch, before and after the 6 steps
+    with warnings.catch_warnings():  # mean Q over every set, before and after the 6 steps
         warnings.simplefilter('ignore')
         quality = nriqa_sr.QualityModel('musiq', pretrained=False, metric_opts=TINY_Q)
     dataset = data.MultiGTDataset(demo, gt_size=32)
-    lq = torch.stack([train.images(dataset[i]['lq'], 'cpu') for i in range(4)])
+    lq = train.images(torch.stack([dataset[i]['lq'] for i in range(len(dataset))]), 'cpu')
     with torch.no_grad():
         before = quality(models.load_generator(tiny_init)(lq).clamp(0, 1)).mean()
         after = quality(lora_model(tiny_init, params)(lq).clamp(0, 1)).mean()
