@@ -29,12 +29,10 @@ to a staging folder beside --out and are moved in once the run has finished, so 
 as it was.
 """
 import argparse
-import os
 import re
 import shutil
 import sys
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +43,7 @@ import models
 import nriqa_sr
 from data import gt_paths, read_effective_labels
 from files import image_size, load_checkpoint, load_image, save_image, to_rgb
-from report import GOLD, RANDOM_WARNING, write_reports
+from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
 from weights import missing_weights, weight_file, weight_path
 
 # Paper column order (Table 5); the first five compare with the GTs, the rest score the image alone.
@@ -166,12 +164,11 @@ def parse_metric_list(text):
 # ----------------------------------------------------------------------------- test sets
 @dataclass
 class TestSet:
-    """One test input: its reference images, which of them FR metrics compare with, its LQ (None: unused)."""
+    """One test input: its reference images, which of them FR metrics compare with, its LQ input."""
     name: str
     refs: list  # HGGT: the five GTs (original, 01..04); single-GT pairs: the HR
     positive: list  # bool per ref: the effective positives; the HR
-    lq: Path | None
-    labels: list | None = None
+    lq: Path
 
 
 def visible(folder, pattern):
@@ -191,8 +188,8 @@ def hggt_sets(root, lq_dir):
     if unlabelled:
         raise FileNotFoundError(f"{root / 'labels' / 'A' / (unlabelled[0].stem + '.json')}: missing label file")
     lq_dir = lq_dir or root / 'Blind_LR'
-    sets = [TestSet(name, gt_paths(root, name), [lab == 'Positive' for lab in set_labels], lq_dir / f'{name}.png',
-                    set_labels) for name, set_labels in labels.items() if 'Positive' in set_labels]
+    sets = [TestSet(name, gt_paths(root, name), [lab == 'Positive' for lab in set_labels], lq_dir / f'{name}.png')
+            for name, set_labels in labels.items() if 'Positive' in set_labels]
     return sets, labels
 
 
@@ -207,20 +204,22 @@ def pair_sets(hr_dirs, lq_dir, hr_name, lq_name):
     for hr_dir in hr_dirs:
         if not hr_dir.is_dir():
             raise FileNotFoundError(f'{hr_dir}: no such HR folder')
-        for path in visible(hr_dir, hr_name):
+        found = visible(hr_dir, hr_name)
+        if not found:
+            raise FileNotFoundError(f'{hr_dir}: no {hr_name} images (--hr-name gives other names)')
+        for path in found:
             name = path.name[len(head):len(path.name) - len(tail)]
             if name in seen:
                 raise ValueError(f'{path}: set name {name} also in {seen[name]}; evaluate those folders apart')
             seen[name] = hr_dir
             sets.append(TestSet(name, [path], [True], (lq_dir or hr_dir) / lq_name.replace('*', name)))
-        if not any(s.refs[0].parent == hr_dir for s in sets):
-            raise FileNotFoundError(f'{hr_dir}: no {hr_name} images (set --hr-name for other names)')
     return sets
 
 
 def check_sets(sets, scales, need_lq):
-    """Sizes from file headers, before any work: a set's references share one size; its LQ is 1/scale of it.
-    LQs are read when a --ckpt needs them or when any exists (the report shows them); then every set needs one."""
+    """Whether LQ inputs are read, after checking sizes from file headers (before any work): a set's references
+    share one size and its LQ is 1/scale of it. LQs are read when a --ckpt needs them or when any exists (the
+    report shows them); then every set needs one."""
     use_lq = need_lq or any(s.lq.is_file() for s in sets)
     for s in sets:
         size = image_size(s.refs[0])
@@ -228,13 +227,13 @@ def check_sets(sets, scales, need_lq):
             if image_size(path) != size:
                 raise ValueError(f'{path}: size {image_size(path)} differs from {s.refs[0].name} {size} in its set')
         if not use_lq:
-            s.lq = None
             continue
         if not s.lq.is_file():
             raise FileNotFoundError(f'{s.lq}: missing image (the LQ input of {s.name}; --lq DIR if they lie elsewhere)')
         for scale in scales:
             if image_size(s.lq) != (size[0] // scale, size[1] // scale):
                 raise ValueError(f'{s.lq}: size {image_size(s.lq)} is not 1/{scale} of its GT size {size}')
+    return use_lq
 
 
 def expected_size(ref, scale):
@@ -251,7 +250,6 @@ class Method:
     name: str | None
     ckpt: Path | None = None
     sr_dir: Path | None = None
-    sr_files: dict = field(default_factory=dict)  # set name -> its SR file (--sr-dir)
 
 
 class _InOrder(argparse.Action):
@@ -304,9 +302,8 @@ def resolve_methods(sources):
     return methods
 
 
-def index_sr_dir(method, sets, scale=SR_DIR_SCALE):
-    """method.sr_files = {set name: NAME.png|.jpg|.jpeg} of its SR folder, every size checked from the header."""
-    folder = method.sr_dir
+def index_sr_dir(folder, sets, scale=SR_DIR_SCALE):
+    """{set name: NAME.png|.jpg|.jpeg} of an SR folder, every size checked from the file header."""
     if not folder.is_dir():
         raise FileNotFoundError(f'{folder}: no such SR folder')
     found = {}
@@ -321,7 +318,7 @@ def index_sr_dir(method, sets, scale=SR_DIR_SCALE):
                                 'SR images absent)')
     for s in sets:
         check_sr_size(found[s.name], s, image_size(found[s.name]), scale)
-    method.sr_files = {s.name: found[s.name] for s in sets}
+    return {s.name: found[s.name] for s in sets}
 
 
 def check_sr_size(path, test_set, size, scale):
@@ -349,36 +346,32 @@ def load_method_generator(path, arch, device, channels_last):
     return model
 
 
-def super_resolve(method, model, test_set, lq, args):
-    """SR of one test set, (3,H,W) in [0,1], rounded to 8 bit as its saved PNG; checked against the GT size."""
-    if model is None:
-        path = method.sr_files[test_set.name]
-        sr, scale = to_rgb(load_image(path)), SR_DIR_SCALE
+def super_resolve(method, source, test_set, lq, args):
+    """SR of one test set by a generator or from {name: SR file}, (3,H,W) in [0,1], rounded to 8 bit as its
+    saved PNG, checked against the GT size."""
+    if isinstance(source, dict):
+        path, scale = source[test_set.name], SR_DIR_SCALE
+        sr = to_rgb(load_image(path))
     else:
-        path, scale = method.ckpt, models.generator_scale(model)
+        path, scale = method.ckpt, models.generator_scale(source)
         amp_dtype = torch.float16 if args.device.type == 'cuda' else torch.bfloat16
         with torch.autocast(args.device.type, dtype=amp_dtype, enabled=args.amp):
-            sr = nriqa_sr.upscale_image(model, lq[None], scale, args.tile, args.tile_pad)[0]
+            sr = nriqa_sr.upscale_image(source, lq[None], scale, args.tile, args.tile_pad)[0]
     check_sr_size(path, test_set, (sr.shape[-1], sr.shape[-2]), scale)
     return torch.round(sr.float().clamp(0, 1) * 255) / 255
 
 
 # ----------------------------------------------------------------------------- evaluation
-@dataclass
-class Results:
-    """What the reports show: table rows (methods, then Gold Standard), per-image rows, agreement rows."""
-    metric_names: tuple
-    table: list
-    per_image: list
-    agreement: list
-    num_sets: int
-    compare: list
-    absent: dict  # metric -> the full paths of its absent weight files
-    source: str  # what was evaluated, for the titles
-    single_gt: bool
-    dropped: int  # sets left out: no effective positive
-    has_lq: bool
-    random_iqa: bool
+def check_flags(args, methods):
+    unknown = [m for m in args.agreement or [] if m not in nriqa_sr.METRIC_RANGES]
+    if unknown:
+        raise ValueError(f"--agreement: unknown NR metric '{unknown[0]}'; valid: {', '.join(nriqa_sr.METRIC_RANGES)}")
+    if args.agreement and args.hr:
+        raise ValueError('--agreement: needs the human labels of a multi-GT --data root; --hr pairs have none')
+    if args.compare and not set(args.compare) <= {m.name for m in methods} | {'GT'}:
+        raise ValueError(f"--compare {' '.join(args.compare)}: choose from {', '.join(m.name for m in methods)}, GT")
+    if args.tile is not None and (args.tile < 1 or args.tile_pad < 0):
+        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {args.tile} and {args.tile_pad}')
 
 
 def score_sr(sr, positives, metrics, metric_names):
@@ -394,54 +387,21 @@ def score_sr(sr, positives, metrics, metric_names):
     return row
 
 
-def check_flags(args, metric_names, methods):
-    unknown = [m for m in args.agreement or [] if m not in nriqa_sr.METRIC_RANGES]
-    if unknown:
-        raise ValueError(f"--agreement: unknown NR metric '{unknown[0]}'; valid: {', '.join(nriqa_sr.METRIC_RANGES)}")
-    if args.agreement and args.hr:
-        raise ValueError('--agreement: needs the human labels of a multi-GT --data root; --hr pairs have none')
-    if args.compare and not set(args.compare) <= {m.name for m in methods} | {'GT'}:
-        raise ValueError(f"--compare {' '.join(args.compare)}: choose from {', '.join(m.name for m in methods)}, GT")
-    if args.tile is not None and (args.tile < 1 or args.tile_pad < 0):
-        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {args.tile} and {args.tile_pad}')
-
-
-def evaluate(args):
-    """Run and score every method on every test set (one pass), saving SR / LQ / GT PNGs under args.out.
-    Everything that can fail on the inputs is checked first, in the order of its cost."""
-    metric_names = parse_metric_list(args.metrics)
-    methods = resolve_methods(args.sources)
-    check_flags(args, metric_names, methods)
-    compare = args.compare or [m.name for m in methods[:2]] + ['GT'] * (len(methods) < 2)
-    if args.hr:
-        sets, labels = pair_sets(args.hr, args.lq, args.hr_name, args.lq_name), {}
-    else:
-        sets, labels = hggt_sets(args.data, args.lq)
-    if not sets:
-        raise ValueError(f'{args.data / "labels"}: no set has an effective Positive GT to compare with')
-    generators = {m.name: load_method_generator(m.ckpt, args.arch, args.device, args.channels_last)
-                  for m in methods if m.ckpt}
-    check_sets(sets, {models.generator_scale(g) for g in generators.values()} or {SR_DIR_SCALE}, bool(generators))
-    for method in methods:
-        if method.sr_dir:
-            index_sr_dir(method, sets)
-    if args.random_iqa:
-        print(RANDOM_WARNING, file=sys.stderr)
-    names = list(dict.fromkeys(metric_names + tuple(args.agreement or ())))
-    metrics = {n: build_metric(n, args.device, args.iqa_weights, args.random_iqa, args.strict) for n in names}
-    scored_gts = [n for n in names if metrics[n].fn is not None and n not in FULL_REFERENCE]
-    gt_scores = {n: {} for n in scored_gts}  # metric -> set name -> every reference's score
-    per_image = []
+def score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, args):
+    """The one pass: per set, every reference's NR scores and every method's row (SR / LQ / GT PNGs saved
+    under args.out) -> (per-image rows, {metric: {set name: reference scores}})."""
+    scored_refs = [n for n, m in metrics.items() if m.fn is not None and n not in FULL_REFERENCE]
+    ref_scores, per_image = {n: {} for n in scored_refs}, []
     with torch.no_grad():
         for s in tqdm(sets, desc='evaluate', unit='set'):
             refs = torch.stack([to_rgb(load_image(p)) for p in s.refs]).to(args.device)  # (K,3,H,W)
-            lq = to_rgb(load_image(s.lq)) if s.lq else None
+            lq = to_rgb(load_image(s.lq)) if use_lq else None
             if lq is not None:
                 save_image(lq, args.out / 'lq' / f'{s.name}.png')
-            for n in scored_gts:
-                gt_scores[n][s.name] = metrics[n].fn(refs).tolist()
+            for n in scored_refs:
+                ref_scores[n][s.name] = metrics[n].fn(refs).tolist()
             for method in methods:
-                sr = super_resolve(method, generators.get(method.name), s, lq, args)
+                sr = super_resolve(method, sources[method.name], s, lq, args)
                 save_image(sr, args.out / 'sr' / method.name / f'{s.name}.png')
                 positives = refs[torch.tensor(s.positive)][..., :sr.shape[-2], :sr.shape[-1]]  # (P,3,h,w)
                 per_image.append({'method': method.name, 'image': s.name,
@@ -450,27 +410,58 @@ def evaluate(args):
                 save_image(positives[0], args.out / 'gt' / f'{s.name}.png')
             # paper §5 Gold Standard: the best NR score among the set's GTs (the HR's own for pairs)
             per_image.append({'method': GOLD, 'image': s.name,
-                              **{n: max(gt_scores[n][s.name]) for n in metric_names if n in scored_gts}})
+                              **{n: max(ref_scores[n][s.name]) for n in metric_names if n in scored_refs}})
+    return per_image, ref_scores
 
-    def table_value(label, n):  # mean over images; a note where the metric is missing
+
+def table_rows(per_image, labels, metrics, metric_names):
+    """Per method and Gold Standard: each metric's mean over images, or its 'missing' note."""
+    def value(label, n):
         if label == GOLD and n in FULL_REFERENCE:
             return None  # the Gold Standard has NR columns only
         values = [r[n] for r in per_image if r['method'] == label and n in r]
         return metrics[n].missing or sum(values) / len(values)
+    return [{'method': label, **{n: value(label, n) for n in metric_names}} for label in labels]
 
-    table = [{'method': label, **{n: table_value(label, n) for n in metric_names}}
-             for label in [m.name for m in methods] + [GOLD]]
-    agreement = []
+
+def agreement_rows(args, metrics, labels, ref_scores):
+    """--agreement over every labelled set of --data (paper §3): the GT scores of the evaluated sets, the
+    others' from a score cache or scored now (nriqa_sr.labelled_scores)."""
+    rows = []
     for n in args.agreement or ():
         if metrics[n].missing:
-            agreement.append({'metric': n, 'missing': metrics[n].missing})
+            rows.append({'metric': n, 'missing': metrics[n].missing})
             continue
-        scores = nriqa_sr.labelled_scores(args.data, metrics[n].fn, list(labels), known=gt_scores[n])
-        agreement.append({'metric': n, **nriqa_sr.agreement(scores, labels)})
-    absent = {n: [str(f) for f in metrics[n].absent] for n in names if metrics[n].absent}
-    source = ' + '.join(str(d) for d in args.hr) if args.hr else str(args.data)
-    return Results(metric_names, table, per_image, agreement, len(sets), compare, absent, source, bool(args.hr),
-                   len(labels) - len(sets) if labels else 0, sets[0].lq is not None, args.random_iqa)
+        scores = nriqa_sr.labelled_scores(args.data, metrics[n].fn, list(labels), known=ref_scores[n])
+        rows.append({'metric': n, **nriqa_sr.agreement(scores, labels)})
+    return rows
+
+
+def evaluate(args):
+    """Check every input (in the order of its cost), then run and score every method on every test set."""
+    metric_names = parse_metric_list(args.metrics)
+    methods = resolve_methods(args.sources)
+    check_flags(args, methods)
+    sets, labels = (pair_sets(args.hr, args.lq, args.hr_name, args.lq_name), {}) if args.hr else \
+        hggt_sets(args.data, args.lq)
+    if not sets:
+        raise ValueError(f'{args.data / "labels"}: no set has an effective Positive GT to compare with')
+    sources = {m.name: load_method_generator(m.ckpt, args.arch, args.device, args.channels_last)
+               for m in methods if m.ckpt}
+    scales = {models.generator_scale(g) for g in sources.values()} or {SR_DIR_SCALE}
+    use_lq = check_sets(sets, scales, need_lq=bool(sources))
+    sources.update({m.name: index_sr_dir(m.sr_dir, sets) for m in methods if m.sr_dir})
+    if args.random_iqa:
+        print(RANDOM_WARNING, file=sys.stderr)
+    names = list(dict.fromkeys(metric_names + tuple(args.agreement or ())))
+    metrics = {n: build_metric(n, args.device, args.iqa_weights, args.random_iqa, args.strict) for n in names}
+    compare = args.compare or [m.name for m in methods[:2]] + ['GT'] * (len(methods) < 2)
+    per_image, ref_scores = score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, args)
+    table = table_rows(per_image, [m.name for m in methods] + [GOLD], metrics, metric_names)
+    return Results(metric_names, table, per_image, agreement_rows(args, metrics, labels, ref_scores), len(sets),
+                   compare, absent={n: [str(f) for f in metrics[n].absent] for n in names if metrics[n].absent},
+                   source=' + '.join(map(str, args.hr)) if args.hr else str(args.data), single_gt=bool(args.hr),
+                   dropped=len(labels) - len(sets) if labels else 0, has_lq=use_lq, random_iqa=args.random_iqa)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -511,38 +502,6 @@ def build_parser():
     p.add_argument('--agreement', nargs='+', metavar='METRIC',
                    help='agreement of these NR metrics with the human labels of --data (paper §3)')
     return p
-
-
-def check_out(out):
-    """--out is a folder, or will be one: a file on its way is one line now, not an error after the run."""
-    for path in [out, *out.parents]:
-        if path.exists():
-            if not path.is_dir():
-                raise ValueError(f'--out {out}: ' + ('is a file' if path == out else f'{path} is a file') +
-                                 ', not a folder')
-            if not os.access(path, os.W_OK | os.X_OK):
-                raise ValueError(f'--out {out}: {path} is not writable')
-            return
-
-
-def publish(staging, out):
-    """Move every file of `staging` into `out`, the reports last: `out` only ever receives a finished run."""
-    files = sorted((p for p in staging.rglob('*') if p.is_file()), key=lambda p: (p.parent == staging, p))
-    for path in files:
-        target = out / path.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-
-
-def make_staging(out):
-    """A fresh folder beside `out` that receives every output first, so a run that fails half-way (a corrupt
-    image in the 50th set) leaves `out` as it was."""
-    check_out(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
-    except OSError as err:
-        raise ValueError(f'--out {out}: cannot create a folder beside it ({err.strerror})') from None
 
 
 def main(argv=None):

@@ -1,8 +1,8 @@
-"""The reports of evaluate.py: results.json / .csv / .md, per_image.csv, report.html and the
-perception-distortion plot, from its Results.
+"""The outputs of evaluate.py: results.json / .csv / .md, per_image.csv, report.html and the
+perception-distortion plot, from its Results, and the staging folder they fill before moving into --out.
 
-A file of its own because evaluate.py's job (read the test sets, run the generators, compute the paper's
-metrics) already fills a file; writing tables, HTML and a plot is a separate job with no torch in it.
+A file of its own because evaluate.py (read the test sets, run the generators, compute the paper's
+metrics) passes 450 lines with them, and presenting numbers is a separate job: nothing here computes one.
 Every output is written atomically (files.atomic_open); every name that enters HTML is escaped, and in
 `src` attributes URL-quoted first.
 """
@@ -11,6 +11,10 @@ import html
 import io
 import json
 import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 from files import atomic_open
@@ -25,6 +29,56 @@ FORMATS = {**dict.fromkeys(TITLES, '.4f'), 'psnr': '.2f', 'musiq': '.2f', 'paq2p
 RANDOM_WARNING = 'WARNING: --random-iqa: NR metrics have RANDOM weights, their scores are meaningless (demo/test only)'
 ABSENT_HEAD = 'Missing weight files (pyiqa would download them; put them there or pass --iqa-weights DIR):'
 PLOT = 'perception_distortion.png'
+
+
+@dataclass
+class Results:
+    """What the reports show: table rows (methods, then Gold Standard), per-image rows, agreement rows."""
+    metric_names: tuple
+    table: list
+    per_image: list
+    agreement: list
+    num_sets: int
+    compare: list
+    absent: dict  # metric -> the full paths of its absent weight files
+    source: str  # what was evaluated, for the titles
+    single_gt: bool
+    dropped: int  # sets left out: no effective positive
+    has_lq: bool
+    random_iqa: bool
+
+
+# ----------------------------------------------------------------------------- the output folder
+def check_out(out):
+    """--out is a folder, or will be one: a file on its way is one line now, not an error after the run."""
+    for path in [out, *out.parents]:
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f'--out {out}: ' + ('is a file' if path == out else f'{path} is a file') +
+                                 ', not a folder')
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ValueError(f'--out {out}: {path} is not writable')
+            return
+
+
+def publish(staging, out):
+    """Move every file of `staging` into `out`, the reports last: `out` only ever receives a finished run."""
+    files = sorted((p for p in staging.rglob('*') if p.is_file()), key=lambda p: (p.parent == staging, p))
+    for path in files:
+        target = out / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def make_staging(out):
+    """A fresh folder beside `out` that receives every output first, so a run that fails half-way (a corrupt
+    image in the 50th set) leaves `out` as it was."""
+    check_out(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
+    except OSError as err:
+        raise ValueError(f'--out {out}: cannot create a folder beside it ({err.strerror})') from None
 
 
 def write_atomic(path, data):

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import warnings
 from html.parser import HTMLParser
-from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote
 
