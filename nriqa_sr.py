@@ -383,7 +383,10 @@ def labelled_scores(root, quality, names, known=None):
             cached = {}
         scores.update({name: cached[name] for name in names if name in cached and name not in scores})
     todo = [name for name in names if name not in scores]
-    for name in tqdm(todo, desc=f'score {quality.name}', unit='set'):
+    if todo:
+        print(f'{quality.name}: scoring the GTs of {len(todo)} sets now; python nriqa_sr.py score --data {root} '
+              f'--iqa {quality.name} would cache them (resumable)', file=sys.stderr)
+    for name in tqdm(todo, desc=f'score {quality.name}', unit='set', disable=not todo):
         scores[name] = score_set(root, name, quality)
     return {name: scores[name] for name in names}
 

@@ -265,6 +265,28 @@ def test_agreement_reuses_a_complete_score_cache_and_scores_the_rest(tmp_path, m
     assert 'not used: ' in capsys.readouterr().err and json.loads(path.read_text())['fingerprint'] == 'other'
 
 
+def test_agreement_command_passes_iqa_opts_and_gives_one_line_errors(tmp_path, monkeypatch, capsys):
+    """--iqa-opts reaches pyiqa (a tiny random MUSIQ builds offline); its row is agreement() of that Q's
+    scores; a bad --iqa-opts or label file is one line, exit 2."""
+    monkeypatch.setattr(nriqa_sr, 'QualityModel', QUALITY)
+    root = tmp_path / 'set'
+    write_hand_set(root, lq=False)
+    argv = ['agreement', '--data', str(root), '--iqa', 'musiq', '--random-iqa', '--device', 'cpu']
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert nriqa_sr.main(argv + ['--iqa-opts', json.dumps(TINY)]) == 0
+        quality = QUALITY('musiq', pretrained=False, metric_opts=TINY)
+    labels = data.read_effective_labels(root)
+    expected = nriqa_sr.agreement({n: nriqa_sr.score_set(root, n, quality) for n in labels}, labels)
+    assert '| musiq | ' + ' | '.join(nriqa_sr.agreement_cells(expected)) + ' |' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        nriqa_sr.main(argv + ['--iqa-opts', '{"musiq": '])
+    assert exit_info.value.code == 2 and 'error: argument --iqa-opts: not valid JSON' in capsys.readouterr().err
+    (root / 'labels' / 'B' / 's3.json').write_text('{"Picture_2": {"Label": "Good"}}')
+    assert nriqa_sr.main(argv) == 2
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: {root / 'labels' / 'B' / 's3.json'}: ")
+
+
 def test_agreement_rates_with_nothing_to_count_are_nan_and_json_null(tmp_path):
     labels = {'a': ['Original', P, S, S, S]}
     result = nriqa_sr.agreement({'a': [1, 2, 3, 4, 5]}, labels)
