@@ -403,7 +403,8 @@ def score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, a
             for method in methods:
                 sr = super_resolve(method, sources[method.name], s, lq, args)
                 save_image(sr, args.out / 'sr' / method.name / f'{s.name}.png')
-                positives = refs[torch.tensor(s.positive)][..., :sr.shape[-2], :sr.shape[-1]]  # (P,3,h,w)
+                keep = torch.tensor(s.positive, device=refs.device)
+                positives = refs[keep][..., :sr.shape[-2], :sr.shape[-1]]  # (P,3,h,w), cut to the SR size
                 per_image.append({'method': method.name, 'image': s.name,
                                   **score_sr(sr[None].to(args.device), positives, metrics, metric_names)})
             if 'GT' in compare:

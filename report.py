@@ -95,13 +95,14 @@ def to_csv(rows, columns):
     return buf.getvalue()
 
 
-def no_nan(value):
-    """NaN (an agreement rate with nothing to count) -> None: results.json stays strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
+def finite_or_none(value):
+    """NaN (an agreement rate with nothing to count) and inf (the PSNR of identical images) -> None, in
+    nested dicts and lists: results.json stays strict JSON (the CSV and Markdown files write 'inf')."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: no_nan(v) for k, v in value.items()}
-    return [no_nan(v) for v in value] if isinstance(value, list) else value
+        return {k: finite_or_none(v) for k, v in value.items()}
+    return [finite_or_none(v) for v in value] if isinstance(value, list) else value
 
 
 # ----------------------------------------------------------------------------- tables
@@ -276,7 +277,7 @@ def write_reports(res, out):
     info = {'data': res.source, 'sets': res.num_sets, 'sets_left_out': res.dropped, 'metrics': list(res.metric_names),
             'lower_better': [n for n in res.metric_names if n in LOWER_BETTER], 'random_iqa': res.random_iqa,
             'table': res.table, 'agreement': res.agreement, 'absent_weights': res.absent}
-    write_atomic(out / 'results.json', json.dumps(no_nan(info), indent=1, ensure_ascii=False, allow_nan=False))
+    write_atomic(out / 'results.json', json.dumps(finite_or_none(info), indent=1, ensure_ascii=False, allow_nan=False))
     write_atomic(out / 'results.csv', to_csv(res.table, ['method', *res.metric_names]))
     write_atomic(out / 'per_image.csv', to_csv(res.per_image, ['method', 'image', *res.metric_names]))
     write_atomic(out / 'results.md', markdown(res))

@@ -287,13 +287,14 @@ def test_agreement_command_passes_iqa_opts_and_gives_one_line_errors(tmp_path, m
     assert one_error_line(capsys.readouterr().err).startswith(f"error: {root / 'labels' / 'B' / 's3.json'}: ")
 
 
-def test_agreement_rates_with_nothing_to_count_are_nan_and_json_null(tmp_path):
+def test_rates_with_nothing_to_count_are_nan_and_json_null(tmp_path):
     labels = {'a': ['Original', P, S, S, S]}
     result = nriqa_sr.agreement({'a': [1, 2, 3, 4, 5]}, labels)
     assert result['pairs'] == 0 and math.isnan(result['pairwise_accuracy']) and math.isnan(result['negative_top_rate'])
     assert result['negative_share'] == 0 and result['amo_negative_rate'] == 0
     assert nriqa_sr.agreement_cells(result)[0] == '–'
-    assert report.no_nan({'x': [result]})['x'][0]['pairwise_accuracy'] is None
+    assert report.finite_or_none({'x': [result], 'psnr': math.inf})['x'][0]['pairwise_accuracy'] is None
+    assert report.finite_or_none({'psnr': math.inf}) == {'psnr': None}
 
 
 def test_read_effective_labels_keeps_every_set_and_ignores_dot_files(tmp_path):
