@@ -1,12 +1,15 @@
 """Benchmark of evaluate.py: channels-last RRDBNet, the cost of each metric, tiled vs untiled memory.
 
-    python bench/bench_eval.py [--runs 5] [--lq 64] [--size 256] [--device cpu] [--no-memory]
+    python bench/bench_eval.py [--runs 5] [--threads 1] [--lq 64] [--size 256] [--device cpu] [--no-memory]
 
 Unit of cost: one forward of the paper's RRDBNet x4 (23 blocks, 64 features) on a `--lq`^2 LQ, fp32,
 contiguous memory: the work evaluate.py does per image, and large enough to time stably. Every row is
 timed `--runs` times after one warm-up, the cases taking turns within each run so that a change of load
 on a shared machine hits them alike; a row gives the median and the min-max range over the runs (and,
-for the speed ratio, the ratio of the best runs: the least disturbed by other work).
+for the speed ratio, the ratio of the best runs: the least disturbed by other work). On CPU a time is the
+process's CPU time (time.process_time) with --threads 1: the compute cost, which other jobs on a shared
+machine barely change, where wall time with 2 threads varied 5x between runs (OpenMP threads spin while
+the cores are taken). On CUDA it is wall time after a synchronize.
 1. RRDBNet channels-last vs contiguous: seconds per forward and the per-run ratio (the outputs are
    compared too: max |difference|).
 2. Each metric on one `--size`^2 SR image against one GT (FR, with HGGT's 4-pixel crop) or alone (NR),
@@ -51,16 +54,17 @@ def sync(device):
 
 def timed(cases, runs, device):
     """{label: [seconds per call, one per run]}: one warm-up round, then `runs` rounds of every case in turn."""
+    clock = time.perf_counter if torch.device(device).type == 'cuda' else time.process_time
     times = {label: [] for label in cases}
     with torch.inference_mode():
         for round_ in range(runs + 1):
             for label, fn in cases.items():
                 sync(device)
-                start = time.perf_counter()
+                start = clock()
                 fn()
                 sync(device)
                 if round_:
-                    times[label].append(time.perf_counter() - start)
+                    times[label].append(clock() - start)
     return times
 
 
@@ -140,6 +144,7 @@ def upscale_memory(device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--runs', type=int, default=5, help='timed runs per row (after one warm-up)')
+    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads of the timed rows')
     parser.add_argument('--lq', type=int, default=64, help='side of the LQ of the unit generator forward')
     parser.add_argument('--size', type=int, default=256, help='side of the images the metrics score')
     parser.add_argument('--device', default='cpu', help='torch device')
@@ -148,8 +153,10 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.device)
-    print(f'device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.runs} runs; '
-          'median [min-max]')
+    torch.set_num_threads(args.threads)
+    clock = 'wall' if torch.device(args.device).type == 'cuda' else 'process CPU'
+    print(f'device {args.device}, torch {torch.__version__}, {args.threads} threads, {args.runs} runs, {clock} '
+          'seconds; median [min-max]')
     cases, diff = channels_last_cases(args.device, args.lq)
     metrics = metric_cases(args.device, args.size)
     times = timed({**cases, **metrics}, args.runs, args.device)  # all in turn: one load for every ratio
