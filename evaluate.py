@@ -110,10 +110,10 @@ def pyiqa_full_reference(name, device, weights):
 
     As HGGT's calculate_multigt_labeled_lpips.py / _dists.py: crop 4 border pixels of both images, then
     LPIPS v0.1 AlexNet on [-1,1] inputs (pyiqa 'lpips' maps [0,1] to [-1,1] itself) and DISTS on [0,1].
-    LPIPS-ST is pyiqa 'stlpips': AlexNet, variant 'shift_tolerant', blur filter 3, calibrated linear
-    layers (alex_shift_tolerant.pth), inputs mapped to [-1,1]: the ST-LPIPS authors' default
-    (Ghildyal & Liu, ECCV 2022: stlpips.LPIPS(net='alex', variant='shift_tolerant')); the paper names
-    no variant. pyiqa loads these files non-strictly, so a file none of whose names fit (it would give
+    LPIPS-ST is pyiqa 'stlpips': AlexNet, variant 'shift_tolerant' (blur-pool, stride-1 first conv), blur
+    filter 3, LPIPS linear layers on, inputs mapped to [-1,1]; alex_shift_tolerant.pth holds the trunk and
+    the linear layers (ST-LPIPS trains both). It is the ST-LPIPS authors' default (Ghildyal & Liu, ECCV
+    2022: stlpips.LPIPS(net='alex', variant='shift_tolerant')); the paper names no variant. pyiqa loads these files non-strictly, so a file none of whose names fit (it would give
     random layers) is refused here.
     """
     import pyiqa
