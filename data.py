@@ -45,6 +45,23 @@ def effective_label(votes: list[str]) -> str:
     return label if count >= 2 else 'Similar'
 
 
+def read_effective_labels(root) -> dict[str, list[str]]:
+    """{name: ['Original', l1, l2, l3, l4]} for every set with label files under root/labels, sets without
+    a Positive included (the agreement analysis of paper §3 counts them); images are not looked at.
+    A name with a file in one annotator's folder must have one in all three."""
+    label_dir = Path(root) / 'labels'
+    if not label_dir.is_dir():
+        raise FileNotFoundError(f'{label_dir}: missing; the human labels are labels/A|B|C/NAME.json')
+    names = sorted({p.stem for a in ANNOTATORS for p in (label_dir / a).glob('*.json') if not p.name.startswith('.')})
+    if not names:
+        raise FileNotFoundError(f'{label_dir}: no label files (expected labels/A|B|C/NAME.json)')
+    labels = {}
+    for name in names:
+        votes = [_read_votes(label_dir / a / f'{name}.json') for a in ANNOTATORS]  # 3 x 4 labels
+        labels[name] = ['Original'] + [effective_label([v[k] for v in votes]) for k in range(4)]
+    return labels
+
+
 def _read_votes(path: Path) -> list[str]:
     """Labels of GT 1..4 (`Picture_2`..`Picture_5`) from one annotator's JSON file."""
     if not path.is_file():

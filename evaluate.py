@@ -1,31 +1,37 @@
-"""The paper's tables (Tables 5/7/8, DESIGN §5): super-resolve every test LQ, score it, write the reports.
+"""The paper's tables (Tables 5, 7, 8): super-resolve every test input, score it, write the reports.
 
-    python evaluate.py --ckpt runs/upos/generator.pth --name UPos --ckpt runs/amo_ft/generator.pth --name AMO+FT \
-        --data Test-100 --out results/ [--metrics psnr,ssim,musiq] [--agreement musiq nima]
+    # Tables 5 / 7: HGGT Test-100, five GTs and human labels per set (LQ inputs in Test-100/Blind_LR)
+    python evaluate.py --data Test-100 --out results/test100 --ckpt runs/upos/generator.pth \\
+        --ckpt runs/amo_ft/generator.pth [--metrics psnr,ssim,musiq] [--agreement musiq nima]
+    # Table 8: RealSR v3, one HR per LQ (Canon/Test/4/Canon_001_HR.png + Canon_001_LR4.png)
+    python evaluate.py --hr RealSR/Canon/Test/4 RealSR/Nikon/Test/4 --out results/realsr \\
+        --ckpt runs/upos/generator.pth --ckpt runs/amo_ft/generator.pth
 
-One pass over the test sets: a set's five GTs are read once and every method (a generator checkpoint,
-or a folder of SR images made elsewhere with --sr-dir) is scored against them; every metric is built once.
-  - Full-reference metrics (PSNR, SSIM, LPIPS, LPIPS-ST, DISTS) of one SR image are the mean over the
-    set's effective positive GTs; a table value is the mean over images (HGGT's multi-GT protocol).
-  - No-reference metrics (MUSIQ, NIMA, Q-Align, TOPIQ-NR, PaQ-2-PiQ) score the SR image alone. The
-    "Gold Standard" row is, per NR metric, the best score among a set's five GTs, averaged over sets.
-  - A metric whose weight files are absent shows "missing (file X)" (pyiqa would try to download it,
-    DESIGN §6) and the others still compute; --strict makes that an error.
-SR images are scored as the 8-bit PNGs saved in out/sr/<method>/NAME.png (what HGGT's script reads).
-Outputs in --out: results.json, results.csv, per_image.csv, results.md, report.html (a comparison slider
-per image) and perception_distortion.png, with the PNGs they show. They are written to a staging folder
-beside --out and moved in once the run has finished, so a run that fails leaves --out as it was.
+Rows: --ckpt runs a generator on the LQ inputs; --sr-dir reads SR images made elsewhere (NAME.png, .jpg
+or .jpeg), which need no LQ. A row is named by --name, else by the checkpoint's file stem, its run folder
+when stems repeat (runs/a/generator.pth, runs/b/generator.pth -> a, b), or the SR folder's name.
+One pass over the test sets: a set's references are read once, every row is scored against them.
+  - Full-reference metrics (PSNR, SSIM, LPIPS, LPIPS-ST, DISTS) as HGGT's multi-GT scripts compute them
+    (PosNegGTSR/scripts/metrics/calculate_multigt_labeled_{psnr_ssim,lpips,dists}.py): crop 4 border
+    pixels of both images, compare with each effective positive GT, average; the table value is the mean
+    over sets. Sets without an effective positive have nothing to compare with and are left out (the
+    report counts them). Single-GT pairs (--hr) compare with their HR.
+  - No-reference metrics (MUSIQ, NIMA, Q-Align, TOPIQ-NR, PaQ-2-PiQ) score the SR image alone. The Gold
+    Standard row (paper §5) is, per NR metric, the best score among a set's GTs, averaged over sets; for
+    single-GT pairs it is the HR's own score.
+  - A metric whose weight files are absent shows "missing (file X)" (pyiqa would try to download it) and
+    the others still compute; --strict makes that an error.
+  - --agreement: how often NR metrics agree with the human labels of --data, over every labelled set
+    (paper §3, supplementary §7.1), the numbers `python nriqa_sr.py agreement` prints.
+SR images are scored as the 8-bit PNGs saved in out/sr/<row>/NAME.png (what HGGT's scripts read). Every
+input, flag and output folder is checked before the first image is super-resolved; outputs (report.py) go
+to a staging folder beside --out and are moved in once the run has finished, so a failed run leaves --out
+as it was.
 """
 import argparse
-import csv
-import html
-import io
-import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,24 +41,25 @@ from tqdm import tqdm
 
 import models
 import nriqa_sr
-from data import PairedTestDataset
-from files import atomic_open, load_checkpoint, load_image, save_image, to_rgb
+from data import gt_paths, read_effective_labels
+from files import image_size, load_checkpoint, load_image, save_image, to_rgb
+from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
 from weights import missing_weights, weight_file, weight_path
 
-# Paper column order (DESIGN §5); the first five compare with the GTs, the rest score the image alone.
+# Paper column order (Table 5); the first five compare with the GTs, the rest score the image alone.
 METRICS = ('psnr', 'ssim', 'lpips', 'stlpips', 'dists', 'musiq', 'nima', 'qalign', 'topiq_nr', 'paq2piq')
 FULL_REFERENCE = ('psnr', 'ssim', 'lpips', 'stlpips', 'dists')
-LOWER_BETTER = ('lpips', 'stlpips', 'dists')
-TITLES = {'psnr': 'PSNR', 'ssim': 'SSIM', 'lpips': 'LPIPS', 'stlpips': 'LPIPS-ST', 'dists': 'DISTS',
-          'musiq': 'MUSIQ', 'nima': 'NIMA', 'qalign': 'Q-Align', 'topiq_nr': 'TOPIQ', 'paq2piq': 'PaQ-2-PiQ'}
-FORMATS = {**dict.fromkeys(METRICS, '.4f'), 'psnr': '.2f', 'musiq': '.2f', 'paq2piq': '.2f', 'nima': '.3f',
-           'qalign': '.3f', 'topiq_nr': '.3f'}  # the paper's decimals
-GOLD = 'Gold Standard'
-CROP_BORDER = 4  # pixels cropped on each side before PSNR / SSIM (HGGT's --crop_border 4)
-RANDOM_WARNING = 'WARNING: --random-iqa: NR metrics have RANDOM weights, their scores are meaningless (demo/test only)'
+CROP_BORDER = 4  # pixels cropped on each side before every FR metric (HGGT's --crop_border 4)
+SR_DIR_SCALE = 4  # the paper's x4: the scale assumed for SR folders, whose generator is unknown
+SR_SUFFIXES = ('.png', '.jpg', '.jpeg')
 
 
-# ----------------------------------------------------------------------------- PSNR / SSIM
+# ----------------------------------------------------------------------------- metrics
+def crop_border(x, border=CROP_BORDER):
+    """(...,H,W) -> (...,H-2b,W-2b): HGGT's cropborder() before every FR metric."""
+    return x[..., border:x.shape[-2] - border, border:x.shape[-1] - border]
+
+
 def pyiqa_psnr(device):
     """PSNR as HGGT's multi-GT script computes it (BasicSR calculate_psnr: RGB, 8-bit range, crop 4) from
     pyiqa, configured: crop_border=4 (its default crops nothing), test_y_channel=False, eps=0 (its default
@@ -62,16 +69,15 @@ def pyiqa_psnr(device):
     return lambda sr, gts: metric(sr.double(), gts.double()).reshape(len(sr))
 
 
-def calculate_ssim(sr, gt, crop_border=CROP_BORDER):
-    """SSIM of (N,3,H,W) images in [0,1]: RGB, 8-bit range, border crop -> (N,).
+def calculate_ssim(sr, gt):
+    """SSIM of (N,3,H,W) images in [0,1]: RGB, 8-bit range, crop 4 -> (N,).
 
     BasicSR's calculate_ssim: per channel, an 11x11 Gaussian window (sigma 1.5), 'valid' filtering,
     C1 = (0.01*255)^2, C2 = (0.03*255)^2, the map's mean, then the mean over channels. pyiqa's ssim
     cannot be configured to this: it clamps the contrast-structure term at zero (ReLU, so anti-correlated
     regions score 0 instead of < 0), and its default works on the Y channel.
     """
-    crop = (..., slice(crop_border, sr.shape[-2] - crop_border), slice(crop_border, sr.shape[-1] - crop_border))
-    x, y = (torch.round(t.double().clamp(0, 1) * 255)[crop] for t in (sr, gt))  # 8-bit values, float64
+    x, y = (crop_border(torch.round(t.double().clamp(0, 1) * 255)) for t in (sr, gt))  # 8-bit values, float64
     g = torch.exp(-(torch.arange(11, dtype=torch.float64, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))
     g = g / g.sum()  # the 11x11 window is the outer product g g^T, so filter rows then columns
 
@@ -87,7 +93,6 @@ def calculate_ssim(sr, gt, crop_border=CROP_BORDER):
     return ssim_map.mean(dim=(2, 3)).mean(dim=1)  # per channel, then over channels
 
 
-# ----------------------------------------------------------------------------- metrics
 @dataclass
 class Metric:
     """One metric: fn(sr (N,3,H,W)[, gts (N,3,H,W)]) -> (N,), or the weight files it needs that are absent."""
@@ -100,9 +105,17 @@ class Metric:
         return f'missing (file {", ".join(p.name for p in self.absent)})' if self.absent else None
 
 
-def _pyiqa_full_reference(name, device, weights):
-    """LPIPS / LPIPS-ST / DISTS from pyiqa with a local weight file. pyiqa loads these non-strictly
-    (DESIGN §6), so a file none of whose names fit would silently give random layers: refused here."""
+def pyiqa_full_reference(name, device, weights):
+    """LPIPS, LPIPS-ST or DISTS from pyiqa with a local weight file, on images cropped by 4 pixels.
+
+    As HGGT's calculate_multigt_labeled_lpips.py / _dists.py: crop 4 border pixels of both images, then
+    LPIPS v0.1 AlexNet on [-1,1] inputs (pyiqa 'lpips' maps [0,1] to [-1,1] itself) and DISTS on [0,1].
+    LPIPS-ST is pyiqa 'stlpips': AlexNet, variant 'shift_tolerant' (blur-pool, stride-1 first conv), blur
+    filter 3, LPIPS linear layers on, inputs mapped to [-1,1]; alex_shift_tolerant.pth holds the trunk and
+    the linear layers (ST-LPIPS trains both). It is the ST-LPIPS authors' default (Ghildyal & Liu, ECCV
+    2022: stlpips.LPIPS(net='alex', variant='shift_tolerant')); the paper names no variant. pyiqa loads these files non-strictly, so a file none of whose names fit (it would give
+    random layers) is refused here.
+    """
     import pyiqa
     path = weight_path(name, weights)
     state = load_checkpoint(path)  # the weights_only check: pyiqa itself unpickles without it
@@ -112,7 +125,7 @@ def _pyiqa_full_reference(name, device, weights):
         raise ValueError(f'{path}: does not fit pyiqa {name}: {str(err).splitlines()[0]}') from None
     if not any(k.removeprefix('module.') in metric.net.state_dict() for k in state):
         raise ValueError(f'{path}: no parameter name fits pyiqa {name}, it would load nothing from this file')
-    return lambda sr, gts: metric(sr, gts).reshape(len(sr))
+    return lambda sr, gts: metric(crop_border(sr), crop_border(gts)).reshape(len(sr))
 
 
 def build_metric(name, device, weights=None, random_iqa=False, strict=False):
@@ -135,7 +148,7 @@ def build_metric(name, device, weights=None, random_iqa=False, strict=False):
                                     '--iqa-weights DIR, or drop the metric from --metrics')
         return Metric(absent=tuple(absent))
     if name in FULL_REFERENCE:
-        return Metric(_pyiqa_full_reference(name, device, weights))
+        return Metric(pyiqa_full_reference(name, device, weights))
     return Metric(nriqa_sr.QualityModel(name, device, weights=weights, pretrained=not random_iqa))
 
 
@@ -148,11 +161,93 @@ def parse_metric_list(text):
     return tuple(m for m in METRICS if m in names)
 
 
-# ----------------------------------------------------------------------------- methods
+# ----------------------------------------------------------------------------- test sets
+@dataclass
+class TestSet:
+    """One test input: its reference images, which of them FR metrics compare with, its LQ input."""
+    name: str
+    refs: list  # HGGT: the five GTs (original, 01..04); single-GT pairs: the HR
+    positive: list  # bool per ref: the effective positives; the HR
+    lq: Path
+
+
+def visible(folder, pattern):
+    """Files of `folder` matching `pattern`, without dot files (macOS '._x.png' companions)."""
+    return sorted(p for p in folder.glob(pattern) if not p.name.startswith('.'))
+
+
+def hggt_sets(root, lq_dir):
+    """The labelled sets of an HGGT-layout root -> (sets with an effective positive, every set's labels)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f'{root}: no such dataset folder')
+    if not (root / 'labels').is_dir():
+        raise ValueError(f'{root / "labels"}: missing; multi-GT roots need labels/A|B|C/NAME.json (FR metrics '
+                         'average over the effective positives); single-GT pairs go in with --hr')
+    labels = read_effective_labels(root)
+    unlabelled = [p for p in visible(root / 'images' / 'original', '*.png') if p.stem not in labels]
+    if unlabelled:
+        raise FileNotFoundError(f"{root / 'labels' / 'A' / (unlabelled[0].stem + '.json')}: missing label file")
+    lq_dir = lq_dir or root / 'Blind_LR'
+    sets = [TestSet(name, gt_paths(root, name), [lab == 'Positive' for lab in set_labels], lq_dir / f'{name}.png')
+            for name, set_labels in labels.items() if 'Positive' in set_labels]
+    return sets, labels
+
+
+def pair_sets(hr_dirs, lq_dir, hr_name, lq_name):
+    """Single-GT pairs: every HR_DIR/<hr_name> with its LQ <lq_name> ('*' = the set name) in lq_dir or
+    beside the HR. RealSR v3: Canon/Test/4/Canon_001_HR.png + Canon_001_LR4.png."""
+    for flag, pattern in (('--hr-name', hr_name), ('--lq-name', lq_name)):
+        if pattern.count('*') != 1 or '/' in pattern:
+            raise ValueError(f"{flag} {pattern}: needs one '*' (the set name) and no folder, e.g. '*_HR.png'")
+    head, tail = hr_name.split('*')
+    sets, seen = [], {}
+    for hr_dir in hr_dirs:
+        if not hr_dir.is_dir():
+            raise FileNotFoundError(f'{hr_dir}: no such HR folder')
+        found = visible(hr_dir, hr_name)
+        if not found:
+            raise FileNotFoundError(f'{hr_dir}: no {hr_name} images (--hr-name gives other names)')
+        for path in found:
+            name = path.name[len(head):len(path.name) - len(tail)]
+            if name in seen:
+                raise ValueError(f'{path}: set name {name} also in {seen[name]}; evaluate those folders apart')
+            seen[name] = hr_dir
+            sets.append(TestSet(name, [path], [True], (lq_dir or hr_dir) / lq_name.replace('*', name)))
+    return sets
+
+
+def check_sets(sets, scales, need_lq):
+    """Whether LQ inputs are read, after checking sizes from file headers (before any work): a set's references
+    share one size and its LQ is 1/scale of it. LQs are read when a --ckpt needs them or when any exists (the
+    report shows them); then every set needs one."""
+    use_lq = need_lq or any(s.lq.is_file() for s in sets)
+    for s in sets:
+        size = image_size(s.refs[0])
+        for path in s.refs[1:]:
+            if image_size(path) != size:
+                raise ValueError(f'{path}: size {image_size(path)} differs from {s.refs[0].name} {size} in its set')
+        if not use_lq:
+            continue
+        if not s.lq.is_file():
+            raise FileNotFoundError(f'{s.lq}: missing image (the LQ input of {s.name}; --lq DIR if they lie elsewhere)')
+        for scale in scales:
+            if image_size(s.lq) != (size[0] // scale, size[1] // scale):
+                raise ValueError(f'{s.lq}: size {image_size(s.lq)} is not 1/{scale} of its GT size {size}')
+    return use_lq
+
+
+def expected_size(ref, scale):
+    """(W,H) of a SR image: the GT's, cut at the bottom/right to a multiple of the scale, as the SR of its
+    LQ (W//scale, H//scale) is (BasicSR's test-time crop, HGGT's PosNegGTSR/basicsr/data/paired_image_dataset.py)."""
+    w, h = image_size(ref)
+    return w - w % scale, h - h % scale
+
+
+# ----------------------------------------------------------------------------- methods (table rows)
 @dataclass
 class Method:
     """A row of the table: a generator checkpoint to run, or a folder of SR images made elsewhere."""
-    name: str
+    name: str | None
     ckpt: Path | None = None
     sr_dir: Path | None = None
 
@@ -164,66 +259,119 @@ class _InOrder(argparse.Action):
         namespace.sources = (namespace.sources or []) + [(option_string, values)]
 
 
+def default_names(method):
+    """Row names for a method without --name, shortest first: a checkpoint's file stem, then the folders above
+    it (runs/a/generator.pth -> generator, a, runs-a, ...); an SR folder's name, then with its parents."""
+    path = (method.ckpt or method.sr_dir).resolve()
+    folders = path.parts[:-1] if method.ckpt else path.parts
+    names = [path.stem] if method.ckpt else []
+    names += ['-'.join(folders[-k:]) for k in range(1, len(folders))]  # folders[0] is the root '/'
+    return [re.sub(r'[^\w.+-]', '_', n) for n in names] or ['_']
+
+
 def resolve_methods(sources):
-    """[('--ckpt', p), ('--name', n), ('--sr-dir', d), ...] -> [Method]; default name = file stem / folder."""
-    methods = []
+    """[('--ckpt', p), ('--name', n), ('--sr-dir', d), ...] -> [Method]. Default names that repeat take one
+    more folder each until they differ (or their paths run out: then --name must tell them apart)."""
+    methods, named = [], []
     for option, value in sources or []:
         if option == '--name':
-            if not methods or methods[-1].name is not None:
+            if not methods or named[-1]:
                 raise ValueError(f'--name {value}: each --name follows the --ckpt or --sr-dir it labels, once')
-            methods[-1].name = value
+            methods[-1].name, named[-1] = value, True
         else:
             methods.append(Method(None, **{'ckpt' if option == '--ckpt' else 'sr_dir': Path(value)}))
+            named.append(False)
     if not methods:
         raise ValueError('--ckpt/--sr-dir: give at least one method to evaluate')
+    candidates = {i: default_names(m) for i, m in enumerate(methods) if not named[i]}
+    level = dict.fromkeys(candidates, 0)
+    while True:
+        for i, k in level.items():
+            methods[i].name = candidates[i][k]
+        names = [m.name for m in methods]
+        repeated = [i for i, k in level.items() if names.count(names[i]) > 1 and k + 1 < len(candidates[i])]
+        if not repeated:
+            break
+        for i in repeated:
+            level[i] += 1
     for m in methods:
-        m.name = m.name or (m.ckpt.stem if m.ckpt else m.sr_dir.name)
         if not re.fullmatch(r'[\w.+-]+', m.name) or m.name in ('GT', GOLD):
             raise ValueError(f"--name {m.name}: use letters, digits, '_', '-', '+', '.' (it names a folder), not GT")
-    names = [m.name for m in methods]
     if len(set(names)) != len(names):
-        raise ValueError(f'--name: method names must differ, got {names}')
+        raise ValueError(f'--name: method names must differ, got {names}; tell them apart with --name')
     return methods
 
 
-def check_sr_dir(sr_dir, names):
-    """Every test set has its SR image `sr_dir/NAME.png` (one-line error naming the first missing one)."""
-    if not sr_dir.is_dir():
-        raise FileNotFoundError(f'{sr_dir}: no such SR folder')
-    missing = [n for n in names if not (sr_dir / f'{n}.png').is_file()]
+def index_sr_dir(folder, sets, scale=SR_DIR_SCALE):
+    """{set name: NAME.png|.jpg|.jpeg} of an SR folder, every size checked from the file header."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f'{folder}: no such SR folder')
+    found = {}
+    for path in visible(folder, '*'):
+        if path.suffix.lower() in SR_SUFFIXES:
+            if path.stem in found:
+                raise ValueError(f'{folder}: both {found[path.stem].name} and {path.name}; keep one SR image per name')
+            found[path.stem] = path
+    missing = [s.name for s in sets if s.name not in found]
     if missing:
-        raise FileNotFoundError(f'{sr_dir}: missing {missing[0]}.png ({len(missing)} of {len(names)} SR images absent)')
+        raise FileNotFoundError(f'{folder}: missing {missing[0]}.png (or .jpg/.jpeg; {len(missing)} of {len(sets)} '
+                                'SR images absent)')
+    for s in sets:
+        check_sr_size(found[s.name], s, image_size(found[s.name]), scale)
+    return {s.name: found[s.name] for s in sets}
 
 
-def super_resolve(method, model, item, args):
-    """SR of one test item, (3,H,W) in [0,1], rounded to 8 bit as its saved PNG; checked against the GT size."""
-    gt_size = tuple(item['gts'].shape[-2:])
-    if model is None:
-        path = method.sr_dir / f"{item['name']}.png"
+def check_sr_size(path, test_set, size, scale):
+    expected = expected_size(test_set.refs[0], scale)
+    if tuple(size) != expected:
+        what = 'the GT size' if expected == image_size(test_set.refs[0]) else f'the GT cut to a multiple of {scale}'
+        raise ValueError(f'{path}: SR of {test_set.name} is {size[0]}x{size[1]}, expected {expected[0]}x{expected[1]} '
+                         f'({what})')
+
+
+def load_method_generator(path, arch, device, channels_last):
+    """The generator of --ckpt, in eval mode on `device`; RRDBNet in channels-last memory format by default
+    (the same outputs within fp32 rounding, faster convolutions: bench/bench_eval.py). A file of LoRA
+    adapters alone is named as such, with the ways to a merged generator."""
+    ckpt = load_checkpoint(path)
+    if 'params_lora' in ckpt and not {'params', 'params_ema'} & ckpt.keys():
+        export = path.parent / 'generator.pth'
+        raise ValueError(f'{path}: holds LoRA adapters only (params_lora), not a generator; merge them into their '
+                         f'base: python lora.py merge --base BASE.pth --adapters {path} --out MERGED.pth, or evaluate '
+                         + (f'{export}' if export.is_file() else "the run's generator.pth")
+                         + ' (train.py exports it merged)')
+    model = models.load_generator(path, arch).to(device)
+    if channels_last and isinstance(model, models.RRDBNet):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def super_resolve(method, source, test_set, lq, args):
+    """SR of one test set by a generator or from {name: SR file}, (3,H,W) in [0,1], rounded to 8 bit as its
+    saved PNG, checked against the GT size."""
+    if isinstance(source, dict):
+        path, scale = source[test_set.name], SR_DIR_SCALE
         sr = to_rgb(load_image(path))
     else:
-        path = method.ckpt
-        scale = models.generator_scale(model)
+        path, scale = method.ckpt, models.generator_scale(source)
         amp_dtype = torch.float16 if args.device.type == 'cuda' else torch.bfloat16
         with torch.autocast(args.device.type, dtype=amp_dtype, enabled=args.amp):
-            sr = nriqa_sr.upscale_image(model, item['lq'][None], scale, args.tile, args.tile_pad)[0]
-    if tuple(sr.shape[-2:]) != gt_size:
-        raise ValueError(f"{path}: SR of {item['name']} is {sr.shape[-1]}x{sr.shape[-2]}, "
-                         f'expected {gt_size[1]}x{gt_size[0]} (the GT size)')
+            sr = nriqa_sr.upscale_image(source, lq[None], scale, args.tile, args.tile_pad)[0]
+    check_sr_size(path, test_set, (sr.shape[-1], sr.shape[-2]), scale)
     return torch.round(sr.float().clamp(0, 1) * 255) / 255
 
 
 # ----------------------------------------------------------------------------- evaluation
-@dataclass
-class Results:
-    """What the reports show: table rows (methods, then Gold Standard), per-image rows, agreement rows."""
-    metric_names: tuple
-    table: list
-    per_image: list
-    agreement: list
-    num_sets: int
-    compare: list
-    absent: dict  # metric -> the full paths of its absent weight files
+def check_flags(args, methods):
+    unknown = [m for m in args.agreement or [] if m not in nriqa_sr.METRIC_RANGES]
+    if unknown:
+        raise ValueError(f"--agreement: unknown NR metric '{unknown[0]}'; valid: {', '.join(nriqa_sr.METRIC_RANGES)}")
+    if args.agreement and args.hr:
+        raise ValueError('--agreement: needs the human labels of a multi-GT --data root; --hr pairs have none')
+    if args.compare and not set(args.compare) <= {m.name for m in methods} | {'GT'}:
+        raise ValueError(f"--compare {' '.join(args.compare)}: choose from {', '.join(m.name for m in methods)}, GT")
+    if args.tile is not None and (args.tile < 1 or args.tile_pad < 0):
+        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {args.tile} and {args.tile_pad}')
 
 
 def score_sr(sr, positives, metrics, metric_names):
@@ -232,220 +380,89 @@ def score_sr(sr, positives, metrics, metric_names):
     for n in metric_names:
         if metrics[n].fn is None:
             continue
-        if n in FULL_REFERENCE:  # DESIGN §5: mean over the set's effective positive GTs
+        if n in FULL_REFERENCE:  # HGGT's multi-GT scripts: the mean over the set's effective positive GTs
             row[n] = metrics[n].fn(sr.expand_as(positives), positives).mean().item()
         else:
             row[n] = metrics[n].fn(sr).item()
     return row
 
 
-def evaluate(args):
-    """Run and score every method on every test set (one pass), saving SR / LQ / GT PNGs under args.out."""
-    metric_names = parse_metric_list(args.metrics)
-    unknown = [m for m in args.agreement or [] if m not in nriqa_sr.METRIC_RANGES]
-    if unknown:
-        raise ValueError(f"--agreement: unknown NR metric '{unknown[0]}'; valid: {', '.join(nriqa_sr.METRIC_RANGES)}")
-    methods = resolve_methods(args.sources)
-    if args.compare and not set(args.compare) <= {m.name for m in methods} | {'GT'}:
-        raise ValueError(f"--compare {' '.join(args.compare)}: choose from {', '.join(m.name for m in methods)}, GT")
-    compare = args.compare or [m.name for m in methods[:2]] + ['GT'] * (len(methods) < 2)
-    dataset = PairedTestDataset(args.data, args.lq)
-    for method in methods:
-        if method.sr_dir:
-            check_sr_dir(method.sr_dir, dataset.names)
-    generators = {m.name: models.load_generator(m.ckpt, args.arch).to(args.device) for m in methods if m.ckpt}
-    if args.random_iqa:
-        print(RANDOM_WARNING, file=sys.stderr)
-    names = list(dict.fromkeys(metric_names + tuple(args.agreement or ())))
-    metrics = {n: build_metric(n, args.device, args.iqa_weights, args.random_iqa, args.strict) for n in names}
-    scored_gts = [n for n in names if metrics[n].fn is not None and n not in FULL_REFERENCE]
-    gt_scores = {n: {} for n in scored_gts}  # metric -> set name -> the five GTs' scores
-    per_image = []
-    with torch.no_grad(), tqdm(range(len(dataset)), desc='evaluate', unit='set') as bar:
-        for index in bar:
-            item = dataset[index]
-            name, gts = item['name'], item['gts'].to(args.device)  # (5,3,H,W)
-            positives = gts[item['positive'].to(args.device)]  # (P,3,H,W): effective positives, P >= 1
-            save_image(item['lq'], args.out / 'lq' / f'{name}.png')
-            if 'GT' in compare:
-                save_image(positives[0], args.out / 'gt' / f'{name}.png')
-            for n in scored_gts:
-                gt_scores[n][name] = metrics[n].fn(gts).tolist()
+def score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, args):
+    """The one pass: per set, every reference's NR scores and every method's row (SR / LQ / GT PNGs saved
+    under args.out) -> (per-image rows, {metric: {set name: reference scores}})."""
+    scored_refs = [n for n, m in metrics.items() if m.fn is not None and n not in FULL_REFERENCE]
+    ref_scores, per_image = {n: {} for n in scored_refs}, []
+    with torch.no_grad():
+        for s in tqdm(sets, desc='evaluate', unit='set'):
+            refs = torch.stack([to_rgb(load_image(p)) for p in s.refs]).to(args.device)  # (K,3,H,W)
+            lq = to_rgb(load_image(s.lq)) if use_lq else None
+            if lq is not None:
+                save_image(lq, args.out / 'lq' / f'{s.name}.png')
+            for n in scored_refs:
+                ref_scores[n][s.name] = metrics[n].fn(refs).tolist()
             for method in methods:
-                sr = super_resolve(method, generators.get(method.name), item, args)
-                save_image(sr, args.out / 'sr' / method.name / f'{name}.png')
-                per_image.append({'method': method.name, 'image': name,
+                sr = super_resolve(method, sources[method.name], s, lq, args)
+                save_image(sr, args.out / 'sr' / method.name / f'{s.name}.png')
+                keep = torch.tensor(s.positive, device=refs.device)
+                positives = refs[keep][..., :sr.shape[-2], :sr.shape[-1]]  # (P,3,h,w), cut to the SR size
+                per_image.append({'method': method.name, 'image': s.name,
                                   **score_sr(sr[None].to(args.device), positives, metrics, metric_names)})
-            # DESIGN §5 Gold Standard: the best NR score among the set's five GTs
-            per_image.append({'method': GOLD, 'image': name,
-                              **{n: max(gt_scores[n][name]) for n in metric_names if n in scored_gts}})
+            if 'GT' in compare:
+                save_image(positives[0], args.out / 'gt' / f'{s.name}.png')
+            # paper §5 Gold Standard: the best NR score among the set's GTs (the HR's own for pairs)
+            per_image.append({'method': GOLD, 'image': s.name,
+                              **{n: max(ref_scores[n][s.name]) for n in metric_names if n in scored_refs}})
+    return per_image, ref_scores
 
-    def table_value(label, n):  # mean over images; a note where the metric is missing
+
+def table_rows(per_image, labels, metrics, metric_names):
+    """Per method and Gold Standard: each metric's mean over images, or its 'missing' note."""
+    def value(label, n):
         if label == GOLD and n in FULL_REFERENCE:
             return None  # the Gold Standard has NR columns only
         values = [r[n] for r in per_image if r['method'] == label and n in r]
         return metrics[n].missing or sum(values) / len(values)
-
-    table = [{'method': label, **{n: table_value(label, n) for n in metric_names}}
-             for label in [m.name for m in methods] + [GOLD]]
-    agreement = [{'metric': n, 'missing': metrics[n].missing} if metrics[n].missing else
-                 {'metric': n, **nriqa_sr.agreement(gt_scores[n], dataset.labels)} for n in args.agreement or ()]
-    absent = {n: [str(f) for f in metrics[n].absent] for n in names if metrics[n].absent}
-    return Results(metric_names, table, per_image, agreement, len(dataset), compare, absent)
+    return [{'method': label, **{n: value(label, n) for n in metric_names}} for label in labels]
 
 
-# ----------------------------------------------------------------------------- outputs
-def write_atomic(path, data):
-    """str or bytes to `path` through data.atomic_open (never a half-written output)."""
-    with atomic_open(path) as f:
-        f.write(data.encode() if isinstance(data, str) else data)
+def agreement_rows(args, metrics, labels, ref_scores):
+    """--agreement over every labelled set of --data (paper §3): the GT scores of the evaluated sets, the
+    others' from a score cache or scored now (nriqa_sr.labelled_scores)."""
+    rows = []
+    for n in args.agreement or ():
+        if metrics[n].missing:
+            rows.append({'metric': n, 'missing': metrics[n].missing})
+            continue
+        scores = nriqa_sr.labelled_scores(args.data, metrics[n].fn, list(labels), known=ref_scores[n])
+        rows.append({'metric': n, **nriqa_sr.agreement(scores, labels)})
+    return rows
 
 
-def to_csv(rows, columns):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, restval='', lineterminator='\n')
-    writer.writeheader()
-    writer.writerows({k: '' if v is None else v for k, v in r.items()} for r in rows)
-    return buf.getvalue()
-
-
-def header(metric_names):
-    return ['Method'] + [f"{TITLES[n]} {'↓' if n in LOWER_BETTER else '↑'}" for n in metric_names]
-
-
-def cells(rows, metric_names):
-    """Per row: (method, [(text, is_best)]) in metric order. Best = the best method value of the column
-    (Gold Standard is a reference, not a contender); a missing metric shows its note, '–' no value."""
-    best = {}
-    for n in metric_names:
-        values = [r[n] for r in rows if r['method'] != GOLD and isinstance(r.get(n), float)]
-        best[n] = (min if n in LOWER_BETTER else max)(values) if values else None
-    for r in rows:
-        values = [r.get(n) for n in metric_names]
-        yield r['method'], [('–' if v is None else v if isinstance(v, str) else format(v, FORMATS[n]),
-                             r['method'] != GOLD and isinstance(v, float) and v == best[n])
-                            for n, v in zip(metric_names, values)]
-
-
-def absent_note(res):
-    """One line per metric that could not compute: its absent files, full paths."""
-    return [f"{TITLES.get(n, n)}: {', '.join(files)}" for n, files in res.absent.items()]
-
-
-ABSENT_HEAD = 'Missing weight files (pyiqa would download them; put them there or pass --iqa-weights DIR):'
-
-
-def markdown(res, data, random_iqa):
-    lines = [f'# Evaluation on {data} ({res.num_sets} sets)', '']
-    if random_iqa:
-        lines += [f'**{RANDOM_WARNING}**', '']
-    lines += ['| ' + ' | '.join(header(res.metric_names)) + ' |', '|' + '---|' * (len(res.metric_names) + 1)]
-    for method, row in cells(res.table, res.metric_names):
-        lines.append('| ' + ' | '.join([method] + [f'**{t}**' if best else t for t, best in row]) + ' |')
-    lines += ['', ("Full-reference metrics: mean over each set's effective positive GTs, then over sets. "
-                   "Gold Standard: the best NR score among a set's five GTs, averaged over sets (DESIGN §5).")]
-    if res.absent:
-        lines += ['', ABSENT_HEAD] + [f'- {line}' for line in absent_note(res)]
-    if res.agreement:
-        lines += ['', '## Agreement with the human labels (paper §3)', '',
-                  '| Metric | Pairwise accuracy (%) ↑ | Pairs | Negative ranked top (%) ↓ | Sets with a negative |',
-                  '|---|---|---|---|---|']
-        for a in res.agreement:
-            values = [a['missing']] * 4 if 'missing' in a else [
-                f"{a['pairwise_accuracy']:.2f}", str(a['pairs']), f"{a['negative_top_rate']:.2f}",
-                str(a['sets_with_negative'])]
-            lines.append('| ' + ' | '.join([a['metric'], *values]) + ' |')
-    return '\n'.join(lines) + '\n'
-
-
-SLIDER_JS = ("function slide(r){r.parentNode.querySelector('img.top').style.clipPath="
-             "'inset(0 '+(100-r.value)+'% 0 0)';}")
-STYLE = ('body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin:.5em 0}'
-         'td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}.warn{color:#b00;font-weight:bold}'
-         '.pair{display:flex;gap:1em;max-width:1200px}.pair>div{flex:1;position:relative}'
-         '.pair img{width:100%;display:block;image-rendering:pixelated}.cmp input{width:100%}'
-         '.cmp img.top{position:absolute;top:0;left:0;clip-path:inset(0 50% 0 0)}')
-
-
-def html_table(rows, metric_names):
-    head = ''.join(f'<th>{html.escape(h)}</th>' for h in header(metric_names))
-    body = ''.join(f'<tr><th>{html.escape(m)}</th>' + ''.join(
-        f'<td><b>{html.escape(t)}</b></td>' if best else f'<td>{html.escape(t)}</td>' for t, best in row) + '</tr>'
-        for m, row in cells(rows, metric_names))
-    return f'<table><tr>{head}</tr>{body}</table>'
-
-
-def report_html(res, random_iqa):
-    """Self-contained page (inline CSS/JS; images by relative path to the saved PNGs): the table, then per
-    image a comparison slider (a range input under two stacked images; the top one, compare[0], is
-    clipped to the slider's share of the width) next to the LQ (enlarged), and the per-image scores."""
-    def src(label, name):
-        return f'gt/{name}.png' if label == 'GT' else f'sr/{label}/{name}.png'
-
-    left, right = (html.escape(c) for c in res.compare)
-    parts = [('<!doctype html><html><head><meta charset="utf-8"><title>nriqa-sr evaluation</title>'
-              f'<style>{STYLE}</style><script>{SLIDER_JS}</script></head><body>'),
-             f'<h1>Evaluation ({res.num_sets} sets)</h1>']
-    if random_iqa:
-        parts.append(f'<p class="warn">{html.escape(RANDOM_WARNING)}</p>')
-    parts.append(html_table(res.table, res.metric_names))
-    if res.absent:
-        parts.append(f'<p>{ABSENT_HEAD}</p><ul>' + ''.join(f'<li>{html.escape(line)}</li>'
-                                                          for line in absent_note(res)) + '</ul>')
-    computed = [n for n in res.metric_names if n not in res.absent]
-    for name in dict.fromkeys(r['image'] for r in res.per_image):
-        e = html.escape(name)
-        parts.append(
-            f'<section><h2>{e}</h2><div class="pair"><div class="cmp">'
-            f'<img src="{src(res.compare[1], e)}" alt="{right}"><img class="top" src="{src(res.compare[0], e)}" '
-            f'alt="{left}"><input type="range" min="0" max="100" value="50" oninput="slide(this)" '
-            f'aria-label="{left} | {right}"><div>&#9664; {left} | {right} &#9654;</div></div>'
-            f'<div><img class="lq" src="lq/{e}.png" alt="LQ"><div>LQ input (enlarged)</div></div></div>'
-            + html_table([r for r in res.per_image if r['image'] == name], computed) + '</section>')
-    return '\n'.join(parts) + '\n</body></html>\n'
-
-
-def perception_distortion_png(res, random_iqa):
-    """PSNR (distortion, x) vs MUSIQ (perception, y), one point per method, Gold Standard as a line.
-    Without MUSIQ the first available NR metric is used and the title says so."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    nr = [n for n in res.metric_names if n not in FULL_REFERENCE and isinstance(res.table[0][n], float)]
-    y = 'musiq' if 'musiq' in nr else (nr[0] if nr else None)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    if isinstance(res.table[0].get('psnr'), float) and y is not None:
-        for r in res.table[:-1]:
-            ax.scatter(r['psnr'], r[y])
-            ax.annotate(r['method'], (r['psnr'], r[y]), textcoords='offset points', xytext=(4, 4))
-        ax.axhline(res.table[-1][y], linestyle='--', color='gray', label=GOLD)
-        ax.legend()
-        title = f'Perception-distortion: PSNR vs {TITLES[y]}'
-        title += '' if y == 'musiq' else f'\n(MUSIQ not available: {TITLES[y]} used instead)'
-        ax.set(xlabel='PSNR (dB) ↑', ylabel=f'{TITLES[y]} ↑')
-    else:
-        title = 'Perception-distortion: needs PSNR and an NR metric'
-    ax.set_title(title)
-    if random_iqa:
-        ax.text(0.5, 0.02, 'RANDOM NR weights: meaningless', transform=ax.transAxes, ha='center', color='red')
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format='png', dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def write_reports(res, args):
-    info = {'data': str(args.data), 'sets': res.num_sets, 'metrics': list(res.metric_names),
-            'lower_better': [n for n in res.metric_names if n in LOWER_BETTER], 'random_iqa': args.random_iqa,
-            'table': res.table, 'agreement': res.agreement, 'absent_weights': res.absent}
-    out = args.out
-    write_atomic(out / 'results.json', json.dumps(info, indent=1, ensure_ascii=False))
-    write_atomic(out / 'results.csv', to_csv(res.table, ['method', *res.metric_names]))
-    write_atomic(out / 'per_image.csv', to_csv(res.per_image, ['method', 'image', *res.metric_names]))
-    write_atomic(out / 'results.md', markdown(res, args.data, args.random_iqa))
-    write_atomic(out / 'report.html', report_html(res, args.random_iqa))
-    write_atomic(out / 'perception_distortion.png', perception_distortion_png(res, args.random_iqa))
+def evaluate(args):
+    """Check every input (in the order of its cost), then run and score every method on every test set."""
+    metric_names = parse_metric_list(args.metrics)
+    methods = resolve_methods(args.sources)
+    check_flags(args, methods)
+    sets, labels = (pair_sets(args.hr, args.lq, args.hr_name, args.lq_name), {}) if args.hr else \
+        hggt_sets(args.data, args.lq)
+    if not sets:
+        raise ValueError(f'{args.data / "labels"}: no set has an effective Positive GT to compare with')
+    sources = {m.name: load_method_generator(m.ckpt, args.arch, args.device, args.channels_last)
+               for m in methods if m.ckpt}
+    scales = {models.generator_scale(g) for g in sources.values()} or {SR_DIR_SCALE}
+    use_lq = check_sets(sets, scales, need_lq=bool(sources))
+    sources.update({m.name: index_sr_dir(m.sr_dir, sets) for m in methods if m.sr_dir})
+    if args.random_iqa:
+        print(RANDOM_WARNING, file=sys.stderr)
+    names = list(dict.fromkeys(metric_names + tuple(args.agreement or ())))
+    metrics = {n: build_metric(n, args.device, args.iqa_weights, args.random_iqa, args.strict) for n in names}
+    compare = args.compare or [m.name for m in methods[:2]] + ['GT'] * (len(methods) < 2)
+    per_image, ref_scores = score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, args)
+    table = table_rows(per_image, [m.name for m in methods] + [GOLD], metrics, metric_names)
+    return Results(metric_names, table, per_image, agreement_rows(args, metrics, labels, ref_scores), len(sets),
+                   compare, absent={n: [str(f) for f in metrics[n].absent] for n in names if metrics[n].absent},
+                   source=' + '.join(map(str, args.hr)) if args.hr else str(args.data), single_gt=bool(args.hr),
+                   dropped=len(labels) - len(sets) if labels else 0, has_lq=use_lq, random_iqa=args.random_iqa)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -454,19 +471,28 @@ def build_parser():
     p.add_argument('--ckpt', dest='sources', action=_InOrder, metavar='CKPT',
                    help='generator checkpoint (EMA weights; train.py exports have LoRA merged); repeatable')
     p.add_argument('--sr-dir', dest='sources', action=_InOrder, metavar='DIR',
-                   help='folder of SR images NAME.png made elsewhere; repeatable')
+                   help='folder of SR images NAME.png (or .jpg/.jpeg) made elsewhere; repeatable')
     p.add_argument('--name', dest='sources', action=_InOrder, metavar='NAME',
-                   help='row name of the --ckpt / --sr-dir just before it (default: file stem / folder name)')
+                   help='row name of the --ckpt / --sr-dir just before it (default: file stem, run folder, folder)')
     p.add_argument('--arch', choices=sorted(models.GENERATORS),
                    help="generator of every --ckpt (default: the file's 'arch', else told from its names)")
-    p.add_argument('--data', type=Path, required=True, help='labelled test root (HGGT layout, Test-100)')
-    p.add_argument('--lq', type=Path, help='folder of LQ inputs NAME.png (default DATA/Blind_LR)')
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument('--data', type=Path, help='labelled multi-GT test root (HGGT layout, Test-100)')
+    data.add_argument('--hr', type=Path, nargs='+', metavar='DIR',
+                      help='folders of single-GT pairs, e.g. RealSR v3 Canon/Test/4 Nikon/Test/4 (Table 8)')
+    p.add_argument('--lq', type=Path, help='folder of LQ inputs (default: DATA/Blind_LR, or each --hr folder)')
+    p.add_argument('--hr-name', default='*_HR.png', metavar='PATTERN',
+                   help="HR file names in --hr folders, '*' = set name (default RealSR v3's '*_HR.png')")
+    p.add_argument('--lq-name', default='*_LR4.png', metavar='PATTERN',
+                   help="LQ file names of --hr pairs, '*' = set name (default RealSR v3's '*_LR4.png')")
     p.add_argument('--out', type=Path, required=True, help='output folder')
     p.add_argument('--metrics', default=','.join(METRICS), help=f"comma list (default all): {','.join(METRICS)}")
     p.add_argument('--strict', action='store_true', help='a metric with absent weights is an error, not a note')
     p.add_argument('--device', type=nriqa_sr.parse_device, default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='torch device')
     p.add_argument('--amp', action='store_true', help='generator under autocast (fp16 on CUDA, bf16 on CPU)')
+    p.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
+                   help='RRDBNet in channels-last memory format (default; same outputs, faster)')
     p.add_argument('--tile', type=int, help='tile size in LQ pixels for bounded memory (default: whole image)')
     p.add_argument('--tile-pad', type=int, default=32, help='LQ pixels of context around each tile')
     p.add_argument('--compare', nargs=2, metavar=('A', 'B'),
@@ -479,30 +505,19 @@ def build_parser():
     return p
 
 
-def publish(staging, out):
-    """Move every file of `staging` into `out`, the reports last: `out` only ever receives a finished run."""
-    files = sorted((p for p in staging.rglob('*') if p.is_file()), key=lambda p: (p.parent == staging, p))
-    for path in files:
-        target = out / path.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # every output goes to a staging folder next to `out` first, so a run that fails half-way
-    # (a corrupt image in the 50th set) leaves `out` as it was
-    args.out = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
+    out, staging = args.out, None
     try:
-        write_reports(evaluate(args), args)
-        publish(args.out, out)
+        staging = args.out = make_staging(out)
+        write_reports(evaluate(args), staging)
+        publish(staging, out)
     except (ValueError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)
     finally:
-        shutil.rmtree(args.out, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     print((out / 'results.md').read_text())
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import MultiGTDataset, gt_paths
+from data import MultiGTDataset, gt_paths, read_effective_labels
 from files import atomic_open, load_checkpoint, load_image, png_bit_depth, save_image, to_rgb
 from models import generator_scale, load_generator
 from weights import WEIGHT_FILES, backbone_path, weight_path
@@ -293,12 +293,18 @@ def load_score_cache(path, metric, fingerprint, names=None):
 
 
 def agreement(scores, labels):
-    """Agreement of Q with HGGT's human labels (paper §3, DESIGN §5), in percent.
+    """Agreement of Q with HGGT's human labels (paper §3, supplementary §7.1), in percent, over every set.
 
-    pairwise_accuracy: share of (Positive, Negative) GT pairs of a set where Q(Positive) > Q(Negative)
-    (strictly; a tie disagrees), over `pairs` pairs. negative_top_rate: share of the
-    `sets_with_negative` sets where the top-scored of all five GTs (ties -> lowest index, as amo)
-    is a Negative. A rate with nothing to count is NaN.
+    labels: {name: ['Original', l1..l4]} effective labels (data.read_effective_labels, nothing dropped);
+    scores: {name: [Q(GT 0)..Q(GT 4)]} whole-image scores.
+      pairwise_accuracy: share of the `pairs` (Positive, Negative) GT pairs of a set where
+                         Q(Positive) > Q(Negative) (strictly: a tie disagrees);
+      negative_share:    share of the `sets` sets that hold a Negative (`sets_with_negative`);
+      negative_top_rate: share of those where the top-scored of the five GTs is a Negative;
+      amo_negative_rate: share of all sets where amo's argmax over the five GTs (ties -> lowest index,
+                         as argmax_online) is a Negative, i.e. negative_share * negative_top_rate / 100.
+    The supplementary (§7.1) gives ~6 %, ~34 % and ~2 % for the last three with MUSIQ on HGGT-train.
+    A rate with nothing to count is NaN.
     """
     pairs = agreeing = sets_with_negative = negative_top = 0
     for name, set_labels in labels.items():
@@ -317,7 +323,59 @@ def agreement(scores, labels):
         return 100.0 * count / total if total else float('nan')
 
     return {'pairwise_accuracy': percent(agreeing, pairs), 'pairs': pairs,
-            'negative_top_rate': percent(negative_top, sets_with_negative), 'sets_with_negative': sets_with_negative}
+            'negative_top_rate': percent(negative_top, sets_with_negative), 'sets_with_negative': sets_with_negative,
+            'negative_share': percent(sets_with_negative, len(labels)),
+            'amo_negative_rate': percent(negative_top, len(labels)), 'sets': len(labels)}
+
+
+AGREEMENT_COLUMNS = ('Pairwise accuracy (%) ↑', 'Pairs', 'Sets with a negative (%)', 'Negative ranked top (%) ↓',
+                     'AMO picks a negative (%) ↓', 'Sets')
+
+
+def agreement_cells(result):
+    """The texts of one agreement() result in AGREEMENT_COLUMNS order ('–' where a rate is NaN)."""
+    def percent(value):
+        return '–' if math.isnan(value) else f'{value:.2f}'
+    return [percent(result['pairwise_accuracy']), str(result['pairs']),
+            f"{percent(result['negative_share'])} ({result['sets_with_negative']})",
+            percent(result['negative_top_rate']), percent(result['amo_negative_rate']), str(result['sets'])]
+
+
+def score_set(root, name, quality):
+    """Q of the five GTs of one set, whole images in one batch -> [s0..s4], all finite."""
+    paths = gt_paths(root, name)
+    images = [to_rgb(load_image(path)) for path in paths]
+    for path, image in zip(paths[1:], images[1:]):
+        if image.shape != images[0].shape:
+            raise ValueError(f'{path}: size {tuple(image.shape[1:])} differs from {paths[0].name} '
+                             f'{tuple(images[0].shape[1:])} in its set')
+    with torch.no_grad():
+        scores = quality(torch.stack(images)).cpu()  # (5,3,H,W) -> (5,)
+    if not torch.isfinite(scores).all():
+        raise ValueError(f'{paths[0]}: {quality.name} gave a NaN or infinite score')
+    return scores.tolist()
+
+
+def labelled_scores(root, quality, names, known=None):
+    """{name: [s0..s4]}: whole-image Q scores of the five GTs of every set in `names`, from `known`, else from
+    a complete score cache of this Q (`python nriqa_sr.py score`, ROOT/scores_<Q>.json), else scored now.
+    Nothing is written: the cache stays what `score` made."""
+    scores = {name: known[name] for name in names if name in (known or {})}
+    path = score_cache_path(root, quality.name)
+    if len(scores) < len(names) and path.is_file():
+        try:
+            cached = load_score_cache(path, quality.name, quality.fingerprint)
+        except ValueError as err:
+            print(f'not used: {err}', file=sys.stderr)
+            cached = {}
+        scores.update({name: cached[name] for name in names if name in cached and name not in scores})
+    todo = [name for name in names if name not in scores]
+    if todo:
+        print(f'{quality.name}: scoring the GTs of {len(todo)} sets now; python nriqa_sr.py score --data {root} '
+              f'--iqa {quality.name} would cache them (resumable)', file=sys.stderr)
+    for name in tqdm(todo, desc=f'score {quality.name}', unit='set', disable=not todo):
+        scores[name] = score_set(root, name, quality)
+    return {name: scores[name] for name in names}
 
 
 def upscale_image(model, lq, scale, tile=None, tile_pad=32):
@@ -420,6 +478,7 @@ def build_parser():
     upscale.add_argument('--tile-pad', type=int, default=32, metavar='P',
                          help='LQ pixels of context on each side of a tile (default 32)')
     upscale.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+    add_agreement_command(commands, device)
     return parser
 
 
@@ -449,11 +508,52 @@ def run_upscale(args):
     print(f'{len(files)} image(s) x{scale} -> {args.output}')
 
 
+def json_object(text):
+    """argparse type of --iqa-opts: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({err}): {text}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object {{"metric": {{option: value}}}}, got {text}')
+    return value
+
+
+def add_agreement_command(commands, device):
+    agree = commands.add_parser('agreement', help='agreement of NR-IQA models with the human labels (paper §3)')
+    agree.add_argument('--data', type=Path, required=True, metavar='ROOT',
+                       help='HGGT-layout root with labels/ (training or test); every labelled set counts')
+    agree.add_argument('--iqa', nargs='+', default=['musiq'], metavar='NAME',
+                       help="metrics to compare (musiq, nima, qalign, topiq_nr, paq2piq, piqe, or 'musiq:1+nima:0.5')")
+    agree.add_argument('--iqa-weights', type=Path, metavar='PATH',
+                       help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
+    agree.add_argument('--iqa-opts', type=json_object, metavar='JSON',
+                       help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
+    agree.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
+    agree.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+
+
+def run_agreement(args):
+    """Paper §3 / supplementary §7.1 on any labelled root: every Q is built before any set is scored."""
+    for name in args.iqa:
+        parse_metric(name)
+    labels = read_effective_labels(args.data)
+    qualities = [QualityModel(name, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa,
+                              metric_opts=args.iqa_opts) for name in args.iqa]
+    rows = [(q.name, agreement(labelled_scores(args.data, q, list(labels)), labels)) for q in qualities]
+    lines = ['| Metric | ' + ' | '.join(AGREEMENT_COLUMNS) + ' |', '|---' * (len(AGREEMENT_COLUMNS) + 1) + '|']
+    lines += ['| ' + ' | '.join([name, *agreement_cells(result)]) + ' |' for name, result in rows]
+    print(f'{args.data}: {len(labels)} labelled sets' + (' (RANDOM Q weights: meaningless)' if args.random_iqa else ''))
+    print('\n'.join(lines))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.command == 'score':
             run_score(args)
+        elif args.command == 'agreement':
+            run_agreement(args)
         else:
             run_upscale(args)
     except (ValueError, FileNotFoundError) as err:

@@ -714,6 +714,42 @@ CASES = [
     train_out_is_a_file, train_out_under_a_file, train_out_holds_a_finished_run, train_finetune_out_holds_init,
     train_out_in_use, train_unknown_iqa,
 ]
+
+
+# evaluate cases (issue 11)
+def evaluate_out_is_a_file(w, tmp):
+    (tmp / 'out').write_text('an earlier file, to be left as it is')
+    return Bad('evaluate', evaluate_args(w, tmp, '--sr-dir', w.sr), '--out', 'is a file, not a folder')
+
+
+def evaluate_out_under_a_file(w, tmp):
+    (tmp / 'notes.txt').write_text('a file, not a folder')
+    return Bad('evaluate', evaluate_args(w, tmp, '--sr-dir', w.sr, '--out', tmp / 'notes.txt' / 'out'),
+               tmp / 'notes.txt', 'is a file, not a folder')
+
+
+def evaluate_sr_png_and_jpg(w, tmp):
+    sr = copy_tree(w.sr, tmp / 'sr')
+    shutil.copy(sr / 's2.png', sr / 's2.jpg')
+    return Bad('evaluate', evaluate_args(w, tmp, '--sr-dir', sr), sr, 'both s2.jpg and s2.png')
+
+
+def evaluate_ckpt_is_lora_adapters(w, tmp):
+    model = models.build_generator('rrdbnet', **TINY_RRDB)
+    lora.inject_lora(model, 'rrdbnet', rank=2)
+    files.save_checkpoint({'params_lora': lora.lora_state_dict(model), 'arch': 'rrdbnet', 'config': TINY_RRDB},
+                          tmp / 'lora_adapters.pth')
+    return Bad('evaluate', evaluate_args(w, tmp, '--ckpt', tmp / 'lora_adapters.pth'), tmp / 'lora_adapters.pth',
+               'python lora.py merge --base BASE.pth --adapters')
+
+
+def evaluate_agreement_without_labels(w, tmp):
+    return Bad('evaluate', evaluate_args(w, tmp, '--sr-dir', w.sr, '--agreement', 'piqe')[2:] + ['--hr', w.sr],
+               '--agreement', 'needs the human labels')
+
+
+CASES += [evaluate_out_is_a_file, evaluate_out_under_a_file, evaluate_sr_png_and_jpg, evaluate_ckpt_is_lora_adapters,
+          evaluate_agreement_without_labels]
 PROGRESS = re.compile(r'\d+%\|')  # a tqdm bar
 MAINS = {'train': train.main, 'evaluate': evaluate.main, 'nriqa_sr': nriqa_sr.main}
 

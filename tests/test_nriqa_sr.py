@@ -314,7 +314,8 @@ def test_agreement_on_hand_made_sets():
               'b': [10, 90, 80, 20, 30],  # pair (2,1) disagrees; top GT 1 is Negative
               'c': [99, 1, 2, 3, 4]}      # no Negative: no pair, not counted
     assert agreement(scores, labels) == {'pairwise_accuracy': pytest.approx(100 / 3), 'pairs': 3,
-                                         'negative_top_rate': 50.0, 'sets_with_negative': 2}
+                                         'negative_top_rate': 50.0, 'sets_with_negative': 2, 'sets': 3,
+                                         'negative_share': pytest.approx(200 / 3), 'amo_negative_rate': pytest.approx(100 / 3)}
     tie = agreement({'a': [0, 5, 5, 5, 1]}, {'a': labels['a']})
     assert tie['pairwise_accuracy'] == 0 and tie['negative_top_rate'] == 0  # tie disagrees; top = lowest index
     with pytest.raises(ValueError, match='no Q scores'):

@@ -1,0 +1,286 @@
+"""The outputs of evaluate.py: results.json / .csv / .md, per_image.csv, report.html and the
+perception-distortion plot, from its Results, and the staging folder they fill before moving into --out.
+
+A file of its own because evaluate.py (read the test sets, run the generators, compute the paper's
+metrics) passes 450 lines with them, and presenting numbers is a separate job: nothing here computes one.
+Every output is written atomically (files.atomic_open); every name that enters HTML is escaped, and in
+`src` attributes URL-quoted first.
+"""
+import csv
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from files import atomic_open
+from nriqa_sr import AGREEMENT_COLUMNS, agreement_cells
+
+GOLD = 'Gold Standard'  # the row of the best GT's NR scores (paper §5): NR columns only
+LOWER_BETTER = ('lpips', 'stlpips', 'dists')
+TITLES = {'psnr': 'PSNR', 'ssim': 'SSIM', 'lpips': 'LPIPS', 'stlpips': 'LPIPS-ST', 'dists': 'DISTS',
+          'musiq': 'MUSIQ', 'nima': 'NIMA', 'qalign': 'Q-Align', 'topiq_nr': 'TOPIQ', 'paq2piq': 'PaQ-2-PiQ'}
+FORMATS = {**dict.fromkeys(TITLES, '.4f'), 'psnr': '.2f', 'musiq': '.2f', 'paq2piq': '.2f', 'nima': '.3f',
+           'qalign': '.3f', 'topiq_nr': '.3f'}  # the paper's decimals
+RANDOM_WARNING = 'WARNING: --random-iqa: NR metrics have RANDOM weights, their scores are meaningless (demo/test only)'
+ABSENT_HEAD = 'Missing weight files (pyiqa would download them; put them there or pass --iqa-weights DIR):'
+PLOT = 'perception_distortion.png'
+
+
+@dataclass
+class Results:
+    """What the reports show: table rows (methods, then Gold Standard), per-image rows, agreement rows."""
+    metric_names: tuple
+    table: list
+    per_image: list
+    agreement: list
+    num_sets: int
+    compare: list
+    absent: dict  # metric -> the full paths of its absent weight files
+    source: str  # what was evaluated, for the titles
+    single_gt: bool
+    dropped: int  # sets left out: no effective positive
+    has_lq: bool
+    random_iqa: bool
+
+
+# ----------------------------------------------------------------------------- the output folder
+def check_out(out):
+    """--out is a folder, or will be one: a file on its way is one line now, not an error after the run."""
+    for path in [out, *out.parents]:
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f'--out {out}: ' + ('is a file' if path == out else f'{path} is a file') +
+                                 ', not a folder')
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ValueError(f'--out {out}: {path} is not writable')
+            return
+
+
+def publish(staging, out):
+    """Move every file of `staging` into `out`, the reports last: `out` only ever receives a finished run."""
+    files = sorted((p for p in staging.rglob('*') if p.is_file()), key=lambda p: (p.parent == staging, p))
+    for path in files:
+        target = out / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def make_staging(out):
+    """A fresh folder beside `out` that receives every output first, so a run that fails half-way (a corrupt
+    image in the 50th set) leaves `out` as it was."""
+    check_out(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.tmp-'))
+    except OSError as err:
+        raise ValueError(f'--out {out}: cannot create a folder beside it ({err.strerror})') from None
+
+
+def write_atomic(path, data):
+    """str or bytes to `path` through files.atomic_open (never a half-written output)."""
+    with atomic_open(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def to_csv(rows, columns):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, restval='', lineterminator='\n')
+    writer.writeheader()
+    writer.writerows({k: '' if v is None else v for k, v in r.items()} for r in rows)
+    return buf.getvalue()
+
+
+def finite_or_none(value):
+    """NaN (an agreement rate with nothing to count) and inf (the PSNR of identical images) -> None, in
+    nested dicts and lists: results.json stays strict JSON (the CSV and Markdown files write 'inf')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    return [finite_or_none(v) for v in value] if isinstance(value, list) else value
+
+
+# ----------------------------------------------------------------------------- tables
+def header(metric_names):
+    return ['Method'] + [f"{TITLES[n]} {'↓' if n in LOWER_BETTER else '↑'}" for n in metric_names]
+
+
+def cells(rows, metric_names):
+    """Per row: (method, [(text, is_best)]) in metric order. Best = the best method value of the column
+    (Gold Standard is a reference, not a contender); a missing metric shows its note, '–' no value."""
+    best = {}
+    for n in metric_names:
+        values = [r[n] for r in rows if r['method'] != GOLD and isinstance(r.get(n), float)]
+        best[n] = (min if n in LOWER_BETTER else max)(values) if values else None
+    for r in rows:
+        yield r['method'], [('–' if v is None else v if isinstance(v, str) else format(v, FORMATS[n]),
+                             r['method'] != GOLD and isinstance(v, float) and v == best[n])
+                            for n, v in ((n, r.get(n)) for n in metric_names)]
+
+
+def agreement_rows(res):
+    """(metric, texts in AGREEMENT_COLUMNS order) per --agreement metric."""
+    return [(a['metric'], [a['missing']] * len(AGREEMENT_COLUMNS) if 'missing' in a else agreement_cells(a))
+            for a in res.agreement]
+
+
+def notes(res):
+    """What the table values are, which sets are left out, and why the plot is absent (if it is)."""
+    lines = [("Full-reference metrics: 4 border pixels cropped, then the HR's value (single-GT pairs)."
+              if res.single_gt else "Full-reference metrics: 4 border pixels cropped, the mean over a set's "
+              "effective positive GTs, then over sets.") + ' ' +
+             ("Gold Standard: the HR's own NR score." if res.single_gt else
+              "Gold Standard: the best NR score among a set's five GTs, averaged over sets (paper §5).")]
+    if res.dropped:
+        lines.append(f'{res.dropped} labelled sets without an effective positive GT are left out of the table '
+                     '(nothing to compare with); --agreement counts them.')
+    if plot_axes(res)[1]:
+        lines.append(f'No perception-distortion plot: {plot_axes(res)[1]}.')
+    return lines
+
+
+def absent_note(res):
+    """One line per metric that could not compute: its absent files, full paths."""
+    return [f"{TITLES.get(n, n)}: {', '.join(files)}" for n, files in res.absent.items()]
+
+
+def markdown(res):
+    lines = [f'# Evaluation on {res.source} ({res.num_sets} sets)', '']
+    if res.random_iqa:
+        lines += [f'**{RANDOM_WARNING}**', '']
+    lines += ['| ' + ' | '.join(header(res.metric_names)) + ' |', '|' + '---|' * (len(res.metric_names) + 1)]
+    for method, row in cells(res.table, res.metric_names):
+        lines.append('| ' + ' | '.join([method] + [f'**{t}**' if best else t for t, best in row]) + ' |')
+    lines += [''] + notes(res)
+    if res.absent:
+        lines += ['', ABSENT_HEAD] + [f'- {line}' for line in absent_note(res)]
+    if res.agreement:
+        lines += ['', '## Agreement with the human labels (paper §3, supplementary §7.1)', '',
+                  '| Metric | ' + ' | '.join(AGREEMENT_COLUMNS) + ' |', '|---' * (len(AGREEMENT_COLUMNS) + 1) + '|']
+        lines += ['| ' + ' | '.join([metric, *texts]) + ' |' for metric, texts in agreement_rows(res)]
+    return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------- HTML
+SLIDER_JS = ("function slide(r){r.parentNode.querySelector('img.top').style.clipPath="
+             "'inset(0 '+(100-r.value)+'% 0 0)';}")
+STYLE = ('body{font-family:sans-serif;margin:1em;max-width:100%;overflow-wrap:anywhere}'
+         '.wide{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.5em 0}'
+         'td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}.warn{color:#b00;font-weight:bold}'
+         'img.plot{max-width:100%}.pair{display:flex;flex-wrap:wrap;gap:1em;max-width:1200px}'
+         '.pair>div{flex:1 1 300px;position:relative;min-width:0}'
+         '.pair img{width:100%;display:block;image-rendering:pixelated}.cmp input{width:100%}'
+         '.cmp img.top{position:absolute;top:0;left:0;clip-path:inset(0 50% 0 0)}')
+
+
+def attr(url):
+    """A relative URL for a src attribute: URL-quoted (a '#', '?' or '%' in a file name stays a name),
+    then HTML-escaped."""
+    return html.escape(quote(url), quote=True)
+
+
+def html_rows(head, rows):
+    """A table in a box that scrolls sideways on its own, so a wide table never widens the page.
+    rows: [(row header, [(text, bold)])]."""
+    th = ''.join(f'<th>{html.escape(h)}</th>' for h in head)
+    body = ''.join(f'<tr><th>{html.escape(name)}</th>' + ''.join(
+        f'<td><b>{html.escape(t)}</b></td>' if bold else f'<td>{html.escape(t)}</td>' for t, bold in row) + '</tr>'
+        for name, row in rows)
+    return f'<div class="wide"><table><tr>{th}</tr>{body}</table></div>'
+
+
+def image_section(res, name, computed):
+    """One test image: the comparison slider (a range input under two stacked images; the top one,
+    compare[0], is clipped to the slider's share of the width), the LQ (enlarged), its scores."""
+    def src(label):
+        return attr(f'gt/{name}.png' if label == 'GT' else f'sr/{label}/{name}.png')
+
+    left, right = (html.escape(c) for c in res.compare)
+    lq = (f'<div><img class="lq" src="{attr(f"lq/{name}.png")}" alt="LQ"><div>LQ input (enlarged)</div></div>'
+          if res.has_lq else '')
+    rows = [r for r in res.per_image if r['image'] == name]
+    return (f'<section><h2>{html.escape(name)}</h2><div class="pair"><div class="cmp">'
+            f'<img src="{src(res.compare[1])}" alt="{right}"><img class="top" src="{src(res.compare[0])}" '
+            f'alt="{left}"><input type="range" min="0" max="100" value="50" oninput="slide(this)" '
+            f'aria-label="{left} | {right}"><div>&#9664; {left} | {right} &#9654;</div></div>{lq}</div>'
+            + html_rows(header(computed), cells(rows, computed)) + '</section>')
+
+
+def report_html(res):
+    """Self-contained page (inline CSS/JS; images by relative path to the saved PNGs): the table, notes,
+    missing weights, the agreement table, the perception-distortion plot, then every test image."""
+    parts = [('<!doctype html><html><head><meta charset="utf-8"><title>nriqa-sr evaluation</title>'
+              f'<style>{STYLE}</style><script>{SLIDER_JS}</script></head><body>'),
+             f'<h1>Evaluation on {html.escape(res.source)} ({res.num_sets} sets)</h1>']
+    if res.random_iqa:
+        parts.append(f'<p class="warn">{html.escape(RANDOM_WARNING)}</p>')
+    parts.append(html_rows(header(res.metric_names), cells(res.table, res.metric_names)))
+    parts += [f'<p>{html.escape(line)}</p>' for line in notes(res)]
+    if res.absent:
+        parts.append(f'<p>{html.escape(ABSENT_HEAD)}</p><ul>' + ''.join(
+            f'<li>{html.escape(line)}</li>' for line in absent_note(res)) + '</ul>')
+    if res.agreement:
+        parts += ['<h2>Agreement with the human labels (paper §3, supplementary §7.1)</h2>',
+                  html_rows(['Metric', *AGREEMENT_COLUMNS],
+                            [(m, [(t, False) for t in texts]) for m, texts in agreement_rows(res)])]
+    if plot_axes(res)[0]:
+        parts.append(f'<h2>Perception-distortion</h2><img class="plot" src="{attr(PLOT)}" alt="PSNR vs NR score">')
+    computed = [n for n in res.metric_names if n not in res.absent]
+    parts += [image_section(res, name, computed) for name in dict.fromkeys(r['image'] for r in res.per_image)]
+    return '\n'.join(parts) + '\n</body></html>\n'
+
+
+# ----------------------------------------------------------------------------- plot
+def plot_axes(res):
+    """(NR metric for y, None) when the plot has points to draw, else (None, why not). x is PSNR; y is MUSIQ,
+    else the first NR metric that computed (the Gold Standard row holds values of computed NR metrics only)."""
+    methods, gold = res.table[:-1], res.table[-1]
+    nr = [n for n in res.metric_names if isinstance(gold.get(n), float)]
+    if not any(isinstance(r.get('psnr'), float) for r in methods):
+        return None, 'it needs PSNR in --metrics'
+    if not nr:
+        return None, 'it needs an NR metric (MUSIQ, NIMA, ...) that computed'
+    return ('musiq' if 'musiq' in nr else nr[0]), None
+
+
+def perception_distortion_png(res):
+    """PSNR (distortion, x) vs an NR metric (perception, y), one point per method, Gold Standard as a line."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    y = plot_axes(res)[0]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in res.table[:-1]:
+        ax.scatter(r['psnr'], r[y])
+        ax.annotate(r['method'], (r['psnr'], r[y]), textcoords='offset points', xytext=(4, 4))
+    ax.axhline(res.table[-1][y], linestyle='--', color='gray', label=GOLD)
+    ax.legend()
+    title = f'Perception-distortion: PSNR vs {TITLES[y]}'
+    ax.set_title(title + ('' if y == 'musiq' else f'\n(MUSIQ not available: {TITLES[y]} used instead)'))
+    ax.set(xlabel='PSNR (dB) ↑', ylabel=f'{TITLES[y]} ↑')
+    if res.random_iqa:
+        ax.text(0.5, 0.02, 'RANDOM NR weights: meaningless', transform=ax.transAxes, ha='center', color='red')
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format='png', dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_reports(res, out):
+    """Every report of `res` into the folder `out`; the plot only where it has something to show."""
+    info = {'data': res.source, 'sets': res.num_sets, 'sets_left_out': res.dropped, 'metrics': list(res.metric_names),
+            'lower_better': [n for n in res.metric_names if n in LOWER_BETTER], 'random_iqa': res.random_iqa,
+            'table': res.table, 'agreement': res.agreement, 'absent_weights': res.absent}
+    write_atomic(out / 'results.json', json.dumps(finite_or_none(info), indent=1, ensure_ascii=False, allow_nan=False))
+    write_atomic(out / 'results.csv', to_csv(res.table, ['method', *res.metric_names]))
+    write_atomic(out / 'per_image.csv', to_csv(res.per_image, ['method', 'image', *res.metric_names]))
+    write_atomic(out / 'results.md', markdown(res))
+    write_atomic(out / 'report.html', report_html(res))
+    if plot_axes(res)[0]:
+        write_atomic(out / PLOT, perception_distortion_png(res))
