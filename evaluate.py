@@ -37,7 +37,7 @@ import models
 import nriqa_sr
 from data import PairedTestDataset
 from files import atomic_open, load_checkpoint, load_image, save_image, to_rgb
-from weights import missing_weights, weight_file, weight_path
+from weights import download_command, missing_weights, weight_file, weight_path
 
 # Paper column order (DESIGN §5); the first five compare with the GTs, the rest score the image alone.
 METRICS = ('psnr', 'ssim', 'lpips', 'stlpips', 'dists', 'musiq', 'nima', 'qalign', 'topiq_nr', 'paq2piq')
@@ -131,8 +131,9 @@ def build_metric(name, device, weights=None, random_iqa=False, strict=False):
         absent = [p for p in absent if p.name != weight_file(name)]
     if absent:
         if strict:
-            raise FileNotFoundError(f'{absent[0]}: {name} needs this file (--strict); put it there or pass '
-                                    '--iqa-weights DIR, or drop the metric from --metrics')
+            raise FileNotFoundError(f'{absent[0]}: {name} needs this file (--strict); run '
+                                    f'`{download_command(name)}`, put it there or pass --iqa-weights DIR, '
+                                    'or drop the metric from --metrics')
         return Metric(absent=tuple(absent))
     if name in FULL_REFERENCE:
         return Metric(_pyiqa_full_reference(name, device, weights))
@@ -328,11 +329,12 @@ def cells(rows, metric_names):
 
 
 def absent_note(res):
-    """One line per metric that could not compute: its absent files, full paths."""
-    return [f"{TITLES.get(n, n)}: {', '.join(files)}" for n, files in res.absent.items()]
+    """One line per metric that could not compute: its absent files, full paths, and the command fetching them."""
+    return [f"{TITLES.get(n, n)}: {', '.join(files)} (`{download_command(n)}`)" for n, files in res.absent.items()]
 
 
-ABSENT_HEAD = 'Missing weight files (pyiqa would download them; put them there or pass --iqa-weights DIR):'
+ABSENT_HEAD = ('Missing weight files (pyiqa would download them; fetch them with the command shown, put them '
+               'there or pass --iqa-weights DIR):')
 
 
 def markdown(res, data, random_iqa):

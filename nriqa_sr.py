@@ -30,7 +30,8 @@ from tqdm import tqdm
 from data import MultiGTDataset, gt_paths
 from files import atomic_open, load_checkpoint, load_image, png_bit_depth, save_image, to_rgb
 from models import generator_scale, load_generator
-from weights import WEIGHT_FILES, backbone_path, weight_path
+from weights import WEIGHT_FILES, backbone_path, download_command, missing_weights, weight_path
+from weights import run as run_weights
 
 NUM_GTS = 5  # HGGT: the original + four enhanced GTs (DESIGN §1)
 TAU = 10.0  # softmax temperature of sma / smp (DESIGN §2)
@@ -100,8 +101,9 @@ class QualityModel(nn.Module):
                 path = weight_path(metric, weights)
                 if not path.is_file():
                     raise FileNotFoundError(
-                        f'{path}: {metric} weights not found; put {WEIGHT_FILES[metric]} in {path.parent} or pass '
-                        '--iqa-weights PATH (or --random-iqa for meaningless random scores)')
+                        f'{path}: {metric} weights not found; run `{download_command(metric)}`, put '
+                        f'{WEIGHT_FILES[metric]} in {path.parent} or pass --iqa-weights PATH '
+                        '(or --random-iqa for meaningless random scores)')
                 load_checkpoint(path)  # weights_only=True check: pyiqa itself unpickles with weights_only=False
                 fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
                 opts['pretrained_model_path'] = str(path)
@@ -112,9 +114,10 @@ class QualityModel(nn.Module):
                 fingerprint = 'hf-' + (revision.read_text().strip()[:16] if revision.is_file() else 'unknown')
             else:
                 fingerprint = 'weight-free'
-            if backbone is not None and not backbone.exists():
-                raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it '
-                                        '(put it there; for Hugging Face repos also set HF_HUB_OFFLINE=1)')
+            if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
+                raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it: '
+                                        f'run `{download_command(metric)}` (Hugging Face repos are then used '
+                                        'with HF_HUB_OFFLINE=1)')
             # pyiqa prints its loading messages: keep stdout for our own output (the score table)
             with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr):
                 torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
@@ -433,6 +436,11 @@ def build_parser():
     upscale.add_argument('--tile-pad', type=int, default=32, metavar='P',
                          help='LQ pixels of context on each side of a tile (default 32)')
     upscale.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+    listing = commands.add_parser('weights', help='list the pretrained weight files: place, present or missing, '
+                                  'size, source URL (no network)')
+    listing.add_argument('--download', nargs='*', metavar='NAME',
+                         help='fetch the missing files and check their hashes: all, or those of the NAMEs '
+                              '(a metric such as nima, or a file name from the list)')
     return parser
 
 
@@ -467,6 +475,8 @@ def main(argv=None):
     try:
         if args.command == 'score':
             run_score(args)
+        elif args.command == 'weights':
+            run_weights(args.download)
         else:
             run_upscale(args)
     except (ValueError, FileNotFoundError) as err:
