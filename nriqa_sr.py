@@ -30,7 +30,7 @@ from tqdm import tqdm
 from data import MultiGTDataset, gt_paths
 from files import atomic_open, load_checkpoint, load_image, png_bit_depth, save_image, to_rgb
 from models import generator_scale, load_generator
-from weights import WEIGHT_FILES, backbone_path, download_command, missing_weights, weight_path
+from weights import WEIGHT_FILES, backbone_path, download_command, hub_offline, missing_weights, weight_path
 from weights import run as run_weights
 
 NUM_GTS = 5  # HGGT: the original + four enhanced GTs (DESIGN §1)
@@ -116,10 +116,10 @@ class QualityModel(nn.Module):
                 fingerprint = 'weight-free'
             if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
                 raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it: '
-                                        f'run `{download_command(metric)}` (Hugging Face repos are then used '
-                                        'with HF_HUB_OFFLINE=1)')
-            # pyiqa prints its loading messages: keep stdout for our own output (the score table)
-            with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr):
+                                        f'run `{download_command(metric)}`')
+            # pyiqa prints its loading messages: keep stdout for our own output (the score table); a cached
+            # Hugging Face backbone is used as it is (hub_offline), never checked online for a newer revision
+            with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline():
                 torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
                 try:
                     iqa = pyiqa.create_metric(metric, as_loss=False, device=torch.device(device), **opts)

@@ -17,6 +17,7 @@ written to a temp file beside its place and renamed only after its check:
   - Hugging Face repositories (huggingface_hub.snapshot_download): every file of the snapshot must hash
     to the name the Hub stores it under (LFS files: SHA-256; small files: git blob SHA-1).
 """
+import contextlib
 import hashlib
 import http.client
 import sys
@@ -87,6 +88,19 @@ BACKBONES = {m: w for w in REGISTRY if w.folder != 'pyiqa' for m in w.used_by}  
 
 VGG19_FILE = 'vgg19-dcbb9e9d.pth'  # torchvision's ImageNet VGG19 weights (perceptual loss)
 WEIGHT_FILES = {metric: w.file for metric, w in PYIQA_FILES.items()}
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """Hugging Face downloads off for this block (HF_HUB_OFFLINE=1 in-process): a cached repository, a
+    timm backbone that pyiqa builds with pretrained=True, is used as it is, never checked online for a
+    newer revision; an absent one is an error, never a download."""
+    from huggingface_hub import constants
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def download_command(name):

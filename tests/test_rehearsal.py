@@ -172,12 +172,17 @@ def real(tmp_path_factory):
         attempts.append(address)
         raise ConnectionRefusedError(f'rehearsal: network access to {address} refused')
 
+    def refuse_lookup(host, *args, **kwargs):  # name lookups come first (and fail anyway on a machine without DNS)
+        attempts.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, f'rehearsal: lookup of {host} refused')
+
     def refuse_download(url, *args, **kwargs):
         attempts.append(url)
         raise RuntimeError(f'rehearsal: download of {url} refused')
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, 'connect', refuse)
         mp.setattr(socket.socket, 'connect_ex', refuse)
+        mp.setattr(socket, 'getaddrinfo', refuse_lookup)
         mp.setattr(torch.hub, 'download_url_to_file', refuse_download)
         mp.setattr(pyiqa.utils.download_util, 'download_url_to_file', refuse_download)
         mp.setenv('TORCH_HOME', str(tmp / 'torch'))
@@ -226,6 +231,18 @@ def test_score_with_the_musiq_file(real, musiq_of_test_gts):
     cache = json.loads(cache_file.read_text())
     assert cache['fingerprint'] == file_fingerprint(real.paths['musiq']) and cache['complete'] is True
     torch.testing.assert_close(torch.tensor(cache['scores']['v1']), musiq_of_test_gts, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_backbone_is_used_without_asking_the_hub(real, monkeypatch):
+    """Without HF_HUB_OFFLINE, timm would ask the Hub for a newer revision of a cached backbone: Q never lets it."""
+    import huggingface_hub.constants
+    import safetensors.torch
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    q = nriqa_sr.QualityModel('topiq_nr')
+    assert real.attempts == [] and huggingface_hub.constants.HF_HUB_OFFLINE is False
+    repo = weights.location(REGISTRY['resnet50'])
+    backbone = safetensors.torch.load_file(next(repo.glob('snapshots/*/model.safetensors')))
+    torch.testing.assert_close(q.nets[0].semantic_model.conv1.weight, backbone['conv1.weight'], rtol=0, atol=0)
 
 
 def test_perceptual_loss_reads_the_vgg19_file(real):

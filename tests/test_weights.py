@@ -26,13 +26,19 @@ REGISTRY = {w.name: w for w in weights.REGISTRY}
 @pytest.fixture(autouse=True)
 def caches(tmp_path, monkeypatch):
     """Empty torch / Hugging Face caches in tmp; any connection but to 127.0.0.1 is refused."""
-    connect = socket.socket.connect
+    connect, lookup = socket.socket.connect, socket.getaddrinfo
 
     def local_only(sock, address):
         if address[0] != '127.0.0.1':
             raise ConnectionRefusedError(f'test: network access to {address} refused')
         return connect(sock, address)
+
+    def local_lookup(host, *args, **kwargs):
+        if host != '127.0.0.1':
+            raise socket.gaierror(socket.EAI_NONAME, f'test: lookup of {host} refused')
+        return lookup(host, *args, **kwargs)
     monkeypatch.setattr(socket.socket, 'connect', local_only)
+    monkeypatch.setattr(socket, 'getaddrinfo', local_lookup)
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
