@@ -2,19 +2,21 @@
 
 Every file the README's weight table names is built in a temporary TORCH_HOME and Hugging Face cache with the
 exact name, place and serialization of the real one, saved from the randomly initialised pyiqa / torchvision /
-timm network (so every network is paper-size). Then, with the network blocked (socket connect refused,
-torch.hub downloads refused, HF_HUB_OFFLINE), the command-line entry points run with no --random-* flag:
-score (MUSIQ), stage-1 training (real VGG19 perceptual loss, MUSIQ ranking GTs for amo), LoRA fine-tuning
-on the MUSIQ reward, and evaluate.py with every column but Q-Align (a 7B model, absent) computed.
+timm network (so every network is paper-size). Then, with the network blocked (name lookups and socket
+connects refused, torch.hub downloads refused, HF_HUB_OFFLINE), the command-line entry points run with no
+--random-* flag: score (MUSIQ), stage-1 training (real VGG19 perceptual loss), LoRA fine-tuning on the MUSIQ
+reward, and evaluate.py with every column but Q-Align (a 7B model, absent) computed.
 
 How each file is made (and why that way):
-  - torchvision (vgg19, vgg16, alexnet, resnet18): the full model state_dict, as torchvision loads it
-    strictly. The 2017 files (VGG, AlexNet) predate PyTorch's zip format, so they are saved in the legacy one.
-  - pyiqa: LPIPS_v0.1_alex-df73285e.pth and DISTS_weights-f5e65c96.pth are, byte for byte (same SHA-256),
-    the upstream LPIPS alex.pth and DISTS weights.pt: legacy format, LPIPS with its storages tagged 'cuda'
-    and only the five `lin*` layers, DISTS a dict {alpha, beta}. MUSIQ and PaQ-2-PiQ are plain state_dicts
-    (pyiqa loads them strictly); NIMA and TOPIQ-NR are {'params': state_dict} (weight_keys='params');
-    alex_shift_tolerant.pth is the full ST-LPIPS state_dict (its backbone is in the file).
+  - torchvision (vgg19, vgg16, alexnet, resnet18): a full model state_dict, as torchvision loads it strictly
+    (its fully connected layers zero, see torchvision_state). The VGG and AlexNet files date from 2017,
+    before PyTorch's zip format, so they are saved in the legacy format; resnet18 in the zip format.
+  - pyiqa: the real LPIPS_v0.1_alex-df73285e.pth and DISTS_weights-f5e65c96.pth are byte for byte (same
+    SHA-256) the upstream LPIPS lpips/weights/v0.1/alex.pth and DISTS DISTS_pytorch/weights.pt, so their
+    format is known exactly: legacy serialization; LPIPS only the five `lin*` layers, its storages tagged
+    'cuda'; DISTS a dict {alpha, beta}. MUSIQ and PaQ-2-PiQ are plain state_dicts (pyiqa loads them
+    strictly); NIMA and TOPIQ-NR {'params': state_dict} (pyiqa's weight_keys='params');
+    alex_shift_tolerant.pth the whole ST-LPIPS state_dict (pyiqa builds its backbone without weights).
   - timm on Hugging Face (inception_resnet_v2.tf_in1k, resnet50.a1_in1k): timm's own save_for_hf
     (config.json, model.safetensors) laid out as the hub cache does: models--timm--NAME/blobs/<etag>,
     snapshots/<commit>/FILE -> ../../blobs/<etag>, refs/main (etag: SHA-256 of an LFS file, git blob SHA-1
@@ -42,6 +44,7 @@ import nriqa_sr
 import train
 import weights
 
+REGISTRY = {w.name: w for w in weights.REGISTRY}
 TINY_G = {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4}
 SMALL_TRAINING = ['--gt-size', '32', '--batch-size', '2', '--total-iters', '1', '--num-workers', '0',
                   '--log-every', '1', '--sample-every', '0', '--save-every', '1', '--monitor-every', '0']
@@ -115,8 +118,7 @@ def build_weight_files(torch_home, hf_cache, tmp):
     for name, build, legacy in (('vgg19', torchvision.models.vgg19, True), ('vgg16', torchvision.models.vgg16, True),
                                 ('alexnet', torchvision.models.alexnet, True),
                                 ('resnet18', torchvision.models.resnet18, False)):
-        path = checkpoints / weights.location(REGISTRY[name]).name
-        (save_legacy if legacy else save_zip)(torchvision_state(build), path)
+        (save_legacy if legacy else save_zip)(torchvision_state(build), checkpoints / REGISTRY[name].file)
     for name, arch in (('inception_resnet_v2', 'inception_resnet_v2'), ('resnet50', 'resnet50')):
         write_hf_snapshot(hf_cache, REGISTRY[name].file, timm_repo_contents(arch, tmp / arch))
 
@@ -133,9 +135,6 @@ def build_weight_files(torch_home, hf_cache, tmp):
     save_zip({'params': net('nima')}, pyiqa_dir / REGISTRY['nima'].file)
     save_zip({'params': net('topiq_nr')}, pyiqa_dir / REGISTRY['topiq_nr'].file)
     return {w.name: weights.location(w) for w in weights.REGISTRY if w.name != 'one-align'}
-
-
-REGISTRY = {w.name: w for w in weights.REGISTRY}
 
 
 # ----------------------------------------------------------------------------- tiny HGGT-layout data
