@@ -244,6 +244,7 @@ def fetch_file(w, progress=True, chunk=2**20):
         sha256 = hashlib.sha256()
         git_sha1 = hashlib.sha1(f'blob {expected}\0'.encode())  # git hashes a header, then the content
         received = 0
+        truncated = f'{w.url}: truncated transfer, {{}} of {expected} bytes; nothing written, try again or {by_hand}'
         try:
             with atomic_open(target) as out, tqdm(total=expected, unit='B', unit_scale=True, desc=w.file,
                                                   disable=not progress) as bar:
@@ -254,9 +255,10 @@ def fetch_file(w, progress=True, chunk=2**20):
                     received += len(block)
                     bar.update(len(block))
                 if expected is not None and received != expected:
-                    raise ValueError(f'{w.url}: truncated transfer, {received} of {expected} bytes; nothing '
-                                     f'written, try again or {by_hand}')
+                    raise ValueError(truncated.format(received))
                 check_digest(w, sha256.hexdigest(), git_sha1.hexdigest())  # raising here removes the temp file
+        except http.client.IncompleteRead:  # how some Python versions report a short body themselves
+            raise ValueError(truncated.format(received)) from None
         except (OSError, http.client.HTTPException) as err:  # connection reset, timeout, disk full
             raise ValueError(f'{w.url}: transfer to {target} failed after {received} bytes ({err}); nothing '
                              f'written; {by_hand}') from None
