@@ -44,7 +44,7 @@ import nriqa_sr
 from data import gt_paths, read_effective_labels
 from files import image_size, load_checkpoint, load_image, save_image, to_rgb
 from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
-from weights import missing_weights, weight_file, weight_path
+from weights import download_command, missing_weights, weight_file, weight_path
 
 # Paper column order (Table 5); the first five compare with the GTs, the rest score the image alone.
 METRICS = ('psnr', 'ssim', 'lpips', 'stlpips', 'dists', 'musiq', 'nima', 'qalign', 'topiq_nr', 'paq2piq')
@@ -144,8 +144,9 @@ def build_metric(name, device, weights=None, random_iqa=False, strict=False):
         absent = [p for p in absent if p.name != weight_file(name)]
     if absent:
         if strict:
-            raise FileNotFoundError(f'{absent[0]}: {name} needs this file (--strict); put it there or pass '
-                                    '--iqa-weights DIR, or drop the metric from --metrics')
+            raise FileNotFoundError(f'{absent[0]}: {name} needs this file (--strict); run '
+                                    f'`{download_command(name)}`, put it there or pass --iqa-weights DIR, '
+                                    'or drop the metric from --metrics')
         return Metric(absent=tuple(absent))
     if name in FULL_REFERENCE:
         return Metric(pyiqa_full_reference(name, device, weights))

@@ -16,7 +16,7 @@ from torch.nn.utils import spectral_norm
 from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers as make_vgg_layers
 
 from files import load_checkpoint
-from weights import VGG19_FILE
+from weights import VGG19_FILE, download_command
 
 # ----------------------------------------------------------------------------- SwinIR
 
@@ -445,8 +445,9 @@ class PerceptualLoss(nn.Module):
         if weights == 'DEFAULT':
             path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / 'checkpoints' / VGG19_FILE
             if not path.is_file():
-                raise FileNotFoundError(f'{path}: VGG19 weights not found; put {VGG19_FILE} into {path.parent} '
-                                        f'(no download is attempted) or pass --vgg-weights PATH')
+                raise FileNotFoundError(f'{path}: VGG19 weights not found (no download is attempted); run '
+                                        f'`{download_command("vgg19")}`, put {VGG19_FILE} into {path.parent} '
+                                        'or pass --vgg-weights PATH')
             features = {k.removeprefix('features.'): v for k, v in load_checkpoint(path).items()
                         if k.startswith('features.') and int(k.split('.')[1]) < len(self.vgg)}
             load_strict(self.vgg, features, path)

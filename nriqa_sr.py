@@ -31,7 +31,8 @@ from tqdm import tqdm
 from data import MultiGTDataset, gt_paths, read_effective_labels
 from files import atomic_open, load_checkpoint, load_image, png_bit_depth, save_image, to_rgb
 from models import generator_scale, load_generator
-from weights import WEIGHT_FILES, backbone_path, weight_path
+from weights import WEIGHT_FILES, backbone_path, download_command, hub_offline, missing_weights, weight_path
+from weights import run as run_weights
 
 NUM_GTS = 5  # HGGT: the original + four enhanced GTs (DESIGN §1)
 TAU = 10.0  # softmax temperature of sma / smp (DESIGN §2)
@@ -101,8 +102,9 @@ class QualityModel(nn.Module):
                 path = weight_path(metric, weights)
                 if not path.is_file():
                     raise FileNotFoundError(
-                        f'{path}: {metric} weights not found; put {WEIGHT_FILES[metric]} in {path.parent} or pass '
-                        '--iqa-weights PATH (or --random-iqa for meaningless random scores)')
+                        f'{path}: {metric} weights not found; run `{download_command(metric)}`, put '
+                        f'{WEIGHT_FILES[metric]} in {path.parent} or pass --iqa-weights PATH '
+                        '(or --random-iqa for meaningless random scores)')
                 load_checkpoint(path)  # weights_only=True check: pyiqa itself unpickles with weights_only=False
                 fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
                 opts['pretrained_model_path'] = str(path)
@@ -113,11 +115,12 @@ class QualityModel(nn.Module):
                 fingerprint = 'hf-' + (revision.read_text().strip()[:16] if revision.is_file() else 'unknown')
             else:
                 fingerprint = 'weight-free'
-            if backbone is not None and not backbone.exists():
-                raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it '
-                                        '(put it there; for Hugging Face repos also set HF_HUB_OFFLINE=1)')
-            # pyiqa prints its loading messages: keep stdout for our own output (the score table)
-            with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr):
+            if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
+                raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it: '
+                                        f'run `{download_command(metric)}`')
+            # pyiqa prints its loading messages: keep stdout for our own output (the score table); a cached
+            # Hugging Face backbone is used as it is (hub_offline), never checked online for a newer revision
+            with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline():
                 torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
                 try:
                     iqa = pyiqa.create_metric(metric, as_loss=False, device=torch.device(device), **opts)
@@ -479,6 +482,11 @@ def build_parser():
                          help='LQ pixels of context on each side of a tile (default 32)')
     upscale.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
     add_agreement_command(commands, device)
+    listing = commands.add_parser('weights', help='list the pretrained weight files: place, present or missing, '
+                                  'size, source URL (no network)')
+    listing.add_argument('--download', nargs='*', metavar='NAME',
+                         help='fetch the missing files and check their hashes: all, or those of the NAMEs '
+                              '(a metric such as nima, or a file name from the list)')
     return parser
 
 
@@ -554,6 +562,8 @@ def main(argv=None):
             run_score(args)
         elif args.command == 'agreement':
             run_agreement(args)
+        elif args.command == 'weights':
+            run_weights(args.download)
         else:
             run_upscale(args)
     except (ValueError, FileNotFoundError) as err:

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from files import atomic_open
 from nriqa_sr import AGREEMENT_COLUMNS, agreement_cells
+from weights import download_command
 
 GOLD = 'Gold Standard'  # the row of the best GT's NR scores (paper §5): NR columns only
 LOWER_BETTER = ('lpips', 'stlpips', 'dists')
@@ -27,7 +28,8 @@ TITLES = {'psnr': 'PSNR', 'ssim': 'SSIM', 'lpips': 'LPIPS', 'stlpips': 'LPIPS-ST
 FORMATS = {**dict.fromkeys(TITLES, '.4f'), 'psnr': '.2f', 'musiq': '.2f', 'paq2piq': '.2f', 'nima': '.3f',
            'qalign': '.3f', 'topiq_nr': '.3f'}  # the paper's decimals
 RANDOM_WARNING = 'WARNING: --random-iqa: NR metrics have RANDOM weights, their scores are meaningless (demo/test only)'
-ABSENT_HEAD = 'Missing weight files (pyiqa would download them; put them there or pass --iqa-weights DIR):'
+ABSENT_HEAD = ('Missing weight files (pyiqa would download them; fetch them with the command shown, put them '
+               'there or pass --iqa-weights DIR):')
 PLOT = 'perception_distortion.png'
 
 
@@ -145,8 +147,8 @@ def notes(res):
 
 
 def absent_note(res):
-    """One line per metric that could not compute: its absent files, full paths."""
-    return [f"{TITLES.get(n, n)}: {', '.join(files)}" for n, files in res.absent.items()]
+    """One line per metric that could not compute: its absent files, full paths, and the command fetching them."""
+    return [f"{TITLES.get(n, n)}: {', '.join(files)} (`{download_command(n)}`)" for n, files in res.absent.items()]
 
 
 def markdown(res):
