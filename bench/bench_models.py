@@ -1,106 +1,267 @@
-"""Forward time per image of the generators (issue 3): SwinIR SDPA vs explicit-softmax attention,
-and LoRA unmerged vs merged for SwinIR and RRDBNet, on a batch of 4 64x64 LQ and one 256x256 LQ.
+"""Cost of the generators' variants: SwinIR SDPA vs explicit-softmax attention (forward, and forward+backward
+as in training), LoRA unmerged vs merged, RRDBNet contiguous vs channels-last; and (--allocators) how the
+memory allocator changes one CPU upscale with nriqa_sr.py.
 
-Ratios are against the first row of each table, measured in the same run. Default: reduced
-generators (about a minute on 2 idle CPU cores); --paper for the paper-size ones.
-The attention table times one SW-MSA layer alone (paper width), on the windows of the same inputs.
+Timing as in bench_eval.py: on CPU, process CPU time with one torch thread (other jobs on a shared machine
+barely change it, where wall time varies several-fold); on CUDA, wall time after a synchronize. One warm-up
+round, then --runs rounds with every case in turn; median [min-max] over the rounds; a ratio is taken per round
+(case / baseline, so < 1 is faster), then summarised the same way. Baselines are one generator forward on a
+--lq^2 LQ, large enough to time stably (about 2 s for the paper generators).
+  1. One SW-MSA layer alone (180 channels, 6 heads, window 8, shifted) on the windows of the LQ: SDPA vs math.
+  2. SwinIR: SDPA (baseline) vs math attention; LoRA unmerged / merged (forward); forward+backward of both
+     attentions (train mode; the backward's share is forward+backward minus forward).
+  3. RRDBNet: contiguous (baseline) vs channels-last (forward and forward+backward); LoRA unmerged / merged.
+  4. --allocators: `python nriqa_sr.py upscale` of one --alloc-lq^2 image (an RRDBNet of paper width, random
+     weights, --alloc-blocks RRDB blocks; torch's default threads) in a fresh process per setting: glibc malloc
+     as is, jemalloc (LD_PRELOAD) as is and without purging, glibc tunables, transparent huge pages;
+     --alloc-runs interleaved rounds; wall, user and system CPU seconds, minor page faults and peak RSS of the
+     child, from the kernel (os.wait4).
 
-    python bench/bench_models.py [--paper] [--device cuda] [--repeats 3]
+    python bench/bench_models.py               # reduced generators, LQ 128^2: about a minute
+    python bench/bench_models.py --paper       # paper generators, LQ 64^2: about 5 minutes on 2 CPU cores
+    python bench/bench_models.py --allocators  # 512^2 -> 2048^2, 6 settings x 2 runs: about 9 minutes
 """
 import argparse
 import copy
 import functools
+import os
+import re
 import sys
-import time
+import tempfile
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models
-from lora import inject_lora, merge_lora
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import files  # noqa: E402
+import models  # noqa: E402
+from common import clock_name, per_run, run_measured, spread, timed  # noqa: E402
+from lora import inject_lora, merge_lora  # noqa: E402
 
 REDUCED = {  # fewer, thinner blocks. SwinIR keeps window 8 and head width 30, and its one-conv
     # upsampler keeps the time in the transformer body, as in the paper-size model.
     'swinir': dict(depths=(2, 2), num_heads=(3, 3), embed_dim=90, upsampler='pixelshuffledirect'),
     'rrdbnet': dict(num_block=2, num_feat=32, num_grow_ch=16),
 }
-INPUTS = {'4x64x64': (4, 64, 64), '1x256x256': (1, 256, 256)}  # LQ batch x height x width
+JEMALLOC = Path('/usr/lib/x86_64-linux-gnu/libjemalloc.so.2')  # Debian/Ubuntu: apt-get install libjemalloc2
+HGGT_FILES = {'swinir': 'PosNegGTSR/basicsr/archs/swinir_arch.py', 'rrdbnet': 'PosNegGTSR/basicsr/archs/rrdbnet_arch.py'}
+GIB = 2 ** 30
+ALLOCATORS = {  # name: environment added to the upscale command's
+    'glibc malloc (default)': {},
+    'jemalloc (LD_PRELOAD)': {'LD_PRELOAD': str(JEMALLOC)},
+    # jemalloc as is purges freed pages (at once above oversize_threshold, 8 MiB): keep them instead
+    'jemalloc, no purging': {'LD_PRELOAD': str(JEMALLOC),
+                             'MALLOC_CONF': 'oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1'},
+    # no mmap'd chunks and no trimming: freed tensors stay in the heap and are reused without new page faults
+    'glibc mmap_max=0, trim/top_pad 1 GiB': {
+        'GLIBC_TUNABLES': f'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={GIB}:glibc.malloc.top_pad={GIB}'},
+    'glibc hugetlb=1 (THP madvise)': {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'},
+    'torch THP_MEM_ALLOC_ENABLE=1': {'THP_MEM_ALLOC_ENABLE': '1'},  # c10's CPU allocator: 2 MiB-aligned, THP
+}
 
 
-def best_time(cases, x, images, repeats):
-    """Best (minimum) seconds per image of each case over `repeats` calls after one warm-up: the
-    minimum is the least disturbed by other work on a shared machine. The cases take turns within
-    each repeat, so a change of load hits them all alike."""
-    sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
-    times = {label: [] for label, _ in cases}
+def official_class(hggt, arch):
+    """HGGT's own generator class (its BasicSR copy), run from the file as it is but for its basicsr imports:
+    the registry becomes a no-op and arch_util's helpers their torch equivalents (arch_util itself imports a
+    compiled CUDA extension). default_init_weights only initialises: the weights are loaded from ours."""
+    path = Path(hggt) / HGGT_FILES[arch]
+    source = re.sub(r'^from (basicsr\.|\.arch_util).*$', '', path.read_text(), flags=re.M)
+    namespace = {'ARCH_REGISTRY': SimpleNamespace(register=lambda: (lambda cls: cls)),
+                 'to_2tuple': lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x),
+                 'trunc_normal_': torch.nn.init.trunc_normal_, 'default_init_weights': lambda *a, **k: None,
+                 'make_layer': lambda block, n, **kw: torch.nn.Sequential(*(block(**kw) for _ in range(n))),
+                 'pixel_unshuffle': lambda x, scale: torch.nn.functional.pixel_unshuffle(x, scale), 'Upsample': None}
+    exec(compile(source, str(path), 'exec'), namespace)
+    return namespace[{'swinir': 'SwinIR', 'rrdbnet': 'RRDBNet'}[arch]]
+
+
+def official_twin(hggt, arch, ours, config):
+    """HGGT's generator with our model's weights (same parameter names; its buffers are its own)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # its torch.meshgrid call without indexing=
+        model = official_class(hggt, arch)(**{**models.PAPER_CONFIGS[arch], **config})
+    result = model.load_state_dict(ours.state_dict(), strict=False)
+    if result.unexpected_keys or [k for k in result.missing_keys if not k.endswith(('attn_mask', 'position_index'))]:
+        raise ValueError(f'--hggt: {HGGT_FILES[arch]} does not take our {arch} weights: {result}')
+    return model.eval().to(next(ours.parameters()).device)
+
+
+def forward(model, x):
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            for label, fn in cases:
-                sync()
-                start = time.perf_counter()
-                fn(x)
-                sync()
-                if i:
-                    times[label].append(time.perf_counter() - start)
-    return {label: min(t) / images for label, t in times.items()}
+        return model(x)
 
 
-def generator_cases(arch, paper, device):
-    """[(label, model)]: the plain generator (baseline), its math-attention twin, LoRA unmerged / merged."""
-    config = {} if paper else REDUCED[arch]
-    base = models.build_generator(arch, **config).eval().to(device)
-    cases = [(f'{arch} (baseline)', base)]
-    if arch == 'swinir':
-        math = models.build_generator(arch, **config, attn_impl='math').eval().to(device)
-        math.load_state_dict(base.state_dict())
-        cases.append((f'{arch} math attention', math))
-    lora = copy.deepcopy(base)  # inject_lora wraps the layers in place
-    inject_lora(lora, arch)
-    cases.append((f'{arch} LoRA unmerged', lora))
-    cases.append((f'{arch} LoRA merged', merge_lora(copy.deepcopy(lora))))
-    return cases
+def forward_backward(model, x, grad):
+    model(x).backward(grad)
 
 
-def attention_table(device, repeats):
-    """One SW-MSA layer (180 channels, 6 heads, window 8) on the windows of each input size."""
+def training_pair(model, x):
+    """(forward, forward+backward) callables of a generator in train mode: the backward gets a fixed gradient."""
+    model = model.train()
+    with torch.no_grad():
+        grad = torch.randn_like(model(x))
+    return functools.partial(forward, model, x), functools.partial(forward_backward, model, x, grad)
+
+
+def with_lora(model, arch):
+    """(unmerged, merged) LoRA copies of a generator, adapters non-zero so the merge changes the weights."""
+    unmerged = copy.deepcopy(model)
+    inject_lora(unmerged, arch)
+    with torch.no_grad():
+        for name, p in unmerged.named_parameters():
+            if name.endswith('lora_B'):
+                p.normal_(0, 1e-3)
+    return unmerged, merge_lora(copy.deepcopy(unmerged))
+
+
+def attention_cases(n, h, w, device):
+    """One shifted-window layer (paper width) on the windows of n images of h x w tokens, SDPA and math."""
     sdpa = models.WindowAttention(180, 8, 6).to(device)
     math = copy.deepcopy(sdpa)
     math.attn_impl = 'math'
-    rows = {}
-    for name, (n, h, w) in INPUTS.items():
-        mask = models.shift_mask(h, w, 8, 4, device)  # (nW, 64, 64)
-        x = torch.rand(n * mask.shape[0], 64, 180, device=device)  # (B*nW, N, C) window tokens
-        cases = [('SW-MSA layer sdpa (baseline)', functools.partial(sdpa, mask=mask)),
-                 ('SW-MSA layer math', functools.partial(math, mask=mask))]
-        rows[name] = best_time(cases, x, n, repeats)
-    return rows
+    mask = models.shift_mask(h, w, 8, 4, device)  # (nW, 64, 64)
+    x = torch.rand(n * mask.shape[0], 64, 180, device=device)  # (B*nW, N, C) window tokens
+    grad = torch.randn_like(x)
+    cases = {}
+    for label, layer in (('sdpa', sdpa), ('math', math)):
+        cases[f'SW-MSA layer {label} forward'] = functools.partial(forward, functools.partial(layer, mask=mask), x)
+        cases[f'SW-MSA layer {label} fwd+bwd'] = functools.partial(forward_backward, functools.partial(
+            layer, mask=mask), x.clone().requires_grad_(), grad)
+    return cases
 
 
-def print_table(rows):
-    """rows: {input name: {label: seconds per image}}; ratios against the first label."""
-    labels = list(next(iter(rows.values())))
-    for label in labels:
-        print(f'{label:30s}' + ''.join(f'{r[label] * 1e3:12.1f} {r[label] / r[labels[0]]:6.2f}'
-                                       for r in rows.values()), flush=True)
+def generator_cases(args, device):
+    """{label: callable} of sections 1-3, and the largest output difference of each variant to its baseline."""
+    n, lq = 1, args.lq
+    x = torch.rand(n, 3, lq, lq, device=device)
+    cases, diffs = attention_cases(n, lq, lq, device), {}
+    for arch in ('swinir', 'rrdbnet'):
+        config = {} if args.paper else REDUCED[arch]
+        torch.manual_seed(0)
+        base = models.build_generator(arch, **config).eval().to(device)
+        if arch == 'swinir':
+            other = models.build_generator(arch, **config, attn_impl='math').eval().to(device)
+            other.load_state_dict(base.state_dict())
+            variant = 'math attention'
+        else:
+            other, variant = copy.deepcopy(base).to(memory_format=torch.channels_last), 'channels-last'
+        unmerged, merged = with_lora(base, arch)
+        plain = {f'{arch} (baseline)': base, f'{arch} {variant}': other,
+                 f'{arch} LoRA unmerged': unmerged.eval(), f'{arch} LoRA merged': merged.eval()}
+        if args.hggt:
+            plain[f'{arch} HGGT code'] = official_twin(args.hggt, arch, base, config)
+        with torch.inference_mode():
+            ref = base(x)
+            diffs.update({label: (m(x) - (ref if 'LoRA' not in label else unmerged(x))).abs().max().item()
+                          for label, m in plain.items() if label != f'{arch} (baseline)'})
+        cases.update({label: functools.partial(forward, m, x) for label, m in plain.items()})
+        for label, m in ((f'{arch} (baseline)', base), (f'{arch} {variant}', other)):
+            fwd, fwd_bwd = training_pair(copy.deepcopy(m), x)  # train mode (drop-path on): a copy
+            cases[f'{label} train forward'], cases[f'{label} train fwd+bwd'] = fwd, fwd_bwd
+    return cases, diffs
+
+
+def tables():
+    """(title, labels) of the printed tables: ratios against each table's first label."""
+    yield '1. one SW-MSA layer: forward', ['SW-MSA layer sdpa forward', 'SW-MSA layer math forward']
+    yield '   forward+backward', ['SW-MSA layer sdpa fwd+bwd', 'SW-MSA layer math fwd+bwd']
+    for n, arch, variant in ((2, 'swinir', 'math attention'), (3, 'rrdbnet', 'channels-last')):
+        yield f'{n}. {arch}: forward (inference mode)', [f'{arch} (baseline)', f'{arch} {variant}',
+                                                         f'{arch} LoRA unmerged', f'{arch} LoRA merged',
+                                                         f'{arch} HGGT code']
+        for kind in ('forward', 'fwd+bwd'):
+            yield f'   train mode: {kind}', [f'{arch} (baseline) train {kind}', f'{arch} {variant} train {kind}']
+
+
+def print_generators(times, diffs):
+    for title, labels in tables():
+        print(f'{title:43s} {"seconds":26s} ratio')
+        base = times[labels[0]]
+        for label in (label for label in labels if label in times):
+            line = f'   {label:40s} {spread(times[label]):26s} {spread(per_run(lambda a, b: a / b, times[label], base))}x'
+            if label in diffs:
+                line += f'   max |output diff| {diffs[label]:.1e}'
+            if label.endswith('fwd+bwd'):
+                backward = per_run(lambda a, b: a - b, times[label], times[label.replace('fwd+bwd', 'forward')])
+                line += f'   backward {spread(backward)} s = {spread(per_run(lambda a, b: a / b, backward, times[label.replace("fwd+bwd", "forward")]))}x forward'
+            print(line)
+            if label.endswith('HGGT code'):
+                print(f'   {"ours / HGGT code":40s} {"":26s} {spread(per_run(lambda a, b: a / b, base, times[label]))}x')
+
+
+def allocator_study(args):
+    """Section 4: one upscale per setting in a fresh process, --alloc-runs interleaved rounds."""
+    settings = {k: v for k, v in ALLOCATORS.items() if 'LD_PRELOAD' not in v or JEMALLOC.is_file()}
+    with tempfile.TemporaryDirectory(prefix='bench_alloc_') as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        config = dict(models.PAPER_CONFIGS['rrdbnet'], num_block=args.alloc_blocks)
+        files.save_checkpoint({'params_ema': models.build_generator('rrdbnet', **config).state_dict(),
+                               'arch': 'rrdbnet', 'config': config}, tmp / 'g.pth')
+        lq = torch.nn.functional.interpolate(torch.rand(1, 3, args.alloc_lq // 16, args.alloc_lq // 16),
+                                             size=args.alloc_lq, mode='bicubic').clamp(0, 1)[0]
+        files.save_image(lq, tmp / 'lq.png')
+        argv = [sys.executable, str(REPO / 'nriqa_sr.py'), 'upscale', '--ckpt', str(tmp / 'g.pth'), '--input',
+                str(tmp / 'lq.png'), '--output', str(tmp / 'sr.png'), '--device', 'cpu']
+        print(f'4. {" ".join(["python", "nriqa_sr.py", *argv[2:]])}\n   RRDBNet {config}, {args.alloc_lq}^2 -> '
+              f'{4 * args.alloc_lq}^2, {args.alloc_runs} runs per setting (interleaved); median [min-max]')
+        results = {name: [] for name in settings}
+        for _ in range(args.alloc_runs):
+            for name, env in settings.items():
+                results[name].append(run_measured(argv, {**os.environ, **env}))
+                print(f'   ... {name}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results[name][-1].items()),
+                      file=sys.stderr, flush=True)
+    print(f'   {"setting":38s} {"wall s":20s} {"user s":20s} {"system s":20s} {"minor faults (M)":22s} peak RSS GiB')
+    for name, runs in results.items():
+        cols = [spread([r[k] / scale for r in runs]) for k, scale in (('wall', 1), ('user', 1), ('sys', 1),
+                                                                       ('minflt', 1e6), ('maxrss_mib', 1024))]
+        print(f'   {name:38s} ' + ' '.join(f'{c:20s}' for c in cols[:4]) + f'  {cols[4]}')
+    base = results[next(iter(results))]
+    for name, runs in list(results.items())[1:]:
+        print(f'   {name}: wall {spread(per_run(lambda a, b: a["wall"] / b["wall"], runs, base))}x, CPU (user+sys) '
+              f'{spread(per_run(lambda a, b: (a["user"] + a["sys"]) / (b["user"] + b["sys"]), runs, base))}x '
+              'the default')
+    for name, env in settings.items():
+        print(f'   {name}: ' + (' '.join(f'{k}={v}' for k, v in env.items()) or '(no variable)'))
+    if len(settings) < len(ALLOCATORS):
+        print(f'   jemalloc: not measured ({JEMALLOC} not found; apt-get install libjemalloc2)')
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--repeats', type=int, default=3, help='timed forwards per case (the best is reported)')
-    parser.add_argument('--device', default='cpu', help="torch device, e.g. 'cpu' or 'cuda'")
     parser.add_argument('--paper', action='store_true', help='paper-size generators instead of the reduced ones')
+    parser.add_argument('--lq', type=int, help='LQ side of sections 1-3 (default 64 with --paper, else 128)')
+    parser.add_argument('--runs', type=int, default=3, help='timed rounds (after one warm-up round)')
+    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads of sections 1-3')
+    parser.add_argument('--device', default='cpu', help="torch device of sections 1-3, e.g. 'cpu' or 'cuda'")
+    parser.add_argument('--hggt', type=Path, metavar='DIR',
+                        help='a checkout of HGGT (github.com/ChrisDud0257/HGGT): also time its SwinIR / RRDBNet code')
+    parser.add_argument('--allocators', action='store_true', help='run section 4 (only) instead')
+    parser.add_argument('--alloc-lq', type=int, default=512, help='LQ side of the upscale of section 4')
+    parser.add_argument('--alloc-runs', type=int, default=2, help='runs per setting of section 4')
+    parser.add_argument('--alloc-blocks', type=int, default=4,
+                        help="RRDB blocks of section 4 (the paper's 23 take about 6x as long; the tensors, "
+                             'which the allocator sees, are the same)')
     args = parser.parse_args()
+    if min(args.runs, args.alloc_runs) < 1:
+        parser.error('--runs, --alloc-runs: must be at least 1')
+    missing = [f for f in HGGT_FILES.values() if args.hggt and not (args.hggt / f).is_file()]
+    if missing:
+        parser.error(f'--hggt {args.hggt}: no {missing[0]} (a checkout of github.com/ChrisDud0257/HGGT)')
+    if args.allocators:
+        return allocator_study(args)
+    args.lq = args.lq or (64 if args.paper else 128)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    print(f'torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, '
-          f"{'paper' if args.paper else 'reduced'} generators, best of {args.repeats}, ms per image")
-    print(f"{'case':30s}" + ''.join(f'{name:>12s} {"ratio":>6s}' for name in INPUTS))
-    print_table(attention_table(device, args.repeats))
-    for arch in ('swinir', 'rrdbnet'):
-        cases = generator_cases(arch, args.paper, device)
-        print_table({name: best_time(cases, torch.rand(n, 3, h, w, device=device), n, args.repeats)
-                     for name, (n, h, w) in INPUTS.items()})
+    torch.set_num_threads(args.threads)
+    print(f'bench_models: torch {torch.__version__}, {device}, {clock_name(device)}; '
+          f'{"paper" if args.paper else "reduced"} generators, 1x3x{args.lq}x{args.lq} LQ; {args.runs} runs after '
+          'one warm-up; median [min-max] over runs')
+    cases, diffs = generator_cases(args, device)
+    times = timed(cases, args.runs, device, log=lambda text: print(text, file=sys.stderr, flush=True))
+    print_generators(times, diffs)
 
 
 if __name__ == '__main__':

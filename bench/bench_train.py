@@ -1,97 +1,293 @@
-"""Training-step speed of train.py (issue 5), printed as ratios:
-amo vs upos sampler (the cost of scoring 5 x batch patches with Q every step, DESIGN §2),
-LoRA FT step vs full FT step, and AMP (bf16 / fp16) vs fp32 (GPU only).
+"""Training-step cost of train.py: where a stage-1 step's time goes, what amo's online scoring adds over upos
+(and what makes it cheaper), and a LoRA fine-tuning step vs a full one.
 
-Each configuration is a real `train.main` run; its log.csv holds it/s per step (log every step,
-no checkpoint until the end). The configurations run in interleaved rounds and the best step after
-the warm-up is reported: on a shared machine the fastest step is the one least disturbed.
+Every case is train.py's own code (training_step, optimizer_step, update_ema) on the models train.build_models /
+build_quality make from the flags train.py would get, with random weights (speed does not depend on their values)
+and a synthetic uint8 batch (data loading is bench_data.py's). Method as in bench_eval.py: on CPU, process CPU
+time with one torch thread (stable on a shared machine, where wall time varies several-fold); on CUDA, wall time
+after a synchronize. One untimed warm-up round (it also compiles), then --runs rounds with every case in turn;
+median [min-max] over the rounds; a ratio or share is taken per round, then summarised the same way.
+  1. Stage-1 step (upos) and its parts, timed alone: G forward+backward; the discriminator step (one D
+     forward+backward on GT and SR); D's forward+backward into SR for G's GAN term; the VGG19 perceptual loss
+     (SR forward+backward, GT forward); Adam of G and D plus the EMA. "rest" = step - parts (L1, the GT
+     gather, autograd bookkeeping). The D and VGG parts are the same for every generator (same D, VGG and
+     patch size): timed once. Also D's parts with a contiguous D instead of train.py's channels-last one.
+  2. amo / upos: the amo step differs from upos only by Q's no-grad forward over the batch's 5 x B GT patches
+     (nriqa_sr.sample_gt_index), so ratio = (upos step + that Q call) / upos step, per variant of Q: eager,
+     channels-last (its ResNet stem), torch.compile, and bf16 autocast (timed on 1 of the 5 patches and
+     multiplied by 5: it is many times slower on CPUs without bf16 units); Q is the same for every generator:
+     timed once. --whole-amo also times the whole amo step, a check of the sum.
+  3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos.
+  4. On CUDA only: the stage-1 step under --amp bf16 and fp16 vs fp32.
 
-    python bench/bench_train.py                     # small SwinIR, random VGG19 / MUSIQ, demo data
-    python bench/bench_train.py --generator '{}' --gt-size 256 --batch-size 8 --device cuda   # paper config
+    python bench/bench_train.py            # the demo preset's models (gt 64, batch 2, tiny Q): under a minute
+    python bench/bench_train.py --paper    # paper SwinIR x4 and RRDBNet x4, gt 256, batch 1, paper-size
+                                           # MUSIQ: about 9 minutes on 2 idle CPU cores (--arch swinir: 5)
 """
 import argparse
-import csv
+import copy
+import dataclasses
 import json
 import sys
-import tempfile
+import time
 import warnings
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import files  # noqa: E402
 import models  # noqa: E402
+import nriqa_sr  # noqa: E402
 import train  # noqa: E402
-from demo import make_demo_dataset  # noqa: E402
+from common import clock_name, per_run, spread, timed  # noqa: E402
 
-SMALL_G = {'embed_dim': 60, 'depths': [2, 2], 'num_heads': [6, 6], 'window_size': 8}
-
-
-def steps_per_second(argv, out, warmup):
-    """it/s of every step of a train.py run after `warmup`."""
-    train.main([*argv, '--out', str(out), '--log-every', '1', '--sample-every', '0', '--monitor-every', '0',
-                '--save-every', '1000000'])
-    with open(out / 'log.csv') as f:
-        return [float(row['it_per_s']) for row in csv.DictReader(f)][warmup:]
+BF16_PATCHES = 1  # of the 5 GTs per sample: bf16 Q is timed on these and scaled to 5
 
 
-def measure(args, tmp):
-    """Best it/s of every configuration over `rounds` interleaved runs; the AMP runs only on CUDA."""
-    root = args.data or make_demo_dataset(tmp / 'demo')[0]
-    init = tmp / 'init.pth'
-    torch.manual_seed(0)
-    g = models.build_generator('swinir', **args.generator)
-    files.save_checkpoint({'params_ema': g.state_dict(), 'arch': 'swinir', 'config': args.generator}, init)
-    common = ['--data', str(root), '--generator', json.dumps(args.generator), '--gt-size', str(args.gt_size),
-              '--batch-size', str(args.batch_size), '--total-iters', str(args.warmup + args.steps),
-              '--random-vgg', '--random-iqa', '--iqa-opts', json.dumps(args.iqa_opts), '--device', args.device,
-              '--num-workers', '0']
-    finetune = [*common, '--finetune', '--init', str(init), '--sampler', 'upos']
-    runs = {'stage 1 upos': [*common, '--sampler', 'upos'],
-            'stage 1 amo': [*common, '--sampler', 'amo'],
-            'FT LoRA': finetune,
-            'FT full (--no-lora)': [*finetune, '--no-lora']}
-    if args.cuda:
-        runs.update({f'stage 1 upos {amp}': [*common, '--sampler', 'upos', '--amp', amp] for amp in ('bf16', 'fp16')})
-    rates = {name: [] for name in runs}
-    for r in range(args.rounds):
-        for name, argv in runs.items():
-            rates[name] += steps_per_second(argv, tmp / f'{name} {r}'.replace(' ', '_'), args.warmup)
-    return {name: max(v) for name, v in rates.items()}
+def config(arch, paper, device, *flags):
+    """train.py's config for these flags, random weights, upos; demo preset sizes unless paper."""
+    size = ['--gt-size', '256', '--batch-size', '1'] if paper else \
+        ['--preset', 'demo', '--generator', json.dumps(train.DEMO['generator'][arch])]  # FT takes no preset G
+    return train.parse_config(['--arch', arch, '--sampler', 'upos', '--random-vgg', '--random-iqa', '--device',
+                               device.type, *size, *flags])
+
+
+def synthetic_batch(cfg):
+    """A loader batch of random uint8 patches, as data.MultiGTDataset yields them (GTs 1, 2, 4 positive)."""
+    gen = torch.Generator().manual_seed(0)
+    b, s = cfg.batch_size, cfg.gt_size
+    return {'lq': torch.randint(0, 256, (b, 3, s // 4, s // 4), dtype=torch.uint8, generator=gen),
+            'gts': torch.randint(0, 256, (b, nriqa_sr.NUM_GTS, 3, s, s), dtype=torch.uint8, generator=gen),
+            'positive': torch.tensor([[False, True, True, False, True]] * b), 'name': [f's{i}' for i in range(b)]}
+
+
+class Trainer:
+    """train.py's models, optimisers and loss nets for cfg, and one train.py step on a synthetic batch."""
+
+    def __init__(self, cfg, device, quality=(None, None, None)):
+        self.cfg, self.device, self.quality, self.batch = cfg, device, quality, synthetic_batch(cfg)
+        self.g, self.ema, self.d, self.perceptual, _ = train.build_models(cfg, device)
+        self.opts = [torch.optim.Adam([p for p in self.g.parameters() if p.requires_grad], lr=cfg.lr,
+                                      betas=(0.9, 0.99))]
+        if self.d is not None:
+            self.opts.append(torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=(0.9, 0.99)))
+        nets = {'g': self.g, 'raw_d': self.d, 'd': self.d, 'perceptual': self.perceptual}
+        self.nets = {'off': {**nets, 'autocast': nullcontext(), 'scaler': torch.amp.GradScaler(device.type,
+                                                                                                enabled=False)}}
+        if device.type == 'cuda':  # as train.train sets them up for --amp
+            self.nets.update({amp: {**nets, 'autocast': torch.autocast('cuda', dtype=dtype),
+                                    'scaler': torch.amp.GradScaler('cuda', enabled=amp == 'fp16')}
+                              for amp, dtype in (('bf16', torch.bfloat16), ('fp16', torch.float16))})
+        lq = train.images(self.batch['lq'], device)
+        with torch.no_grad():
+            self.sr = self.g(lq).requires_grad_()  # SR as the losses see it: a leaf, so G's backward is not theirs
+        self.lq, self.gt = lq, train.images(self.batch['gts'][:, 1], device)
+
+    def step(self, cfg=None, quality=None, amp='off'):
+        """training_step, optimizer_step and update_ema, as train.loop runs them."""
+        cfg, nets = cfg or self.cfg, self.nets[amp]
+        train.training_step(cfg, nets, self.batch, quality or self.quality, torch.Generator().manual_seed(0), None,
+                            self.device)
+        train.optimizer_step(self.opts, nets['scaler'], cfg.grad_clip)
+        train.update_ema(self.ema, self.g, cfg.ema_decay)
+
+    def parts(self):
+        """The stage-1 step's parts, each timed alone (see the module docstring)."""
+        cfg, g, opts, sr = self.cfg, self.g, self.opts, self.sr
+        grad_sr = torch.randn_like(sr)
+        grads = [(p, torch.randn_like(p) * 1e-3) for opt in opts for group in opt.param_groups
+                 for p in group['params']]
+
+        def g_forward_backward():
+            opts[0].zero_grad(set_to_none=True)
+            g(self.lq).backward(grad_sr)
+
+        def perceptual_loss():
+            sr.grad = None
+            (cfg.perceptual_weight * self.perceptual(sr, self.gt)).backward()
+
+        def adam_ema():
+            for p, grad in grads:
+                p.grad = grad
+            train.optimizer_step(opts, self.nets['off']['scaler'], cfg.grad_clip)
+            train.update_ema(self.ema, g, cfg.ema_decay)
+
+        return {'G forward+backward': g_forward_backward, **self.d_parts(self.d), 'VGG perceptual': perceptual_loss,
+                'Adam + EMA': adam_ema}
+
+    def d_parts(self, d):
+        """D's two parts of the step with discriminator d (train.py's, or a contiguous copy)."""
+        sr, gt, gan = self.sr, self.gt, models.GANLoss()
+
+        def d_step():
+            d.zero_grad(set_to_none=True)
+            d_real, d_fake = d(torch.cat([gt, sr.detach()])).chunk(2)  # one D forward: real, then fake
+            (gan(d_real, True) + gan(d_fake, False)).backward()
+
+        def d_for_gan_loss():
+            sr.grad = None
+            d.requires_grad_(False)
+            (self.cfg.gan_weight * gan(d(sr), True)).backward()
+            d.requires_grad_(True)
+        return {'D step': d_step, 'D for G GAN loss': d_for_gan_loss}
+
+
+def quality_variants(cfg, device):
+    """{label: Q}: the amo sampler's Q as train.py builds it (random weights), and variants that may be faster."""
+    def make():
+        return nriqa_sr.QualityModel(cfg.iqa, device, pretrained=False, metric_opts=cfg.iqa_opts or None)
+
+    def autocast_bf16(q):
+        def score(x):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return q(x).float()
+        return score
+
+    return {'eager (train.py)': make(), 'channels-last': make().to(memory_format=torch.channels_last),
+            'torch.compile': torch.compile(make()),
+            f'bf16 autocast (x{nriqa_sr.NUM_GTS // BF16_PATCHES})': autocast_bf16(make())}
+
+
+def no_grad_call(fn, x):
+    with torch.no_grad():
+        return fn(x)
+
+
+def amo_cases(variants, batch, device):
+    """{label: Q's no-grad forward over the batch's GT patches, as nriqa_sr.argmax_online runs it}, and each Q's
+    largest score difference to eager."""
+    gts = train.images(batch['gts'], device)  # (B,5,3,H,W)
+    cases, diffs = {}, {}
+    with torch.no_grad():
+        eager = next(iter(variants.values()))(gts.flatten(0, 1)).reshape(gts.shape[:2])  # (B,5)
+        for label, q in variants.items():
+            k = BF16_PATCHES if label.startswith('bf16') else nriqa_sr.NUM_GTS
+            patches = gts[:, :k].flatten(0, 1)  # (B*k,3,H,W)
+            cases[f'Q {label}'] = partial(no_grad_call, q, patches)
+            diffs[label] = (q(patches).reshape(-1, k) - eager[:, :k]).abs().max().item()
+    return cases, diffs
+
+
+def build_cases(args, device):
+    """Every timed case (see the module docstring), the labels the warm-up round needs, and what the report needs.
+    Q's variants and the contiguous D are timed once: every generator's config has the same Q, batch and D."""
+    cases, warm, info = {}, [], {'cfg': {}, 'diffs': {}, 'trained': {}}
+    for arch in args.arch:
+        cfg = info['cfg'][arch] = config(arch, args.paper, device)
+        stage1 = Trainer(cfg, device)
+        cases[f'{arch} step upos'] = stage1.step
+        warm.append(f'{arch} step upos')  # the parts reuse its models
+        parts = stage1.parts()
+        cases.update({label if label in SHARED else f'{arch} {label}': fn for label, fn in parts.items()
+                      if label not in SHARED or not info['diffs']})
+        if not info['diffs']:
+            variants = quality_variants(cfg, device)
+            q_cases, info['diffs'] = amo_cases(variants, stage1.batch, device)
+            cases.update(q_cases)
+            warm += list(q_cases)
+            contiguous = stage1.d_parts(copy.deepcopy(stage1.d).to(memory_format=torch.contiguous_format))
+            cases.update({f'{label}, contiguous D': fn for label, fn in contiguous.items()})
+            warm += [f'{label}, contiguous D' for label in contiguous]
+        if args.whole_amo:
+            amo = dataclasses.replace(cfg, sampler='amo')
+            cases[f'{arch} step amo'] = partial(stage1.step, amo, (next(iter(variants.values())), None, None))
+        if device.type == 'cuda':
+            cases.update({f'{arch} step upos --amp {amp}': partial(stage1.step, amp=amp) for amp in ('bf16', 'fp16')})
+            warm += [f'{arch} step upos --amp {amp}' for amp in ('bf16', 'fp16')]
+        lora_ft = Trainer(config(arch, args.paper, device, '--finetune'), device)
+        lora_ft.quality = (None, train.build_quality(lora_ft.cfg, device)[1], None)  # Eq. 2's Q, with gradient
+        full_ft = Trainer(config(arch, args.paper, device, '--finetune', '--no-lora'), device, lora_ft.quality)
+        cases.update({f'{arch} FT LoRA': lora_ft.step, f'{arch} FT full': full_ft.step})
+        warm += [f'{arch} FT LoRA', f'{arch} FT full']
+        info['trained'][arch] = [sum(p.numel() for p in t.g.parameters() if p.requires_grad)
+                                 for t in (lora_ft, full_ft)]
+        info['lambda_q'] = lora_ft.cfg.lambda_q
+    return cases, warm, info
+
+
+PARTS = ('G forward+backward', 'D step', 'D for G GAN loss', 'VGG perceptual', 'Adam + EMA')
+SHARED = ('D step', 'D for G GAN loss', 'VGG perceptual')  # same D, VGG and patch size for every generator
+
+
+def part_label(arch, part):
+    return part if part in SHARED else f'{arch} {part}'
+
+
+def ratio(a, b):
+    return spread(per_run(lambda x, y: x / y, a, b))
+
+
+def report(times, info):
+    """Print the tables from the per-round times."""
+    archs, cfg = list(info['cfg']), next(iter(info['cfg'].values()))
+    q_about = json.dumps(cfg.iqa_opts) if cfg.iqa_opts else 'paper size'
+    print(f'gt {cfg.gt_size}, batch {cfg.batch_size}, D width {cfg.d_num_feat}, Q = {cfg.iqa} ({q_about}); '
+          'all random weights')
+    for arch in archs:
+        step, gen = times[f'{arch} step upos'], info['cfg'][arch].generator
+        rest = per_run(lambda s, *p: s - sum(p), step, *(times[part_label(arch, p)] for p in PARTS))
+        print(f'\n1. {arch} ({json.dumps(gen) if gen else "paper configuration"}) stage-1 step, upos: '
+              f'{spread(step)} s; parts timed alone, s and % of the step:')
+        for label, t in [*((p, times[part_label(arch, p)]) for p in PARTS), ('rest (step - parts)', rest)]:
+            print(f'   {label:22s} {spread(t):26s} {spread(per_run(lambda a, s: 100 * a / s, t, step))} %')
+    d_cl, d_c = times['D step'], times['D step, contiguous D']
+    gan_cl, gan_c = times['D for G GAN loss'], times['D for G GAN loss, contiguous D']
+    print(f'   with a contiguous D (train.py: channels-last): D step {spread(d_c)} s = {ratio(d_c, d_cl)}x, D for G '
+          f'GAN loss {spread(gan_c)} s = {ratio(gan_c, gan_cl)}x; the step would take ' + ', '.join(
+              f'{arch} ' + spread(per_run(lambda s, a, b, c, d: (s - a - b + c + d) / s, times[f'{arch} step upos'],
+                                          d_cl, gan_cl, d_c, gan_c)) + 'x' for arch in archs))
+    print(f'\n2. amo / upos step time = (upos step + Q over {nriqa_sr.NUM_GTS} x {cfg.batch_size} GT patches of '
+          f'{cfg.gt_size}^2) / upos step:')
+    print(f'   {"Q":26s} {"Q seconds":26s} ' + ''.join(f'{a:26s} ' for a in archs) + 'max |score - eager|')
+    for label, diff in info['diffs'].items():
+        scale = nriqa_sr.NUM_GTS // BF16_PATCHES if label.startswith('bf16') else 1
+        q = [scale * t for t in times[f'Q {label}']]
+        print(f'   {label:26s} {spread(q):26s} ' + ''.join(
+            f'{spread(per_run(lambda a, s: (s + a) / s, q, times[f"{arch} step upos"])) + "x":26s} ' for arch in archs)
+            + f'{diff:.2g}')
+    for arch in archs:
+        if f'{arch} step amo' in times:
+            print(f'   {arch} amo step timed whole: {spread(times[f"{arch} step amo"])} s, '
+                  f'{ratio(times[f"{arch} step amo"], times[f"{arch} step upos"])}x the upos step')
+    print(f'\n3. fine-tuning step (Eq. 2, lambda_Q {info["lambda_q"]}, upos), s; LoRA / full:')
+    for arch in archs:
+        lora_t, full_t = times[f'{arch} FT LoRA'], times[f'{arch} FT full']
+        lora_n, full_n = info['trained'][arch]
+        print(f'   {arch:8s} LoRA {spread(lora_t)} ({lora_n:,} weights trained), full {spread(full_t)} '
+              f'({full_n:,}): {ratio(lora_t, full_t)}x')
+    amp = [label for label in times if '--amp' in label]
+    print('\n4. ' + ('; '.join(f'{label} / fp32 {ratio(times[label], times[label.split(" --")[0]])}x' for label in amp)
+                     if amp else 'AMP: not measured (no CUDA device; --amp autocasts on CUDA)'))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--data', help='HGGT root (default: the demo data, built in a temp folder)')
-    parser.add_argument('--generator', type=json.loads, default=SMALL_G,
-                        help="SwinIR overrides as JSON ('{}' = paper config)")
-    parser.add_argument('--gt-size', type=int, default=64, help='GT patch size')
-    parser.add_argument('--batch-size', type=int, default=2, help='batch size')
-    parser.add_argument('--steps', type=int, default=3, help='timed steps per run')
-    parser.add_argument('--rounds', type=int, default=2, help='runs per configuration, interleaved')
-    parser.add_argument('--warmup', type=int, default=1, help='untimed first steps')
-    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'), help='device')
-    parser.add_argument('--iqa-opts', type=json.loads, default={},
-                        help='pyiqa options of Q as JSON (default: full-size MUSIQ with random weights)')
+    parser.add_argument('--paper', action='store_true', help='paper generators at gt 256, batch 1 (default: '
+                        'the demo preset)')
+    parser.add_argument('--arch', nargs='+', default=['swinir', 'rrdbnet'], choices=tuple(models.GENERATORS),
+                        help='generators to measure')
+    parser.add_argument('--runs', type=int, default=3, help='timed rounds (after one warm-up round)')
+    parser.add_argument('--whole-amo', action='store_true', help='also time the whole amo step of each generator')
+    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='device')
     args = parser.parse_args()
-    args.cuda = args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available())
-    warnings.simplefilter('ignore')
-    with tempfile.TemporaryDirectory(prefix='bench_train_') as tmp:
-        rate = measure(args, Path(tmp))
-
-    device = torch.cuda.get_device_name() if args.cuda else f'CPU, {torch.get_num_threads()} threads'
-    print(f'\nbench_train: SwinIR {json.dumps(args.generator)}, gt {args.gt_size}, batch {args.batch_size}, '
-          f'Q = random MUSIQ {json.dumps(args.iqa_opts)}, {device}, best of {args.rounds} x {args.steps} steps')
-    for name, r in rate.items():
-        print(f'  {name:<22} {r:8.3f} it/s   {1000 / r:9.1f} ms/step')
-    print(f'  amo / upos step time:        {rate["stage 1 upos"] / rate["stage 1 amo"]:.2f}x')
-    print(f'  LoRA FT / full FT step time: {rate["FT full (--no-lora)"] / rate["FT LoRA"]:.2f}x')
-    if args.cuda:
-        for amp in ('bf16', 'fp16'):
-            print(f'  --amp {amp} / fp32 step time: {rate["stage 1 upos"] / rate[f"stage 1 upos {amp}"]:.2f}x')
-    else:
-        print('  AMP vs fp32: not measured (no GPU here; --amp is for CUDA)')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is visible')
+    if args.runs < 1:
+        parser.error(f'--runs: must be at least 1, got {args.runs}')
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter('ignore')  # the random-weights warnings: speed is what is measured
+    start = time.perf_counter()
+    cases, warm, info = build_cases(args, device)
+    times = timed(cases, args.runs, device, warm, log=lambda text: print(
+        f'{text} ({time.perf_counter() - start:.0f} s)', file=sys.stderr, flush=True))
+    print(f'bench_train: torch {torch.__version__}, {args.device}, {clock_name(device)}; {args.runs} runs after '
+          'one warm-up; median [min-max] over runs')
+    report(times, info)
+    print(f'\n(total wall time {time.perf_counter() - start:.0f} s)')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,73 @@
+"""Timing helpers shared by bench_train.py and bench_models.py.
+
+On a shared 2-core machine wall time varies several-fold between runs (OpenMP threads spin while another job
+holds the cores), so on CPU a case is timed in process CPU time (time.process_time) with one torch thread: the
+compute it costs, which other jobs barely change. On CUDA it is wall time after a synchronize. Cases take turns
+within each round (one untimed warm-up round first), so a change of load hits them alike; a figure is the median
+and the min-max range over the rounds, and a ratio is taken per round, then summarised the same way.
+"""
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+
+
+def sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def timed(cases, runs, device='cpu', warm=None, log=None):
+    """{label: [seconds, one per round]}: one warm-up round, then `runs` rounds of every case in turn.
+    cases: {label: callable()}; warm: the labels the warm-up round runs (default all; a case that only reuses
+    models another case has run needs none); log(text), when given, hears each finished round."""
+    clock = time.perf_counter if torch.device(device).type == 'cuda' else time.process_time
+    times = {label: [] for label in cases}
+    for round_ in range(runs + 1):
+        for label, fn in cases.items():
+            if not round_ and warm is not None and label not in warm:
+                continue
+            sync(device)
+            start = clock()
+            fn()
+            sync(device)
+            if round_:
+                times[label].append(clock() - start)
+        if log:
+            log(f'  round {round_}/{runs} done' + (' (warm-up)' if not round_ else ''))
+    return times
+
+
+def spread(values, digits=3):
+    """'median [min-max]' of a list of numbers."""
+    return f'{statistics.median(values):.{digits}g} [{min(values):.{digits}g}-{max(values):.{digits}g}]'
+
+
+def per_run(fn, *series):
+    """fn applied to the rounds' values element-wise: per_run(lambda a, b: a / b, t_a, t_b) is the per-round ratio."""
+    return [fn(*values) for values in zip(*series, strict=True)]
+
+
+def clock_name(device):
+    return 'wall seconds after a CUDA synchronize' if torch.device(device).type == 'cuda' else \
+        'process CPU seconds, 1 torch thread'
+
+
+def run_measured(argv, env=None):
+    """Run a command; its wall seconds and the kernel's account of the child (os.wait4): user and system CPU
+    seconds, minor and major page faults, peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child cannot block on a full pipe
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        code = proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
+        err.seek(0)
+        if code:
+            last = err.read().decode(errors='replace').strip().splitlines()[-1:]
+            raise RuntimeError(f'{" ".join(map(str, argv))} failed with exit code {code}: {last}')
+    return {'wall': wall, 'user': usage.ru_utime, 'sys': usage.ru_stime, 'minflt': usage.ru_minflt,
+            'majflt': usage.ru_majflt, 'maxrss_mib': usage.ru_maxrss / 1024}
