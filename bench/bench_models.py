@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import files  # noqa: E402
 import models  # noqa: E402
-from common import clock_name, per_run, run_measured, spread, timed  # noqa: E402
+from common import clock_name, per_run, ratio, run_measured, spread, timed  # noqa: E402
 from lora import inject_lora, merge_lora  # noqa: E402
 
 REDUCED = {  # fewer, thinner blocks. SwinIR keeps window 8 and head width 30, and its one-conv
@@ -47,19 +47,19 @@ REDUCED = {  # fewer, thinner blocks. SwinIR keeps window 8 and head width 30, a
     'rrdbnet': dict(num_block=2, num_feat=32, num_grow_ch=16),
 }
 JEMALLOC = Path('/usr/lib/x86_64-linux-gnu/libjemalloc.so.2')  # Debian/Ubuntu: apt-get install libjemalloc2
-HGGT_FILES = {'swinir': 'PosNegGTSR/basicsr/archs/swinir_arch.py', 'rrdbnet': 'PosNegGTSR/basicsr/archs/rrdbnet_arch.py'}
+HGGT_FILES = {arch: f'PosNegGTSR/basicsr/archs/{arch}_arch.py' for arch in ('swinir', 'rrdbnet')}
 GIB = 2 ** 30
 ALLOCATORS = {  # name: environment added to the upscale command's
-    'glibc malloc (default)': {},
-    'jemalloc (LD_PRELOAD)': {'LD_PRELOAD': str(JEMALLOC)},
-    # jemalloc as is purges freed pages (at once above oversize_threshold, 8 MiB): keep them instead
-    'jemalloc, no purging': {'LD_PRELOAD': str(JEMALLOC),
-                             'MALLOC_CONF': 'oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1'},
-    # no mmap'd chunks and no trimming: freed tensors stay in the heap and are reused without new page faults
-    'glibc mmap_max=0, trim/top_pad 1 GiB': {
+    'glibc': {},  # glibc malloc as is (the baseline)
+    'jemalloc': {'LD_PRELOAD': str(JEMALLOC)},
+    # jemalloc without purging: freed pages stay with the process (dirty / muzzy decay off, no oversize arena)
+    'jemalloc-nopurge': {'LD_PRELOAD': str(JEMALLOC),
+                         'MALLOC_CONF': 'oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1'},
+    # glibc with no mmap'd chunks and no trimming: freed tensors stay in the heap, reused without new faults
+    'glibc-tunables': {
         'GLIBC_TUNABLES': f'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={GIB}:glibc.malloc.top_pad={GIB}'},
-    'glibc hugetlb=1 (THP madvise)': {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'},
-    'torch THP_MEM_ALLOC_ENABLE=1': {'THP_MEM_ALLOC_ENABLE': '1'},  # c10's CPU allocator: 2 MiB-aligned, THP
+    'glibc-hugetlb': {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'},  # transparent huge pages for malloc'd memory
+    'torch-thp': {'THP_MEM_ALLOC_ENABLE': '1'},  # torch's CPU allocator: 2 MiB-aligned blocks, huge pages
 }
 
 
@@ -155,8 +155,9 @@ def generator_cases(args, device):
             plain[f'{arch} HGGT code'] = official_twin(args.hggt, arch, base, config)
         with torch.inference_mode():
             ref = base(x)
-            diffs.update({label: (m(x) - (ref if 'LoRA' not in label else unmerged(x))).abs().max().item()
-                          for label, m in plain.items() if label != f'{arch} (baseline)'})
+            for label, m in list(plain.items())[1:]:  # merged LoRA against unmerged, the rest against the baseline
+                if label != f'{arch} LoRA unmerged':
+                    diffs[label] = (m(x) - (unmerged(x) if 'LoRA' in label else ref)).abs().max().item()
         cases.update({label: functools.partial(forward, m, x) for label, m in plain.items()})
         for label, m in ((f'{arch} (baseline)', base), (f'{arch} {variant}', other)):
             fwd, fwd_bwd = training_pair(copy.deepcopy(m), x)  # train mode (drop-path on): a copy
@@ -181,32 +182,37 @@ def print_generators(times, diffs):
         print(f'{title:43s} {"seconds":26s} ratio')
         base = times[labels[0]]
         for label in (label for label in labels if label in times):
-            line = f'   {label:40s} {spread(times[label]):26s} {spread(per_run(lambda a, b: a / b, times[label], base))}x'
+            line = f'   {label:40s} {spread(times[label]):26s} {ratio(times[label], base)}x'
             if label in diffs:
                 line += f'   max |output diff| {diffs[label]:.1e}'
             if label.endswith('fwd+bwd'):
-                backward = per_run(lambda a, b: a - b, times[label], times[label.replace('fwd+bwd', 'forward')])
-                line += f'   backward {spread(backward)} s = {spread(per_run(lambda a, b: a / b, backward, times[label.replace("fwd+bwd", "forward")]))}x forward'
+                forward_time = times[label.replace('fwd+bwd', 'forward')]
+                backward = per_run(lambda a, b: a - b, times[label], forward_time)
+                line += f'   backward {spread(backward)} s = {ratio(backward, forward_time)}x forward'
             print(line)
             if label.endswith('HGGT code'):
-                print(f'   {"ours / HGGT code":40s} {"":26s} {spread(per_run(lambda a, b: a / b, base, times[label]))}x')
+                print(f'   {"ours / HGGT code":40s} {"":26s} {ratio(base, times[label])}x')
+
+
+def upscale_command(args, folder):
+    """The upscale command of section 4 on an RRDBNet checkpoint (random weights) and one LQ PNG in `folder`."""
+    torch.manual_seed(0)
+    config = dict(models.PAPER_CONFIGS['rrdbnet'], num_block=args.alloc_blocks)
+    files.save_checkpoint({'params_ema': models.build_generator('rrdbnet', **config).state_dict(), 'arch': 'rrdbnet',
+                           'config': config}, folder / 'g.pth')
+    side = args.alloc_lq
+    lq = torch.nn.functional.interpolate(torch.rand(1, 3, side // 16, side // 16), size=side, mode='bicubic')
+    files.save_image(lq.clamp(0, 1)[0], folder / 'lq.png')  # smooth, photo-like
+    return [sys.executable, str(REPO / 'nriqa_sr.py'), 'upscale', '--ckpt', str(folder / 'g.pth'), '--input',
+            str(folder / 'lq.png'), '--output', str(folder / 'sr.png'), '--device', 'cpu'], config
 
 
 def allocator_study(args):
     """Section 4: one upscale per setting in a fresh process, --alloc-runs interleaved rounds."""
-    settings = {k: v for k, v in ALLOCATORS.items() if 'LD_PRELOAD' not in v or JEMALLOC.is_file()}
+    settings = {name: ALLOCATORS[name] for name in args.alloc_settings}
     with tempfile.TemporaryDirectory(prefix='bench_alloc_') as tmp:
-        tmp = Path(tmp)
-        torch.manual_seed(0)
-        config = dict(models.PAPER_CONFIGS['rrdbnet'], num_block=args.alloc_blocks)
-        files.save_checkpoint({'params_ema': models.build_generator('rrdbnet', **config).state_dict(),
-                               'arch': 'rrdbnet', 'config': config}, tmp / 'g.pth')
-        lq = torch.nn.functional.interpolate(torch.rand(1, 3, args.alloc_lq // 16, args.alloc_lq // 16),
-                                             size=args.alloc_lq, mode='bicubic').clamp(0, 1)[0]
-        files.save_image(lq, tmp / 'lq.png')
-        argv = [sys.executable, str(REPO / 'nriqa_sr.py'), 'upscale', '--ckpt', str(tmp / 'g.pth'), '--input',
-                str(tmp / 'lq.png'), '--output', str(tmp / 'sr.png'), '--device', 'cpu']
-        print(f'4. {" ".join(["python", "nriqa_sr.py", *argv[2:]])}\n   RRDBNet {config}, {args.alloc_lq}^2 -> '
+        argv, config = upscale_command(args, Path(tmp))
+        print(f'4. python nriqa_sr.py {" ".join(argv[2:])}\n   RRDBNet {config}, {args.alloc_lq}^2 -> '
               f'{4 * args.alloc_lq}^2, {args.alloc_runs} runs per setting (interleaved); median [min-max]')
         results = {name: [] for name in settings}
         for _ in range(args.alloc_runs):
@@ -214,20 +220,18 @@ def allocator_study(args):
                 results[name].append(run_measured(argv, {**os.environ, **env}))
                 print(f'   ... {name}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results[name][-1].items()),
                       file=sys.stderr, flush=True)
-    print(f'   {"setting":38s} {"wall s":20s} {"user s":20s} {"system s":20s} {"minor faults (M)":22s} peak RSS GiB')
+    print(f'   {"setting":18s} {"wall s":20s} {"user s":20s} {"system s":20s} {"minor faults (M)":22s} peak RSS GiB')
     for name, runs in results.items():
         cols = [spread([r[k] / scale for r in runs]) for k, scale in (('wall', 1), ('user', 1), ('sys', 1),
                                                                        ('minflt', 1e6), ('maxrss_mib', 1024))]
-        print(f'   {name:38s} ' + ' '.join(f'{c:20s}' for c in cols[:4]) + f'  {cols[4]}')
-    base = results[next(iter(results))]
+        print(f'   {name:18s} ' + ' '.join(f'{c:20s}' for c in cols[:4]) + f'  {cols[4]}')
+    first, base = next(iter(results.items()))
     for name, runs in list(results.items())[1:]:
-        print(f'   {name}: wall {spread(per_run(lambda a, b: a["wall"] / b["wall"], runs, base))}x, CPU (user+sys) '
-              f'{spread(per_run(lambda a, b: (a["user"] + a["sys"]) / (b["user"] + b["sys"]), runs, base))}x '
-              'the default')
+        cpu = [[r['user'] + r['sys'] for r in rs] for rs in (runs, base)]
+        print(f'   {name} / {first}: wall {ratio([r["wall"] for r in runs], [r["wall"] for r in base])}x, '
+              f'CPU (user+sys) {ratio(*cpu)}x')
     for name, env in settings.items():
         print(f'   {name}: ' + (' '.join(f'{k}={v}' for k, v in env.items()) or '(no variable)'))
-    if len(settings) < len(ALLOCATORS):
-        print(f'   jemalloc: not measured ({JEMALLOC} not found; apt-get install libjemalloc2)')
 
 
 def main():
@@ -242,6 +246,8 @@ def main():
     parser.add_argument('--allocators', action='store_true', help='run section 4 (only) instead')
     parser.add_argument('--alloc-lq', type=int, default=512, help='LQ side of the upscale of section 4')
     parser.add_argument('--alloc-runs', type=int, default=2, help='runs per setting of section 4')
+    parser.add_argument('--alloc-settings', nargs='+', choices=tuple(ALLOCATORS), default=list(ALLOCATORS),
+                        help='allocator settings of section 4 (ratios against the first)')
     parser.add_argument('--alloc-blocks', type=int, default=4,
                         help="RRDB blocks of section 4 (the paper's 23 take about 6x as long; the tensors, "
                              'which the allocator sees, are the same)')
@@ -252,6 +258,9 @@ def main():
     if missing:
         parser.error(f'--hggt {args.hggt}: no {missing[0]} (a checkout of github.com/ChrisDud0257/HGGT)')
     if args.allocators:
+        if any('LD_PRELOAD' in ALLOCATORS[name] for name in args.alloc_settings) and not JEMALLOC.is_file():
+            parser.error(f'--alloc-settings: jemalloc needs {JEMALLOC} (apt-get install libjemalloc2), or leave '
+                         'out jemalloc and jemalloc-nopurge')
         return allocator_study(args)
     args.lq = args.lq or (64 if args.paper else 128)
     device = torch.device(args.device)

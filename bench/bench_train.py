@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 import nriqa_sr  # noqa: E402
 import train  # noqa: E402
-from common import clock_name, per_run, spread, timed  # noqa: E402
+from common import clock_name, per_run, ratio, spread, timed  # noqa: E402
 
 BF16_PATCHES = 1  # of the 5 GTs per sample: bf16 Q is timed on these and scaled to 5
 
@@ -213,10 +213,6 @@ SHARED = ('D step', 'D for G GAN loss', 'VGG perceptual')  # same D, VGG and pat
 
 def part_label(arch, part):
     return part if part in SHARED else f'{arch} {part}'
-
-
-def ratio(a, b):
-    return spread(per_run(lambda x, y: x / y, a, b))
 
 
 def report(times, info):

@@ -51,6 +51,11 @@ def per_run(fn, *series):
     return [fn(*values) for values in zip(*series, strict=True)]
 
 
+def ratio(a, b):
+    """'median [min-max]' of the per-round ratios a / b."""
+    return spread(per_run(lambda x, y: x / y, a, b))
+
+
 def clock_name(device):
     return 'wall seconds after a CUDA synchronize' if torch.device(device).type == 'cuda' else \
         'process CPU seconds, 1 torch thread'
