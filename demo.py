@@ -2,7 +2,7 @@
 
 1. build the demo HGGT set from scikit-image's bundled photographs (make_demo_dataset);
 2. score every GT once with the NR-IQA model Q (nriqa_sr.py score; the cache sma/smp read);
-3. stage 1 (DESIGN §2-3): train the origins and upos baselines and the paper's amo sampler;
+3. stage 1 (the paper's Table 5): train the origins and upos baselines and the paper's amo sampler;
 4. stage 2: fine-tune amo with LoRA on Eq. 2, L~ = L - lambda_Q * Q(SR) ("AMO+FT");
 5. evaluate all four on the test split (evaluate.py): results.md, report.html, the plot.
 

@@ -163,7 +163,7 @@ class QualityModel(nn.Module):
 
 
 def sample_gt_index(sampler, positive, generator, scores=None, patches=None, quality=None, tau=TAU):
-    """Index of the GT each sample trains on (paper §4.1), Long(B); draws come from `generator`.
+    """Index of the GT each sample trains on (the samplers of the paper's Table 5), Long(B); draws come from `generator`.
 
     positive: Bool(B,5) effective positives (GT 0 never); scores: (B,5) cached image-level Q scores (sma, smp);
     patches: (B,5,3,H,W) the five training patches and `quality` the Q to score them with now (amo).

@@ -1,4 +1,4 @@
-"""Two-stage training of the paper (arXiv 2504.18524): sampler training (§4.1), then LoRA fine-tuning on Q (§4.2).
+"""Two-stage training of the paper (arXiv 2504.18524): GT sampling by Q (Table 5), then LoRA fine-tuning on Q (Eq. 2).
 
 Stage 1: every sample trains on one of HGGT's five GTs, picked by the sampler (origins / upos / sma / smp /
 amo); that GT feeds every loss, L = L1 + perceptual + 0.1 GAN, with a U-Net discriminator step every
@@ -70,7 +70,7 @@ class TrainConfig:
     init: str = arg('', 'initial generator checkpoint (stage 1: PSNR-oriented model; FT: the stage-1 generator.pth)')
     finetune: bool = arg(False, 'stage 2: freeze the generator and train LoRA on Eq. 2, L - lambda_q * Q(SR)')
     resume: str = arg('', "'auto' = newest ckpt_<step>.pth in --out (fresh start when none), or a checkpoint path")
-    # which GT a sample trains on (paper §4.1)
+    # which GT a sample trains on (the samplers of the paper's Table 5)
     sampler: str = arg('amo', 'GT sampler', choices=nriqa_sr.SAMPLERS)
     positives_only: bool = arg(False, "origins/sma/amo: train only on sets with an effective positive, as HGGT's "
                                'positives-only datasets (upos/smp always do)')
@@ -428,7 +428,7 @@ def training_step(cfg, nets, batch, quality, step_rng, side_stream, device):
     net_g, raw_d, net_d, perceptual, scaler = nets['g'], nets['raw_d'], nets['d'], nets['perceptual'], nets['scaler']
     sampling_q, reward_q, scores = quality
     lq, gts = images(batch['lq'], device), images(batch['gts'], device)  # (B,3,h,w), (B,5,3,H,W)
-    # §4.1: the GT each sample trains on. amo's Q forward runs on a side stream beside G's forward on CUDA:
+    # The GT each sample trains on (Table 5's samplers). amo's Q forward runs on a side stream beside G's forward on CUDA:
     # its choice is needed only at the loss.
     with torch.cuda.stream(side_stream) if side_stream is not None else nullcontext():
         batch_scores = torch.tensor([scores[n] for n in batch['name']]) if scores is not None else None
