@@ -130,6 +130,18 @@ def test_shift_mask_is_cached_per_size_and_blocks_cross_region_attention():
     assert (mask[-1] == -100).any()  # the bottom-right window mixes wrapped-around regions
 
 
+@pytest.mark.parametrize('h, w, ws, shift', [(8, 12, 4, 2), (16, 16, 8, 4), (24, 8, 8, 4), (12, 20, 4, 1)])
+def test_shift_mask_equals_an_independent_construction(h, w, ws, shift):
+    """After the cyclic shift by -shift, a token at row i came from the far side of the image iff i >= h - shift
+    (likewise for columns). Two tokens of one window may attend to each other iff both or neither wrapped, per axis."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    wrapped = torch.stack([rows >= h - shift, cols >= w - shift], dim=-1)  # (h, w, 2)
+    windows = wrapped.view(h // ws, ws, w // ws, ws, 2).permute(0, 2, 1, 3, 4).reshape(-1, ws * ws, 2)  # (nW, N, 2)
+    differ = (windows[:, :, None] != windows[:, None, :]).any(-1)  # (nW, N, N)
+    expected = torch.where(differ, -100.0, 0.0)
+    assert torch.equal(models.shift_mask(h, w, ws, shift), expected)
+
+
 def test_perceptual_loss_random_vgg_is_zero_for_identical_and_grads_reach_input_only():
     loss_fn = models.PerceptualLoss(weights=None)
     assert len(loss_fn.vgg) == 35  # cut after conv5_4
