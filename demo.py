@@ -16,6 +16,7 @@ Put the files where the messages say and the same command uses them.
 import argparse
 import json
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -226,13 +227,47 @@ def weight_choices():
     return rank_q, reward_q, vgg, meaningless
 
 
+# ----------------------------------------------------------------------------- the README's demo table
+README_START = '<!-- demo results: written by `python demo.py --readme README.md`; do not edit by hand -->'
+README_END = '<!-- end of demo results -->'
+
+
+def results_block(results_md, timings, total):
+    """The README block: evaluate.py's table (and its warnings), the machine, and the wall time of each step."""
+    table = results_md.split('\n## ')[0].splitlines()[1:]  # without the title, up to the agreement section
+    machine = f'{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}'
+    steps = ', '.join(f'{k} {v:.0f} s' for k, v in timings.items())
+    return '\n'.join([README_START, *table, '', f'Machine: {machine}. Wall time: {steps}; total {total:.0f} s.',
+                      README_END])
+
+
+def readme_block_bounds(text, path):
+    """(start, end) offsets of the demo-results block in `text`; a one-line error when the markers are absent."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f'error: --readme {path}: no demo-results block ({README_START} ... {README_END})')
+    return start, end + len(README_END)
+
+
+def update_readme(path, block):
+    """Replace the demo-results block of `path` with `block`, atomically."""
+    text = path.read_text()
+    start, end = readme_block_bounds(text, path)
+    with atomic_open(path) as f:
+        f.write((text[:start] + block + text[end:]).encode())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', type=Path, default=Path('demo_data'), help='where the demo data set is built')
     parser.add_argument('--out', type=Path, default=Path('demo_out'), help='runs, evaluation and reports')
     parser.add_argument('--arch', default='swinir', choices=sorted(models.GENERATORS), help='generator')
     parser.add_argument('--data-only', action='store_true', help='only build the demo data set (seconds), then stop')
+    parser.add_argument('--readme', type=Path, metavar='README.md',
+                        help="write the results table and wall times into this file's demo-results block")
     args = parser.parse_args()
+    if args.readme is not None:
+        readme_block_bounds(args.readme.read_text() if args.readme.is_file() else '', args.readme)  # fail early
 
     timings = {}
     start = time.perf_counter()
@@ -278,6 +313,10 @@ def main():
     print(f'report: {args.out / "eval" / "report.html"}')
     for line in meaningless:
         print(f'WARNING: {line}')
+    if args.readme is not None:
+        update_readme(args.readme, results_block((args.out / 'eval' / 'results.md').read_text(), timings,
+                                                 time.perf_counter() - start))
+        print(f'{args.readme}: demo results updated')
 
 
 if __name__ == '__main__':
