@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_G, TINY_Q
 
 import files
 import runs
 import train
-from conftest import TINY_G, TINY_Q
 from demo import make_demo_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_G, TINY_Q, assert_states_equal, write_random_set
 
+import config
 import data
 import files
 import lora
@@ -19,7 +21,6 @@ import models
 import nriqa_sr
 import runs
 import train
-from conftest import TINY_G, TINY_Q, assert_states_equal, write_random_set
 from demo import make_demo_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')
@@ -96,28 +97,28 @@ PAPER_FT = {'swinir': dict(total_iters=20_000, lr=5e-6, milestones=(5_000,), lam
 @pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
 def test_paper_preset_is_hggt_option_file_per_arch(arch):
     for argv in (['--arch', arch], ['--arch', arch, '--preset', 'paper']):
-        cfg = train.parse_config(argv + ['--data', 'x'])
+        cfg = config.parse_config(argv + ['--data', 'x'])
         assert {k: getattr(cfg, k) for k in HGGT_FILES[arch]} == HGGT_FILES[arch]
-    cfg = train.parse_config(['--arch', arch, '--finetune', '--init', 'absent.pth', '--data', 'x'])
+    cfg = config.parse_config(['--arch', arch, '--finetune', '--init', 'absent.pth', '--data', 'x'])
     assert {k: getattr(cfg, k) for k in PAPER_FT[arch]} == PAPER_FT[arch]
     kept = {k: v for k, v in HGGT_FILES[arch].items() if k not in PAPER_FT[arch]}
     assert {k: getattr(cfg, k) for k in kept} == kept  # batch, queue, degradation, EMA 0.999 as in stage 1
-    assert train.parse_config(['--arch', arch, '--batch-size', '3', '--data', 'x']).batch_size == 3  # flags win
+    assert config.parse_config(['--arch', arch, '--batch-size', '3', '--data', 'x']).batch_size == 3  # flags win
 
 
 def test_finetune_reads_the_architecture_its_numbers_and_its_critic_width_from_init(tmp_path):
     path = tmp_path / 'rrdb.pth'
-    config = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
-    files.save_checkpoint({'params_ema': models.RRDBNet(**config).state_dict(), 'arch': 'rrdbnet', 'config': config,
+    small = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
+    files.save_checkpoint({'params_ema': models.RRDBNet(**small).state_dict(), 'arch': 'rrdbnet', 'config': small,
                            'net_d': models.UNetDiscriminatorSN(num_feat=16).state_dict()}, path)
-    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused'])
+    cfg = config.parse_config(['--finetune', '--init', str(path), '--data', 'unused'])
     assert (cfg.arch, cfg.lr, cfg.milestones, cfg.d_num_feat, cfg.ema_decay) == ('rrdbnet', 5e-5, (), 16, 0.999)
-    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused', '--arch', 'swinir'])
+    cfg = config.parse_config(['--finetune', '--init', str(path), '--data', 'unused', '--arch', 'swinir'])
     assert (cfg.arch, cfg.lr) == ('swinir', 5e-6)  # an explicit --arch wins
 
 
 def test_sampling_q_and_reward_q_are_separate_flags():
-    cfg = train.parse_config(['--finetune', '--init', 'x.pth', '--data', 'x', '--sampler', 'amo', '--iqa', 'musiq',
+    cfg = config.parse_config(['--finetune', '--init', 'x.pth', '--data', 'x', '--sampler', 'amo', '--iqa', 'musiq',
                               '--sample-iqa', 'piqe', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q)])
     sampling, reward = train.build_quality(cfg, torch.device('cpu'))
     assert (sampling.name, sampling.as_loss, reward.name, reward.as_loss) == ('piqe', False, 'musiq', True)
@@ -279,7 +280,7 @@ def test_ft_with_a_gan_term_starts_from_the_stage1_critic(demo, tmp_path, capsys
     train.main(tiny_args(demo, stage1, '--sampler', 'origins', '--total-iters', '2', '--perceptual-weight', '0'))
     export = load(stage1 / 'generator.pth')
     assert 'net_d' in export  # the stage-1 export carries what FT_IG / FT_NNR need
-    cfg = train.parse_config(tiny_args(demo, tmp_path / 'ft', '--finetune', '--init', stage1 / 'generator.pth',
+    cfg = config.parse_config(tiny_args(demo, tmp_path / 'ft', '--finetune', '--init', stage1 / 'generator.pth',
                                        '--gan-weight', '0.1'))
     _, _, d, _, _ = train.build_models(cfg, torch.device('cpu'))
     assert_states_equal(d.state_dict(), export['net_d'])  # FT step 0: the stage-1 discriminator
