@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-import evaluate
+import metrics
 import models
 import nriqa_sr
 import weights
@@ -301,8 +301,8 @@ def main():
     for key, out in runs.items():
         evaluation += ['--ckpt', str(out / 'generator.pth'), '--name', names[key]]
     # every table metric whose weights are here; MUSIQ (random, flagged as such) when its file is not
-    metrics = [m for m in evaluate.METRICS if m == 'musiq' or not weights.missing_weights(m)]
-    evaluation += ['--metrics', ','.join(metrics)]
+    columns = [m for m in metrics.METRICS if m == 'musiq' or not weights.missing_weights(m)]
+    evaluation += ['--metrics', ','.join(columns)]
     if weights.missing_weights('musiq'):
         evaluation.append('--random-iqa')
     run(evaluation, timings, 'evaluate')

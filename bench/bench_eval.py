@@ -39,7 +39,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
 
-import evaluate
+import metrics
 import models
 import nriqa_sr
 
@@ -98,10 +98,10 @@ def metric_cases(device, size):
     sr, gt = torch.rand(2, 1, 3, size, size, device=device)
     cases = {}
     for name in ('psnr', 'ssim'):
-        cases[name] = lambda f=evaluate.build_metric(name, device).fn: f(sr, gt)
+        cases[name] = lambda f=metrics.build_metric(name, device).fn: f(sr, gt)
     for name in ('lpips', 'stlpips', 'dists'):
         metric = pyiqa.create_metric(name, device=device, pretrained=False)
-        cases[name] = lambda m=metric: m(evaluate.crop_border(sr), evaluate.crop_border(gt))
+        cases[name] = lambda m=metric: m(metrics.crop_border(sr), metrics.crop_border(gt))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # the random-weights warning: speed is what is measured
         musiq = nriqa_sr.QualityModel('musiq', device, pretrained=False)

@@ -31,6 +31,7 @@ import data
 import evaluate
 import files
 import lora
+import metrics
 import models
 import nriqa_sr
 import report
@@ -104,7 +105,7 @@ def psnr_of_offset(offset):
 
 # ----------------------------------------------------------------------------- metrics
 def test_psnr_ssim_match_independent_references():
-    psnr = evaluate.build_metric('psnr', 'cpu').fn  # pyiqa's psnr, configured as BasicSR
+    psnr = metrics.build_metric('psnr', 'cpu').fn  # pyiqa's psnr, configured as BasicSR
     rng = np.random.default_rng(0)
     smooth = np.kron(rng.integers(0, 256, (6, 5, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 48x40 blocks
     noisy = np.clip(smooth.astype(int) + rng.integers(-40, 41, smooth.shape), 0, 255).astype(np.uint8)
@@ -115,8 +116,8 @@ def test_psnr_ssim_match_independent_references():
         ssim_ref = structural_similarity(ca, cb, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                          data_range=255, channel_axis=2)
         assert psnr(to_tensor(a), to_tensor(b)).item() == pytest.approx(psnr_ref, abs=1e-4)
-        assert evaluate.calculate_ssim(to_tensor(a), to_tensor(b)).item() == pytest.approx(ssim_ref, abs=1e-4)
-    assert evaluate.calculate_ssim(to_tensor(noisy), to_tensor(255 - noisy)).item() < -0.5  # no ReLU clamp
+        assert metrics.calculate_ssim(to_tensor(a), to_tensor(b)).item() == pytest.approx(ssim_ref, abs=1e-4)
+    assert metrics.calculate_ssim(to_tensor(noisy), to_tensor(255 - noisy)).item() < -0.5  # no ReLU clamp
 
 
 @pytest.mark.parametrize('name', ['lpips', 'stlpips', 'dists'])
@@ -141,7 +142,7 @@ def test_deep_fr_metrics_crop_four_border_pixels(name, tmp_path, monkeypatch):
         with torch.no_grad():
             return net(x, y).reshape(len(x))
     torch.save(net.state_dict(), tmp_path / weights.WEIGHT_FILES[name])
-    metric = evaluate.build_metric(name, 'cpu', weights=tmp_path).fn
+    metric = metrics.build_metric(name, 'cpu', weights=tmp_path).fn
     sr, gt = torch.rand(2, 3, 48, 40), torch.rand(2, 3, 48, 40)
     border = torch.ones(48, 40, dtype=torch.bool)
     border[4:-4, 4:-4] = False
@@ -157,7 +158,7 @@ def test_fr_metric_file_whose_names_fit_nothing_is_refused(tmp_path):
     """pyiqa loads LPIPS-ST non-strictly: a file with no fitting name would leave random layers."""
     torch.save({'not_a_layer': torch.zeros(1)}, tmp_path / 'alex_shift_tolerant.pth')
     with pytest.raises(ValueError, match='no parameter name fits pyiqa stlpips'):
-        evaluate.build_metric('stlpips', 'cpu', weights=tmp_path)
+        metrics.build_metric('stlpips', 'cpu', weights=tmp_path)
 
 
 # ----------------------------------------------------------------------------- hand-made labelled set
@@ -343,7 +344,7 @@ def test_single_gt_pairs_realsr_layout(tmp_path, monkeypatch, capsys):
     # FR against the HR cut to the SR's 32x32 (BasicSR's test-time crop); Gold = the HR's own score
     assert sr_row['psnr'] == pytest.approx(np.mean([psnr_of_offset(o) for o in PAIRS.values()]), abs=1e-6)
     assert gold['musiq'] == pytest.approx(np.mean([100 * hr.mean() / 255 for hr in hrs.values()]), abs=1e-4)
-    psnr = evaluate.build_metric('psnr', 'cpu').fn
+    psnr = metrics.build_metric('psnr', 'cpu').fn
     expected = [psnr(files.load_image(tmp_path / 'out' / 'sr' / 'generator' / f'{n}.png')[None],
                      to_tensor(hrs[n][:32, :32].astype(np.uint8))).item() for n in PAIRS]
     assert run_row['psnr'] == pytest.approx(np.mean(expected), abs=1e-6)
@@ -456,7 +457,7 @@ def test_demo_run_writes_every_output(demo_run):
     assert 'RANDOM' in md and '**' in md
     # JSON and CSV agree, cell by cell; only the weight-free and random metrics computed here
     rows = list(csv.DictReader((demo_run / 'results.csv').open()))
-    assert list(rows[0]) == ['method', *evaluate.METRICS]
+    assert list(rows[0]) == ['method', *metrics.METRICS]
     for json_row, csv_row in zip(result['table'], rows):
         for key, value in json_row.items():
             if isinstance(value, float):
@@ -465,7 +466,7 @@ def test_demo_run_writes_every_output(demo_run):
                 assert csv_row[key] == ('' if value is None else value)
     computed = {k for k, v in result['table'][0].items() if isinstance(v, float)}
     assert computed == {'psnr', 'ssim', 'musiq'}
-    assert all(result['table'][0][m].startswith('missing (file ') for m in evaluate.METRICS if m not in computed)
+    assert all(result['table'][0][m].startswith('missing (file ') for m in metrics.METRICS if m not in computed)
     per_image = list(csv.DictReader((demo_run / 'per_image.csv').open()))
     assert len(per_image) == 3 * 2  # (2 methods + Gold Standard) x 2 sets
     rrdb = [float(r['psnr']) for r in per_image if r['method'] == 'rrdbnet']
@@ -522,10 +523,10 @@ def test_report_escapes_names_in_text_and_src(tmp_path, monkeypatch, capsys):
 
 def test_plot_left_out_with_a_reason_when_it_would_be_empty(tmp_path, capsys):
     write_hand_set(tmp_path / 'set')
-    for metrics, reason in (('psnr,ssim', 'it needs an NR metric'), ('musiq', 'it needs PSNR')):
-        out = tmp_path / metrics.replace(',', '_')
+    for chosen, reason in (('psnr,ssim', 'it needs an NR metric'), ('musiq', 'it needs PSNR')):
+        out = tmp_path / chosen.replace(',', '_')
         code, err = run_main(['--sr-dir', tmp_path / 'set' / 'sr', '--data', tmp_path / 'set', '--out', out,
-                              '--metrics', metrics, '--random-iqa'], capsys)
+                              '--metrics', chosen, '--random-iqa'], capsys)
         assert code == 0, err
         assert not (out / 'perception_distortion.png').exists()
         assert f'No perception-distortion plot: {reason}' in (out / 'results.md').read_text()

@@ -39,6 +39,7 @@ import torchvision
 import data
 import evaluate
 import files
+import metrics
 import models
 import nriqa_sr
 import train
@@ -219,7 +220,7 @@ def test_every_file_of_the_table_is_found(real, capsys):
     out = capsys.readouterr().out
     status = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[0] in REGISTRY}
     assert status == {**{name: 'present' for name in real.paths}, 'one-align': 'MISSING'}
-    assert all(weights.missing_weights(m) == [] for m in evaluate.METRICS if m != 'qalign')
+    assert all(weights.missing_weights(m) == [] for m in metrics.METRICS if m != 'qalign')
     assert weights.missing_weights('qalign') == [weights.location(REGISTRY['one-align'])]
 
 
@@ -280,7 +281,7 @@ def test_evaluate_fills_every_column_but_qalign(real, musiq_of_test_gts, capsys)
     capsys.readouterr()
     result = json.loads((out / 'results.json').read_text())
     tiny, gold = result['table']
-    computed = [m for m in evaluate.METRICS if m != 'qalign']
+    computed = [m for m in metrics.METRICS if m != 'qalign']
     assert all(isinstance(tiny[m], float) and np.isfinite(tiny[m]) for m in computed), tiny
     assert tiny['qalign'] == gold['qalign'] == 'missing (file models--q-future--one-align)'
     assert result['absent_weights'] == {'qalign': [str(weights.location(REGISTRY['one-align']))]}
