@@ -17,7 +17,7 @@ One pass over the test sets: a set's references are read once, every row is scor
     over sets. Sets without an effective positive have nothing to compare with and are left out (the
     report counts them). Single-GT pairs (--hr) compare with their HR.
   - No-reference metrics (MUSIQ, NIMA, Q-Align, TOPIQ-NR, PaQ-2-PiQ) score the SR image alone. The Gold
-    Standard row (paper §5) is, per NR metric, the best score among a set's GTs, averaged over sets; for
+    Standard row (paper Table 5) is, per NR metric, the best score among a set's GTs, averaged over sets; for
     single-GT pairs it is the HR's own score.
   - A metric whose weight files are absent shows "missing (file X)" (pyiqa would try to download it) and
     the others still compute; --strict makes that an error.
@@ -297,7 +297,7 @@ def score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, a
                                   **score_sr(sr[None].to(args.device), positives, metrics, metric_names)})
             if 'GT' in compare:
                 save_image(positives[0], args.out / 'gt' / f'{s.name}.png')
-            # paper §5 Gold Standard: the best NR score among the set's GTs (the HR's own for pairs)
+            # the Gold Standard row of Table 5: the best NR score among the set's GTs (the HR's own for pairs)
             per_image.append({'method': GOLD, 'image': s.name,
                               **{n: max(ref_scores[n][s.name]) for n in metric_names if n in scored_refs}})
     return per_image, ref_scores
