@@ -351,7 +351,8 @@ def train(cfg):
                                         weights=cfg.iqa_weights or None, pretrained=not cfg.random_iqa,
                                         metric_opts=cfg.iqa_opts or None)
     if cfg.sampler in ('sma', 'smp'):  # refuses a cache scored by another metric or other weights
-        scores = nriqa_sr.load_score_cache(cfg.score_cache, quality.name, quality.fingerprint, dataset.names)
+        scores = nriqa_sr.load_score_cache(cfg.score_cache, quality.name, quality.fingerprint, dataset.names,
+                                           nriqa_sr.score_command(quality, cfg.data, cfg.score_cache))
     queue = None
     if cfg.queue_size:
         queue_generator = torch.Generator().manual_seed(step_seed(cfg.seed, rank, 'queue'))
