@@ -207,7 +207,7 @@ def check_config(cfg):
         problems.append('--finetune: needs --init CKPT (the stage-1 generator.pth to fine-tune)')
     if cfg.sampler in NEEDS_SCORES and not cfg.score_cache:
         problems.append(f'--sampler {cfg.sampler}: needs --score-cache FILE (build it with: '
-                        f'{nriqa_sr.score_command(cfg.data or "ROOT", sampler_iqa(cfg), cfg.iqa_opts, cfg.random_iqa)})')
+                        f'{nriqa_sr.score_command(cfg.data or "ROOT", score_flags(cfg))})')
     return problems
 
 
@@ -215,6 +215,11 @@ def check_config(cfg):
 def sampler_iqa(cfg):
     """The Q the sampler ranks GTs with."""
     return cfg.sample_iqa or cfg.iqa
+
+
+def score_flags(cfg):
+    """The `score` flags of the sampler's Q: the cache sma / smp read must be made with them."""
+    return nriqa_sr.score_flags(sampler_iqa(cfg), cfg.iqa_weights or None, cfg.random_iqa, cfg.iqa_opts)
 
 
 
@@ -255,7 +260,7 @@ def check_files(cfg):
                         'weights --download vgg19 (or --vgg-weights FILE, or --random-vgg for a meaningless loss)')
     if cfg.sampler in NEEDS_SCORES and cfg.score_cache and not Path(cfg.score_cache).is_file():
         problems.append(f'--score-cache {cfg.score_cache}: not found; build it with: '
-                        f'{nriqa_sr.score_command(cfg.data, sampler_iqa(cfg), cfg.iqa_opts, cfg.random_iqa, cfg.score_cache)}')
+                        f'{nriqa_sr.score_command(cfg.data, score_flags(cfg), cfg.score_cache)}')
     try:
         if cfg.generator:  # the paper configurations are known to build
             models.build_generator(cfg.arch, **cfg.generator)

@@ -14,23 +14,29 @@ looked up here first and passed to pyiqa explicitly; a missing file is a one-lin
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
+import os
 import shlex
 import sys
 import warnings
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import MultiGTDataset, gt_paths, read_effective_labels
-from files import atomic_open, load_checkpoint, load_image, png_bit_depth, save_image, to_rgb
-from models import generator_scale, load_generator
+from files import (atomic_open, check_writable, load_checkpoint, load_image, png_bit_depth, quantize, save_pixels,
+                   to_rgb)
+from models import RRDBNet, generator_scale, load_generator
 from weights import WEIGHT_FILES, backbone_path, download_command, hub_offline, missing_weights, weight_path
 from weights import run as run_weights
 
@@ -64,17 +70,64 @@ def parse_metric(name):
     return members
 
 
+def metric_name(members):
+    """Canonical name of parsed members: [('musiq', 1.0), ('nima', 0.5)] -> 'musiq+nima:0.5'."""
+    return '+'.join(m if w == 1 else f'{m}:{w:g}' for m, w in members)
+
+
+def pyiqa_network_options(metric):
+    """Option names of pyiqa's network class for `metric` (its constructor's parameters), None when it
+    takes any keyword."""
+    from pyiqa.archs import _lazy_import_arch  # pyiqa registers a network class when its module is imported
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+    from pyiqa.utils.registry import ARCH_REGISTRY
+    network = DEFAULT_CONFIGS[metric]['metric_opts']['type']
+    _lazy_import_arch(network)
+    cls = ARCH_REGISTRY.get(network)
+    if cls.__init__ is nn.Module.__init__:  # no constructor of its own (piqe): no options at all
+        return set()
+    params = inspect.signature(cls).parameters.values()
+    return None if any(p.kind == p.VAR_KEYWORD for p in params) else {p.name for p in params}
+
+
+def check_metric_opts(members, metric_opts):
+    """The --iqa-opts {metric: {option: value}} of the members of --iqa (other metrics' entries are left
+    out), checked before pyiqa builds anything: each option must be a parameter of the metric's pyiqa
+    network class; the weight options are set by --iqa-weights / --random-iqa."""
+    if not isinstance(metric_opts or {}, dict):
+        raise ValueError(f'--iqa-opts: expected a JSON object {{"metric": {{"option": value}}}}, got {metric_opts!r}')
+    chosen = {}
+    for metric, _ in members:
+        opts = (metric_opts or {}).get(metric)
+        if opts is None:
+            continue
+        if not isinstance(opts, dict):
+            raise ValueError(f'--iqa-opts: the options of {metric} must be a JSON object, got {opts!r}')
+        ours = {'pretrained', 'pretrained_model_path'} & set(opts)
+        if ours:
+            raise ValueError(f'--iqa-opts: {metric} option {sorted(ours)[0]!r} is set by --iqa-weights / --random-iqa')
+        known = pyiqa_network_options(metric)
+        unknown = sorted(set(opts) - known) if known is not None else []
+        if unknown:
+            raise ValueError(f"--iqa-opts: {metric} has no option {unknown[0]!r}; pyiqa's network takes "
+                             f"{', '.join(sorted(known - {'pretrained', 'pretrained_model_path'})) or 'none'}")
+        chosen[metric] = opts
+    return chosen
+
+
 class QualityModel(nn.Module):
-    """Q of the paper over pyiqa: forward(x (N,3,H,W) in [0,1]) -> (N,), higher is better (DESIGN §2, §6).
+    """Q of the paper over pyiqa: forward(x (N,3,H,W) in [0,1]) -> (N,), higher is better (arXiv 2504.18524).
 
     One metric gives its raw score (a lower-better metric is reflected in its range, lo + hi - s, so its
     scale, which tau = 10 depends on, is kept). An ensemble 'musiq+nima' or 'musiq:1+nima:0.5' gives
-    the weighted mean of the members' scores normalised to [0,1] by their ranges (DESIGN §5).
+    the weighted mean of the members' scores normalised to [0,1] by their ranges.
     Frozen and always in eval mode: MUSIQ / NIMA preprocess differently in train mode, so train()
     keeps eval. Differentiable w.r.t. x only when as_loss (and autograd is on).
     weights: None (pyiqa's folder), a folder of pyiqa files, or one checkpoint file (one metric).
     pretrained=False: random weights, explicitly, with a warning. metric_opts: {metric: extra pyiqa
-    network options} (tests use a tiny MUSIQ); they enter the fingerprint.
+    network options} (tests use a tiny MUSIQ), checked against pyiqa's network class before anything
+    is built; those of the members enter the fingerprint. `flags` are the command-line flags that
+    build this same Q (every input of the fingerprint), for the commands that error messages suggest.
     """
 
     def __init__(self, name='musiq', device='cpu', as_loss=False, weights=None, pretrained=True, *,
@@ -83,20 +136,22 @@ class QualityModel(nn.Module):
         import pyiqa  # takes seconds: imported only when a Q is built, not by `upscale`
         members = parse_metric(name)
         if as_loss and any(m in NO_GRADIENT for m, _ in members):
-            raise ValueError(f"--iqa {name}: {', '.join(NO_GRADIENT)} give no gradient (DESIGN §6); "
+            raise ValueError(f"--iqa {name}: {', '.join(NO_GRADIENT)} give no gradient; "
                              'they can rank GTs but cannot drive fine-tuning')
         if weights is not None and Path(weights).is_file() and len(members) > 1:
             raise ValueError(f'--iqa-weights: {weights} is one file; an ensemble needs a folder of pyiqa files')
+        if any(m == 'qalign' for m, _ in members) and importlib.util.find_spec('icecream') is None:
+            raise ValueError('--iqa qalign: needs the Python module icecream besides the q-future/one-align '
+                             'weights (pip install icecream)')  # pyiqa imports it late, mid-build
+        metric_opts = check_metric_opts(members, metric_opts)
         if not pretrained and any(m in WEIGHT_FILES for m, _ in members):
             warnings.warn(f'--random-iqa: {name} has RANDOM weights: its scores are meaningless', stacklevel=2)
-        self.name = '+'.join(m if w == 1 else f'{m}:{w:g}' for m, w in members)
+        self.name = metric_name(members)
         self.members, self.as_loss = members, as_loss
+        self.flags = score_flags(self.name, weights, not pretrained, metric_opts)
         self.nets, fingerprints = nn.ModuleList(), []
         for metric, _ in members:
-            if metric == 'qalign' and importlib.util.find_spec('icecream') is None:  # pyiqa imports it late
-                raise ValueError('--iqa qalign: needs the Python module icecream besides the q-future/one-align '
-                                 'weights (pip install icecream)')
-            opts = dict((metric_opts or {}).get(metric, {}))
+            opts = dict(metric_opts.get(metric, {}))
             backbone = backbone_path(metric)
             if metric in WEIGHT_FILES and pretrained:
                 path = weight_path(metric, weights)
@@ -208,13 +263,18 @@ def score_cache_path(root, metric):
     return Path(root) / f'scores_{metric}.json'
 
 
-def score_command(root, metric, iqa_opts=None, random_iqa=False, cache=None, iqa_weights=None):
-    """The `score` command line that builds the cache a run with these Q settings accepts."""
-    parts = ['python nriqa_sr.py score --data', str(root), '--iqa', metric]
-    parts += ['--iqa-opts', shlex.quote(json.dumps(iqa_opts))] if iqa_opts else []
-    parts += ['--iqa-weights', str(iqa_weights)] if iqa_weights else []
-    parts += ['--cache', str(cache)] if cache else []
-    return ' '.join(parts + ['--random-iqa'] * bool(random_iqa))
+def score_flags(metric, weights=None, random_iqa=False, metric_opts=None):
+    """The command-line flags of a Q: everything that enters its fingerprint (the --iqa-opts of its members only)."""
+    members = {m for m, _ in parse_metric(metric)}
+    opts = {m: o for m, o in (metric_opts or {}).items() if m in members}
+    return (['--iqa', metric] + (['--iqa-weights', str(weights)] if weights is not None and not random_iqa else [])
+            + (['--iqa-opts', json.dumps(opts, sort_keys=True)] if opts else []) + ['--random-iqa'] * bool(random_iqa))
+
+
+def score_command(root, flags, cache=None):
+    """The `score` command line that builds the cache a run with a Q of these flags accepts."""
+    argv = ['python', 'nriqa_sr.py', 'score', '--data', str(root), *flags]
+    return shlex.join(argv + (['--cache', str(cache)] if cache is not None else []))
 
 
 def _write_cache(cache, path):
@@ -268,11 +328,13 @@ def score_dataset(root, quality, cache_path=None, flush_every=50):
     return {name: scores[name] for name in names}
 
 
-def load_score_cache(path, metric, fingerprint, names=None):
-    """{name: [s0..s4]} from a complete cache made with `metric` and these weights (and holding `names`)."""
+def load_score_cache(path, metric, fingerprint, names=None, command=None):
+    """{name: [s0..s4]} from a complete cache made with `metric` and these weights (and holding `names`).
+    command: what a refusal tells the user to run (score_command(root, quality.flags, path)); without it a
+    generic one, with ROOT to fill in."""
     path = Path(path)
-    command = (f'python nriqa_sr.py score --data ROOT --iqa {metric} --cache {path}'
-               + (' --random-iqa' if fingerprint == 'random-weights' else ''))
+    command = command or (f'python nriqa_sr.py score --data ROOT --iqa {metric} --cache {path}'
+                          + (' --random-iqa' if fingerprint == 'random-weights' else ''))
     rebuild = f'rebuild: {command}'
     if not path.is_file():
         raise FileNotFoundError(f'{path}: score cache not found; {rebuild}')
@@ -381,66 +443,154 @@ def labelled_scores(root, quality, names, known=None):
     return {name: scores[name] for name in names}
 
 
-def upscale_image(model, lq, scale, tile=None, tile_pad=32):
-    """SR of lq (1,C,h,w) -> (1,C,scale*h,scale*w), the model run on tiles of `tile` LQ pixels.
+def tiled(fn, x, scale, tile=None, pad=0):
+    """Run fn, which maps a (1,C,h,w) crop of x to (1,C',scale*h,scale*w), tile by tile: yield
+    (rows, cols, out), out = fn's output for one tile of `tile` pixels run with `pad` pixels of context
+    on every side (clipped at the image border), cropped to the tile's own part, which fills the
+    output slices rows, cols."""
+    _, _, h, w = x.shape
+    tile = tile or max(h, w)
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            cy0, cx0, cy1, cx1 = max(y0 - pad, 0), max(x0 - pad, 0), min(y1 + pad, h), min(x1 + pad, w)
+            out = fn(x[:, :, cy0:cy1, cx0:cx1])
+            if out.shape[-2:] != ((cy1 - cy0) * scale, (cx1 - cx0) * scale):
+                raise ValueError(f'--ckpt: the model gives {tuple(out.shape[-2:])} pixels for '
+                                 f'{(cy1 - cy0, cx1 - cx0)}, not x{scale}')
+            oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale  # where the tile starts inside its context
+            yield (slice(y0 * scale, y1 * scale), slice(x0 * scale, x1 * scale),
+                   out[:, :, oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale])
 
-    Each tile is run with `tile_pad` LQ pixels of context on every side (clipped at the image border)
-    and only its own part of the output is kept, so memory is bounded by (tile + 2*tile_pad)^2 and the
-    result equals untiled inference once tile_pad covers the receptive field. Tiles go to the model's
-    device, the output stays on lq's device.
-    """
+
+def sr_tiles(model, lq, scale, tile=None, tile_pad=32, amp=False):
+    """tiled() with the model, under no_grad, on the model's device; amp: autocast to fp16 on CUDA,
+    bf16 on CPU (Real-ESRGAN runs in half precision by default)."""
     if lq.dim() != 4 or len(lq) != 1:
         raise ValueError(f'lq: expected one image (1,C,h,w), got shape {tuple(lq.shape)}')
     if tile is not None and (tile < 1 or tile_pad < 0):
         raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {tile} and {tile_pad}')
     param = next(model.parameters(), None)
     device = lq.device if param is None else param.device
-    _, _, h, w = lq.shape
-    tile = tile or max(h, w)
+    half = torch.float16 if device.type == 'cuda' else torch.bfloat16
+
+    def run(crop):
+        with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=amp):
+            return model(crop.to(device))
+    return tiled(run, lq, scale, tile, tile_pad)
+
+
+def upscale_image(model, lq, scale, tile=None, tile_pad=32, amp=False):
+    """SR of lq (1,C,h,w) -> float (1,C,scale*h,scale*w) on lq's device, the model run on tiles of `tile`
+    LQ pixels with `tile_pad` pixels of context (sr_tiles): the model's memory is bounded by
+    (tile + 2*tile_pad)^2 and the result equals untiled inference once tile_pad covers the receptive
+    field. The float output is the caller's; upscale_file keeps only rounded pixels."""
     out = None
-    with torch.no_grad():
-        for y0 in range(0, h, tile):
-            for x0 in range(0, w, tile):
-                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-                # context window: the tile plus tile_pad on each side, clipped at the image border
-                cy0, cx0 = max(y0 - tile_pad, 0), max(x0 - tile_pad, 0)
-                cy1, cx1 = min(y1 + tile_pad, h), min(x1 + tile_pad, w)
-                sr = model(lq[:, :, cy0:cy1, cx0:cx1].to(device))
-                if sr.shape[-2:] != ((cy1 - cy0) * scale, (cx1 - cx0) * scale):
-                    raise ValueError(f'--ckpt: the model gives {tuple(sr.shape[-2:])} pixels for '
-                                     f'{(cy1 - cy0, cx1 - cx0)}, not x{scale}')
-                if out is None:
-                    out = torch.zeros(1, sr.shape[1], h * scale, w * scale, dtype=sr.dtype, device=lq.device)
-                oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale  # where the tile starts inside its context
-                out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
-                    sr[:, :, oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale].to(lq.device)
+    for rows, cols, sr in sr_tiles(model, lq, scale, tile, tile_pad, amp):
+        if out is None:
+            dtype = torch.promote_types(sr.dtype, torch.float32)  # fp32 also under amp
+            out = torch.zeros(1, sr.shape[1], lq.shape[2] * scale, lq.shape[3] * scale, dtype=dtype, device=lq.device)
+        out[:, :, rows, cols] = sr.to(lq.device)
     return out
 
 
 def list_images(path):
-    """The image file itself, or the PNG/JPEG files of a folder (sorted)."""
+    """The image file itself, or the PNG/JPEG files of a folder (sorted): plain files only, not
+    dot files (macOS ._NAME companions, editors' temporaries) nor folders named like images."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f'{path}: no such file or folder')
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
+    images = sorted(p for p in path.iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.') and p.is_file())
+    if not images:
         raise ValueError(f'{path}: no PNG or JPEG images in this folder')
-    return files
+    return images
 
 
-def upscale_file(model, src, dst, scale, tile=None, tile_pad=32):
-    """SR of one image file: gray runs as RGB and is saved gray, alpha is upscaled bicubic on its own,
-    a 16-bit PNG gives a 16-bit PNG."""
-    image = load_image(src)  # (C,H,W), C 1/3/4
-    sr = upscale_image(model, to_rgb(image)[None], scale, tile, tile_pad)[0].float().clamp(0, 1)
-    if image.shape[0] == 1:
-        sr = sr.mean(0, keepdim=True)  # back to one channel
-    elif image.shape[0] == 4:
-        alpha = F.interpolate(image[None, 3:], scale_factor=scale, mode='bicubic', align_corners=False)[0]
-        sr = torch.cat([sr, alpha.clamp(0, 1)])
-    save_image(sr, dst, bits=png_bit_depth(src))
+def output_paths(images, source, output, suffix=''):
+    """[(input, output file)] of `upscale`, refused with one line before any work when it would lose work.
+
+    -o is one file when it ends in .png/.jpg/.jpeg and is not an existing folder (then -i must be one
+    image file); otherwise a folder that gets NAME.png per input, NAME_SUFFIX.png with --suffix (as
+    Real-ESRGAN). Refused: an output that is an input file (same file on disk, so also through
+    symlinks, hard links or '..'); two inputs with one output (a.png and a.jpg: named, never renamed
+    silently); an output that cannot be written (a folder, or a path under a file).
+    """
+    output = Path(output)
+    if output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
+        if not Path(source).is_file():
+            raise ValueError(f'-o {output}: is one image file, but -i {source} is a folder; give an output folder')
+        if suffix:
+            raise ValueError(f'--suffix: names the files of an output folder, but -o {output} is one file')
+        pairs = [(images[0], output)]
+    else:
+        check_writable(output, '-o', folder=True)
+        pairs = [(src, output / f'{src.stem}{"_" + suffix if suffix else ""}.png') for src in images]
+    writer = {}
+    for src, dst in pairs:
+        if dst in writer:
+            raise ValueError(f'{source}: {writer[dst].name} and {src.name} would both be written to {dst}; '
+                             'rename one of them')
+        writer[dst] = src
+    inputs = {file_id(src): src for src in images}
+    for src, dst in pairs:
+        check_writable(dst, '-o')
+        if dst.exists() and file_id(dst) in inputs:
+            raise ValueError(f'-o {output}: {dst} is the input {inputs[file_id(dst)]}; write to another folder '
+                             '(or name the outputs apart with --suffix)')
+    return pairs
+
+
+def file_id(path):
+    """(device, inode): the same file whatever path reaches it."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def check_inputs(pairs, outscale=None):
+    """Decode every input before any output is written, so that a bad file fails first; an alpha
+    channel needs a PNG output, --outscale at least one output pixel."""
+    for src, dst in pairs:
+        image = load_image(src)
+        if image.shape[0] == 4 and dst.suffix.lower() != '.png':
+            raise ValueError(f'-o {dst}: JPEG has no alpha channel and {src} has one; write a .png')
+        if outscale is not None and min(int(image.shape[1] * outscale), int(image.shape[2] * outscale)) < 1:
+            raise ValueError(f'--outscale: {outscale:g} makes {src} ({image.shape[2]}x{image.shape[1]}) '
+                             'smaller than one pixel')
+
+
+def upscale_file(model, src, dst, scale, tile=None, tile_pad=32, outscale=None, amp=False):
+    """SR of one image file, written once, atomically, to dst.
+
+    Memory grows with the tile, not with a float copy of the output: each tile is rounded into a uint8
+    (uint16 for a 16-bit PNG) buffer of the output as soon as the model gives it. For an h x w input
+    with C channels, H x W output and b bytes per channel (1 or 2), the peak is about
+        24 h w (the float32 input and its RGB copy) + b C H W (the buffer)
+        + the model on one (tile + 2 tile_pad)^2 crop + the encoder's copy and the file at the end
+    (Pillow keeps 4 bytes per 8-bit pixel; OpenCV's 16-bit colour path a BGR copy); --outscale adds its
+    resized buffer. Measured by bench/bench_upscale.py. The pixels equal those of rounding the whole
+    float output at once. Gray runs as RGB and is saved gray (channel mean); alpha is upscaled bicubic
+    on its own; a 16-bit PNG gives a 16-bit PNG (a .jpg output is 8-bit). outscale: the x`scale`
+    result is resized to outscale x the input size with Lanczos, as Real-ESRGAN's --outscale
+    (cv2 INTER_LANCZOS4, on the rounded pixels).
+    """
+    image = load_image(src)  # (C,h,w), C 1/3/4
+    c, h, w = image.shape
+    bits = png_bit_depth(src) if Path(dst).suffix.lower() == '.png' else 8
+    pixels = np.empty((h * scale, w * scale, c), np.uint16 if bits == 16 else np.uint8)  # (H,W,C)
+    for rows, cols, sr in sr_tiles(model, to_rgb(image)[None], scale, tile, tile_pad, amp):
+        sr = sr[0].float().clamp(0, 1)
+        pixels[rows, cols, :3] = quantize(sr.mean(0, keepdim=True) if c == 1 else sr, bits)
+    if c == 4:  # bicubic reads 2 pixels on each side: that much context makes the tiles seamless
+        bicubic = functools.partial(F.interpolate, scale_factor=scale, mode='bicubic', align_corners=False)
+        for rows, cols, alpha in tiled(bicubic, image[None, 3:], scale, tile, pad=2):
+            pixels[rows, cols, 3:] = quantize(alpha[0], bits)
+    if outscale is not None and outscale != scale:
+        size = (int(w * outscale), int(h * outscale))
+        pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_LANCZOS4).reshape(size[1], size[0], c)
+    save_pixels(pixels, dst)
 
 
 def parse_device(text):
@@ -452,6 +602,28 @@ def parse_device(text):
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"'{text}': only {torch.cuda.device_count()} CUDA devices are visible")
     return device
+
+
+def parse_json_object(text):
+    """argparse type of --iqa-opts: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({err}): {text}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object {{"metric": {{"option": value}}}}, got {text}')
+    return value
+
+
+def positive_float(text):
+    """argparse type of --outscale: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
+    return value
 
 
 def build_parser():
@@ -469,6 +641,8 @@ def build_parser():
     score.add_argument('--cache', type=Path, metavar='FILE', help='cache of --data (default ROOT/scores_<NAME>.json)')
     score.add_argument('--iqa-weights', type=Path, metavar='PATH',
                        help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
+    score.add_argument('--iqa-opts', type=parse_json_object, metavar='JSON',
+                       help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
     score.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
     score.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
     upscale = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
@@ -476,10 +650,24 @@ def build_parser():
     upscale.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
                          help='an image or a folder of PNG/JPEG images')
     upscale.add_argument('-o', '--output', type=Path, required=True, metavar='OUT',
-                         help='output folder (NAME.png per input), or a .png file for a single input image')
-    upscale.add_argument('--tile', type=int, metavar='N', help='tile size in LQ pixels (default: whole image)')
+                         help='output folder (NAME.png per input; never an input\'s own file), or a .png/.jpg '
+                              'file for one input image')
+    upscale.add_argument('--suffix', default='', metavar='TEXT',
+                         help='name outputs NAME_TEXT.png, as Real-ESRGAN (default: NAME.png)')
+    upscale.add_argument('-s', '--outscale', type=positive_float, metavar='S',
+                         help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
+                              '(default: the model scale)')
+    upscale.add_argument('--tile', type=int, metavar='N',
+                         help='tile size in LQ pixels: memory grows with the tile, not the image (default: whole '
+                              'image)')
     upscale.add_argument('--tile-pad', type=int, default=32, metavar='P',
                          help='LQ pixels of context on each side of a tile (default 32)')
+    upscale.add_argument('--amp', '--fp16', action='store_true',
+                         help='half precision: autocast to fp16 on CUDA, bf16 on CPU (about 1e-2 from fp32; slow on '
+                              'CPUs without native bf16)')
+    upscale.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
+                         help='run RRDBNet in channels-last memory format (default on; same output within fp32 '
+                              'rounding)')
     upscale.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
     add_agreement_command(commands, device)
     listing = commands.add_parser('weights', help='list the pretrained weight files: place, present or missing, '
@@ -490,30 +678,61 @@ def build_parser():
     return parser
 
 
+def score_column(quality):
+    """The score table's column name, and the note that says so when a lower-is-better metric is
+    reflected (Q is always higher-is-better)."""
+    reflected = [m for m, _ in quality.members if m in LOWER_BETTER]
+    if not reflected:
+        return quality.name, None
+    if len(quality.members) == 1:
+        lo, hi = METRIC_RANGES[reflected[0]]
+        column = f'{lo + hi:g}-{reflected[0]}'
+        return column, (f'note: {reflected[0]} is lower-is-better; the score column is {column}, reflected in its '
+                        f'range [{lo:g}, {hi:g}] so that higher is better')
+    return quality.name, (f'note: {quality.name} is the weighted mean of range-normalised scores in [0, 1], '
+                          f'with lower-is-better {", ".join(reflected)} entering as 1 - normalised score')
+
+
 def run_score(args):
-    quality = QualityModel(args.iqa, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa)
+    """Flags, paths and every input image are checked before Q is built; no row before all decode."""
+    members = parse_metric(args.iqa)
     if args.data is not None:
-        cache_path = args.cache or score_cache_path(args.data, quality.name)
+        if not args.data.is_dir():
+            raise FileNotFoundError(f'{args.data}: no such dataset folder')
+        cache_path = args.cache or score_cache_path(args.data, metric_name(members))
+        check_writable(cache_path, '--cache')
+    else:
+        images = list_images(args.input)
+        for path in images:
+            load_image(path)
+    quality = QualityModel(args.iqa, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa,
+                           metric_opts=args.iqa_opts)
+    if args.data is not None:
         scores = score_dataset(args.data, quality, cache_path)
         print(f'{cache_path}: {len(scores)} sets scored with {quality.name} ({quality.fingerprint})')
         return
-    print('name,score')
-    for path in list_images(args.input):
+    column, note = score_column(quality)
+    if note:
+        print(note, file=sys.stderr)
+    print(f'name,{column}')
+    for path in images:
         with torch.no_grad():
             print(f'{path.name},{quality(to_rgb(load_image(path))[None]).item():.4f}')
 
 
 def run_upscale(args):
-    files = list_images(args.input)
-    for src in files:  # decode every input first, so that a bad file fails before any output is written
-        load_image(src)
+    """Flags, output paths and every input are checked before the model is built."""
+    if args.tile is not None and (args.tile < 1 or args.tile_pad < 0):
+        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {args.tile} and {args.tile_pad}')
+    pairs = output_paths(list_images(args.input), args.input, args.output, args.suffix)
+    check_inputs(pairs, args.outscale)
     model = load_generator(args.ckpt).to(args.device)
+    if args.channels_last and isinstance(model, RRDBNet):  # a conv net: faster so on CPU (bench_upscale.py)
+        model = model.to(memory_format=torch.channels_last)
     scale = generator_scale(model)
-    single_file = args.input.is_file() and args.output.suffix.lower() == '.png'
-    for src in tqdm(files, desc='upscale', unit='image'):
-        dst = args.output if single_file else args.output / f'{src.stem}.png'
-        upscale_file(model, src, dst, scale, args.tile, args.tile_pad)
-    print(f'{len(files)} image(s) x{scale} -> {args.output}')
+    for src, dst in tqdm(pairs, desc='upscale', unit='image'):
+        upscale_file(model, src, dst, scale, args.tile, args.tile_pad, args.outscale, args.amp)
+    print(f'{len(pairs)} image(s) x{args.outscale or scale:g} -> {args.output}')
 
 
 def json_object(text):

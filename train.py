@@ -279,7 +279,8 @@ def train(cfg, dist_info):
                     'reward': reward_q.fingerprint if reward_q else None}
     scores = None
     if cfg.sampler in config.NEEDS_SCORES:  # refuses a cache scored by another metric or other weights
-        scores = nriqa_sr.load_score_cache(cfg.score_cache, sampling_q.name, sampling_q.fingerprint, dataset.names)
+        scores = nriqa_sr.load_score_cache(cfg.score_cache, sampling_q.name, sampling_q.fingerprint, dataset.names,
+                                           nriqa_sr.score_command(cfg.data, sampling_q.flags, cfg.score_cache))
     queue = None
     if cfg.queue_size:
         queue = data.SampleQueue(cfg.queue_size, generator=torch.Generator().manual_seed(
