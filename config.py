@@ -223,6 +223,10 @@ def score_flags(cfg):
 
 
 
+NO_INIT = ('--init: not given, so stage 1 starts from random weights; the paper starts from a PSNR-oriented '
+           "model (HGGT's SwinIR_DF2K_OST_Blind_PSNR_x4.pth / RRDB_DF2K_OST_Blind_PSNR_x4.pth)")
+
+
 def check_files(cfg):
     """Problems with the files this run reads: data root, --init, weight files, score cache."""
     problems = []

@@ -262,8 +262,9 @@ def preflight(cfg, dist_info):
         problems += config.check_files(cfg)
     except ValueError as err:  # e.g. an unknown metric in --iqa, which check_files parses
         problems.append(str(err))
-    if problems:
-        raise runs.StartError(problems + (runs.check_out(cfg) if dist_info.master else []))
+    if problems:  # with the rest of what is missing, the init a paper run starts from (alone it is a warning)
+        no_init = [f'(warning) {config.NO_INIT}'] if not (cfg.init or cfg.finetune or cfg.preset == 'demo') else []
+        raise runs.StartError(problems + no_init + (runs.check_out(cfg) if dist_info.master else []))
     if dist_info.ddp:
         dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
     runs.agree_or_raise(runs.check_out(cfg) if dist_info.master else [], dist_info)
@@ -309,6 +310,8 @@ def train(cfg, dist_info):
         net_g = DDP(net_g, device_ids=ids)
         net_d = DDP(net_d, device_ids=ids) if net_d is not None else None
     if master:
+        if not cfg.init and cfg.preset != 'demo':
+            print(f'warning: {config.NO_INIT}')
         trained, total = sum(p.numel() for p in params_g), sum(p.numel() for p in g.parameters())
         print(f'{"finetune" if cfg.finetune else "stage 1"} ({cfg.sampler}, {cfg.arch}): {about}; '
               f'{dist_info.world} x batch {cfg.batch_size}; {trained:,} of {total:,} generator parameters trained; '
