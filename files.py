@@ -37,8 +37,8 @@ class TooManyPixels(ValueError):
 
 def open_image(path) -> Image.Image:
     """Image.open (header only) that refuses images over Pillow's decompression-bomb limit,
-    PIL.Image.MAX_IMAGE_PIXELS, with one ValueError line. Pillow itself only warns up to twice the
-    limit and raises a non-OSError above it; both become this error."""
+    PIL.Image.MAX_IMAGE_PIXELS, with one ValueError line (TooManyPixels). Pillow itself only warns up
+    to twice the limit and raises a non-OSError above it; both become this error."""
     with warnings.catch_warnings():
         warnings.simplefilter('error', Image.DecompressionBombWarning)
         try:
@@ -47,7 +47,7 @@ def open_image(path) -> Image.Image:
             pixels = re.search(r'\((\d+) pixels\)', str(err))
             size = f'{int(pixels.group(1)):,} pixels' if pixels else 'its size'
             raise TooManyPixels(f"{path}: {size} is over Pillow's decompression-bomb limit of "
-                             f'{Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS)') from None
+                                f'{Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS)') from None
 
 
 def load_image(path) -> torch.Tensor:
@@ -142,7 +142,7 @@ def save_image(tensor: torch.Tensor, path, bits: int = 8) -> None:
     path = Path(path)
     if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
         raise ValueError(f'{path}: expected a (C,H,W) tensor with C in 1/3/4, got {tuple(tensor.shape)}')
-    if bits not in (8, 16):
+    if bits not in (8, 16) or (bits == 16 and path.suffix.lower() != '.png'):
         raise ValueError(f'{path}: bits={bits} is not supported (8, or 16 for .png)')
     save_pixels(quantize(tensor, bits), path)
 

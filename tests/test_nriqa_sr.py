@@ -579,3 +579,16 @@ def test_train_refusal_command_is_the_way_out(hggt_root, tmp_path, capsys):
     command = shlex.split(capsys.readouterr().err.split('rebuild: ')[1])
     assert command[:3] == ['python', 'nriqa_sr.py', 'score'] and nriqa_sr.main(command[2:]) == 0
     assert run_train() in (0, None)
+
+
+def test_swinir_tiles_of_one_pixel():
+    """A 65-pixel side in 64-pixel tiles without context: the last tiles are 1 pixel wide or high,
+    which SwinIR pads to a window by repeating the pixel; each tile equals the model on that crop."""
+    torch.manual_seed(0)
+    model = models.build_generator('swinir', embed_dim=12, depths=[1], num_heads=[2], window_size=8).eval()
+    lq = torch.rand(1, 3, 65, 66)
+    out = upscale_image(model, lq, 4, tile=64, tile_pad=0)
+    assert out.shape == (1, 3, 260, 264)
+    with torch.no_grad():
+        torch.testing.assert_close(out[:, :, 256:, 256:], model(lq[:, :, 64:, 64:]))
+        torch.testing.assert_close(out[:, :, :256, 256:], model(lq[:, :, :64, 64:]))
