@@ -13,6 +13,7 @@ import torch
 import files
 import models
 import nriqa_sr
+import score_cache
 import weights
 
 
@@ -207,7 +208,7 @@ def check_config(cfg):
         problems.append('--finetune: needs --init CKPT (the stage-1 generator.pth to fine-tune)')
     if cfg.sampler in NEEDS_SCORES and not cfg.score_cache:
         problems.append(f'--sampler {cfg.sampler}: needs --score-cache FILE (build it with: '
-                        f'{nriqa_sr.score_command(cfg.data or "ROOT", score_flags(cfg))})')
+                        f'{score_cache.score_command(cfg.data or "ROOT", score_flags(cfg))})')
     return problems
 
 
@@ -264,7 +265,7 @@ def check_files(cfg):
                         'weights --download vgg19 (or --vgg-weights FILE, or --random-vgg for a meaningless loss)')
     if cfg.sampler in NEEDS_SCORES and cfg.score_cache and not Path(cfg.score_cache).is_file():
         problems.append(f'--score-cache {cfg.score_cache}: not found; build it with: '
-                        f'{nriqa_sr.score_command(cfg.data, score_flags(cfg), cfg.score_cache)}')
+                        f'{score_cache.score_command(cfg.data, score_flags(cfg), cfg.score_cache)}')
     try:
         if cfg.generator:  # the paper configurations are known to build
             models.build_generator(cfg.arch, **cfg.generator)

@@ -32,7 +32,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 import metrics
 import models
-import nriqa_sr
+import score_cache
 import weights
 from data import ANNOTATORS, LABELS, effective_label, gt_paths
 from degradations import OneStageDegradation, degrade
@@ -280,7 +280,7 @@ def main():
     for line in meaningless:
         print(f'WARNING: {line}', file=sys.stderr)
 
-    cache = nriqa_sr.score_cache_path(train_root, rank_q[1])
+    cache = score_cache.score_cache_path(train_root, rank_q[1])
     if not cache.is_file():
         run([PY, str(HERE / 'nriqa_sr.py'), 'score', '--data', str(train_root), *rank_q[:2], '--cache', str(cache)],
             timings, 'score')

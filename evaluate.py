@@ -40,6 +40,8 @@ from tqdm import tqdm
 
 import models
 import nriqa_sr
+import score_cache
+import upscale
 from data import gt_paths, read_effective_labels
 from files import image_size, load_checkpoint, load_image, save_image, to_rgb
 from metrics import FULL_REFERENCE, METRICS, build_metric, parse_metric_list
@@ -244,7 +246,7 @@ def super_resolve(method, source, test_set, lq, args):
         path, scale = method.ckpt, models.generator_scale(source)
         amp_dtype = torch.float16 if args.device.type == 'cuda' else torch.bfloat16
         with torch.autocast(args.device.type, dtype=amp_dtype, enabled=args.amp):
-            sr = nriqa_sr.upscale_image(source, lq[None], scale, args.tile, args.tile_pad)[0]
+            sr = upscale.upscale_image(source, lq[None], scale, args.tile, args.tile_pad)[0]
     check_sr_size(path, test_set, (sr.shape[-1], sr.shape[-2]), scale)
     return torch.round(sr.float().clamp(0, 1) * 255) / 255
 
@@ -315,13 +317,13 @@ def table_rows(per_image, labels, metrics, metric_names):
 
 def agreement_rows(args, metrics, labels, ref_scores):
     """--agreement over every labelled set of --data (paper §3): the GT scores of the evaluated sets, the
-    others' from a score cache or scored now (nriqa_sr.labelled_scores)."""
+    others' from a score cache or scored now (score_cache.labelled_scores)."""
     rows = []
     for n in args.agreement or ():
         if metrics[n].missing:
             rows.append({'metric': n, 'missing': metrics[n].missing})
             continue
-        scores = nriqa_sr.labelled_scores(args.data, metrics[n].fn, list(labels), known=ref_scores[n])
+        scores = score_cache.labelled_scores(args.data, metrics[n].fn, list(labels), known=ref_scores[n])
         rows.append({'metric': n, **nriqa_sr.agreement(scores, labels)})
     return rows
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
-from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers as make_vgg_layers
+from torchvision.models.vgg import cfgs as VGG_CFGS
+from torchvision.models.vgg import make_layers as make_vgg_layers
 
 from files import load_checkpoint
 from weights import VGG19_FILE, download_command

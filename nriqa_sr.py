@@ -14,37 +14,29 @@ looked up here first and passed to pyiqa explicitly; a missing file is a one-lin
 """
 import argparse
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import inspect
 import json
 import math
-import os
-import shlex
 import sys
 import warnings
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import MultiGTDataset, gt_paths, read_effective_labels
-from files import (atomic_open, check_writable, load_checkpoint, load_image, png_bit_depth, quantize, save_pixels,
-                   to_rgb)
+import score_cache
+import upscale
+from data import NUM_GTS, read_effective_labels
+from files import check_writable, load_checkpoint, load_image, to_rgb
 from models import RRDBNet, generator_scale, load_generator
 from weights import WEIGHT_FILES, backbone_path, download_command, hub_offline, missing_weights, weight_path
 from weights import run as run_weights
 
-NUM_GTS = 5  # HGGT: the original + four enhanced GTs (DESIGN §1)
 TAU = 10.0  # softmax temperature of sma / smp (DESIGN §2)
 SAMPLERS = ('origins', 'upos', 'sma', 'smp', 'amo')
-CACHE_VERSION = 1
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 
 # NR metrics usable as Q, with the score range that ensembles normalise by (DESIGN §5) and direction.
 METRIC_RANGES = {'musiq': (0.0, 100.0), 'nima': (0.0, 10.0), 'qalign': (1.0, 5.0), 'topiq_nr': (0.0, 1.0),
@@ -258,103 +250,12 @@ def quality_reward(quality, sr):
     return quality(sr)
 
 
-def score_cache_path(root, metric):
-    """Default cache file of `python nriqa_sr.py score --data ROOT --iqa METRIC`."""
-    return Path(root) / f'scores_{metric}.json'
-
-
 def score_flags(metric, weights=None, random_iqa=False, metric_opts=None):
     """The command-line flags of a Q: everything that enters its fingerprint (the --iqa-opts of its members only)."""
     members = {m for m, _ in parse_metric(metric)}
     opts = {m: o for m, o in (metric_opts or {}).items() if m in members}
     return (['--iqa', metric] + (['--iqa-weights', str(weights)] if weights is not None and not random_iqa else [])
             + (['--iqa-opts', json.dumps(opts, sort_keys=True)] if opts else []) + ['--random-iqa'] * bool(random_iqa))
-
-
-def score_command(root, flags, cache=None):
-    """The `score` command line that builds the cache a run with a Q of these flags accepts."""
-    argv = ['python', 'nriqa_sr.py', 'score', '--data', str(root), *flags]
-    return shlex.join(argv + (['--cache', str(cache)] if cache is not None else []))
-
-
-def _write_cache(cache, path):
-    with atomic_open(path) as f:  # a kill mid-write leaves the previous (resumable) cache
-        f.write(json.dumps(cache).encode())
-
-
-def _read_cache(path):
-    try:
-        cache = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f'{path}: not a score cache (invalid JSON); delete it or choose another --cache') from None
-    if not (isinstance(cache, dict) and cache.get('version') == CACHE_VERSION
-            and isinstance(cache.get('scores'), dict)):
-        raise ValueError(f'{path}: not a version-{CACHE_VERSION} score cache; delete it or choose another --cache')
-    return cache
-
-
-def score_dataset(root, quality, cache_path=None, flush_every=50):
-    """Image-level Q score of every GT of every set, for sma / smp (DESIGN §2): {name: [s0..s4]}.
-
-    Whole images, the five of a set in one batch. The JSON cache {"version", "metric", "fingerprint",
-    "scores", "complete"} is rewritten atomically every `flush_every` sets, so an interrupted run resumes;
-    a cache made with another metric or other weights is started afresh.
-    """
-    cache_path = Path(cache_path) if cache_path is not None else score_cache_path(root, quality.name)
-    root = Path(root)
-    names = MultiGTDataset(root, gt_size=4).names  # whole images are scored: no minimum crop size applies
-    scores, complete = {}, False
-    if cache_path.exists():
-        cache = _read_cache(cache_path)
-        if (cache.get('metric'), cache.get('fingerprint')) == (quality.name, quality.fingerprint):
-            scores, complete = cache['scores'], cache.get('complete') is True
-        else:
-            print(f'{cache_path}: made with {cache.get("metric")} ({cache.get("fingerprint")}); rescoring with '
-                  f'{quality.name} ({quality.fingerprint})', file=sys.stderr)
-    header = {'version': CACHE_VERSION, 'metric': quality.name, 'fingerprint': quality.fingerprint}
-    todo = [name for name in names if name not in scores]
-    for done, name in enumerate(tqdm(todo, desc=f'score {quality.name}', unit='set',
-                                     total=len(names), initial=len(names) - len(todo)), 1):
-        gts = torch.stack([to_rgb(load_image(path)) for path in gt_paths(root, name)])  # (5,3,H,W)
-        with torch.no_grad():
-            set_scores = quality(gts).cpu()
-        if not torch.isfinite(set_scores).all():
-            raise ValueError(f'{gt_paths(root, name)[0]}: {quality.name} gave a NaN or infinite score')
-        scores[name] = set_scores.tolist()
-        if done % flush_every == 0:
-            _write_cache({**header, 'scores': scores, 'complete': False}, cache_path)
-    if todo or not complete:
-        _write_cache({**header, 'scores': scores, 'complete': True}, cache_path)
-    return {name: scores[name] for name in names}
-
-
-def load_score_cache(path, metric, fingerprint, names=None, command=None):
-    """{name: [s0..s4]} from a complete cache made with `metric` and these weights (and holding `names`).
-    command: what a refusal tells the user to run (score_command(root, quality.flags, path)); without it a
-    generic one, with ROOT to fill in."""
-    path = Path(path)
-    command = command or (f'python nriqa_sr.py score --data ROOT --iqa {metric} --cache {path}'
-                          + (' --random-iqa' if fingerprint == 'random-weights' else ''))
-    rebuild = f'rebuild: {command}'
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: score cache not found; {rebuild}')
-    cache = _read_cache(path)
-    if cache.get('metric') != metric:
-        raise ValueError(f"{path}: scores are from metric '{cache.get('metric')}', not '{metric}'; {rebuild}")
-    if cache.get('fingerprint') != fingerprint:
-        raise ValueError(f"{path}: scores are from other {metric} weights ({cache.get('fingerprint')}, now "
-                         f'{fingerprint}); {rebuild}')
-    if cache.get('complete') is not True:
-        raise ValueError(f"{path}: incomplete ({len(cache['scores'])} sets scored); run again to resume: {command}")
-    scores = cache['scores']
-    bad = [name for name, s in scores.items() if not (isinstance(s, list) and len(s) == NUM_GTS and all(
-        isinstance(v, (int, float)) and math.isfinite(v) for v in s))]
-    if bad:
-        raise ValueError(f'{path}: set {bad[0]} does not hold {NUM_GTS} finite scores; {rebuild}')
-    missing = [name for name in (names or []) if name not in scores]
-    if missing:
-        raise ValueError(f'{path}: {len(missing)} sets have no scores (e.g. {missing[0]}); {rebuild}')
-    return scores
 
 
 def agreement(scores, labels):
@@ -404,193 +305,6 @@ def agreement_cells(result):
     return [percent(result['pairwise_accuracy']), str(result['pairs']),
             f"{percent(result['negative_share'])} ({result['sets_with_negative']})",
             percent(result['negative_top_rate']), percent(result['amo_negative_rate']), str(result['sets'])]
-
-
-def score_set(root, name, quality):
-    """Q of the five GTs of one set, whole images in one batch -> [s0..s4], all finite."""
-    paths = gt_paths(root, name)
-    images = [to_rgb(load_image(path)) for path in paths]
-    for path, image in zip(paths[1:], images[1:]):
-        if image.shape != images[0].shape:
-            raise ValueError(f'{path}: size {tuple(image.shape[1:])} differs from {paths[0].name} '
-                             f'{tuple(images[0].shape[1:])} in its set')
-    with torch.no_grad():
-        scores = quality(torch.stack(images)).cpu()  # (5,3,H,W) -> (5,)
-    if not torch.isfinite(scores).all():
-        raise ValueError(f'{paths[0]}: {quality.name} gave a NaN or infinite score')
-    return scores.tolist()
-
-
-def labelled_scores(root, quality, names, known=None):
-    """{name: [s0..s4]}: whole-image Q scores of the five GTs of every set in `names`, from `known`, else from
-    a complete score cache of this Q (`python nriqa_sr.py score`, ROOT/scores_<Q>.json), else scored now.
-    Nothing is written: the cache stays what `score` made."""
-    scores = {name: known[name] for name in names if name in (known or {})}
-    path = score_cache_path(root, quality.name)
-    if len(scores) < len(names) and path.is_file():
-        try:
-            cached = load_score_cache(path, quality.name, quality.fingerprint)
-        except ValueError as err:
-            print(f'not used: {err}', file=sys.stderr)
-            cached = {}
-        scores.update({name: cached[name] for name in names if name in cached and name not in scores})
-    todo = [name for name in names if name not in scores]
-    if todo:
-        print(f'{quality.name}: scoring the GTs of {len(todo)} sets now; python nriqa_sr.py score --data {root} '
-              f'--iqa {quality.name} would cache them (resumable)', file=sys.stderr)
-    for name in tqdm(todo, desc=f'score {quality.name}', unit='set', disable=not todo):
-        scores[name] = score_set(root, name, quality)
-    return {name: scores[name] for name in names}
-
-
-def tiled(fn, x, scale, tile=None, pad=0):
-    """Run fn, which maps a (1,C,h,w) crop of x to (1,C',scale*h,scale*w), tile by tile: yield
-    (rows, cols, out), out = fn's output for one tile of `tile` pixels run with `pad` pixels of context
-    on every side (clipped at the image border), cropped to the tile's own part, which fills the
-    output slices rows, cols."""
-    _, _, h, w = x.shape
-    tile = tile or max(h, w)
-    for y0 in range(0, h, tile):
-        for x0 in range(0, w, tile):
-            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-            cy0, cx0, cy1, cx1 = max(y0 - pad, 0), max(x0 - pad, 0), min(y1 + pad, h), min(x1 + pad, w)
-            out = fn(x[:, :, cy0:cy1, cx0:cx1])
-            if out.shape[-2:] != ((cy1 - cy0) * scale, (cx1 - cx0) * scale):
-                raise ValueError(f'--ckpt: the model gives {tuple(out.shape[-2:])} pixels for '
-                                 f'{(cy1 - cy0, cx1 - cx0)}, not x{scale}')
-            oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale  # where the tile starts inside its context
-            yield (slice(y0 * scale, y1 * scale), slice(x0 * scale, x1 * scale),
-                   out[:, :, oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale])
-
-
-def sr_tiles(model, lq, scale, tile=None, tile_pad=32, amp=False):
-    """tiled() with the model, under no_grad, on the model's device; amp: autocast to fp16 on CUDA,
-    bf16 on CPU (Real-ESRGAN runs in half precision by default)."""
-    if lq.dim() != 4 or len(lq) != 1:
-        raise ValueError(f'lq: expected one image (1,C,h,w), got shape {tuple(lq.shape)}')
-    if tile is not None and (tile < 1 or tile_pad < 0):
-        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {tile} and {tile_pad}')
-    param = next(model.parameters(), None)
-    device = lq.device if param is None else param.device
-    half = torch.float16 if device.type == 'cuda' else torch.bfloat16
-
-    def run(crop):
-        with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=amp):
-            return model(crop.to(device))
-    return tiled(run, lq, scale, tile, tile_pad)
-
-
-def upscale_image(model, lq, scale, tile=None, tile_pad=32, amp=False):
-    """SR of lq (1,C,h,w) -> float (1,C,scale*h,scale*w) on lq's device, the model run on tiles of `tile`
-    LQ pixels with `tile_pad` pixels of context (sr_tiles): the model's memory is bounded by
-    (tile + 2*tile_pad)^2 and the result equals untiled inference once tile_pad covers the receptive
-    field. The float output is the caller's; upscale_file keeps only rounded pixels."""
-    out = None
-    for rows, cols, sr in sr_tiles(model, lq, scale, tile, tile_pad, amp):
-        if out is None:
-            dtype = torch.promote_types(sr.dtype, torch.float32)  # fp32 also under amp
-            out = torch.zeros(1, sr.shape[1], lq.shape[2] * scale, lq.shape[3] * scale, dtype=dtype, device=lq.device)
-        out[:, :, rows, cols] = sr.to(lq.device)
-    return out
-
-
-def list_images(path):
-    """The image file itself, or the PNG/JPEG files of a folder (sorted): plain files only, not
-    dot files (macOS ._NAME companions, editors' temporaries) nor folders named like images."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f'{path}: no such file or folder')
-    images = sorted(p for p in path.iterdir()
-                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.') and p.is_file())
-    if not images:
-        raise ValueError(f'{path}: no PNG or JPEG images in this folder')
-    return images
-
-
-def output_paths(images, source, output, suffix=''):
-    """[(input, output file)] of `upscale`, refused with one line before any work when it would lose work.
-
-    -o is one file when it ends in .png/.jpg/.jpeg and is not an existing folder (then -i must be one
-    image file); otherwise a folder that gets NAME.png per input, NAME_SUFFIX.png with --suffix (as
-    Real-ESRGAN). Refused: an output that is an input file (same file on disk, so also through
-    symlinks, hard links or '..'); two inputs with one output (a.png and a.jpg: named, never renamed
-    silently); an output that cannot be written (a folder, or a path under a file).
-    """
-    output = Path(output)
-    if output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
-        if not Path(source).is_file():
-            raise ValueError(f'-o {output}: is one image file, but -i {source} is a folder; give an output folder')
-        if suffix:
-            raise ValueError(f'--suffix: names the files of an output folder, but -o {output} is one file')
-        pairs = [(images[0], output)]
-    else:
-        check_writable(output, '-o', folder=True)
-        pairs = [(src, output / f'{src.stem}{"_" + suffix if suffix else ""}.png') for src in images]
-    writer = {}
-    for src, dst in pairs:
-        if dst in writer:
-            raise ValueError(f'{source}: {writer[dst].name} and {src.name} would both be written to {dst}; '
-                             'rename one of them')
-        writer[dst] = src
-    inputs = {file_id(src): src for src in images}
-    for src, dst in pairs:
-        check_writable(dst, '-o')
-        if dst.exists() and file_id(dst) in inputs:
-            raise ValueError(f'-o {output}: {dst} is the input {inputs[file_id(dst)]}; write to another folder '
-                             '(or name the outputs apart with --suffix)')
-    return pairs
-
-
-def file_id(path):
-    """(device, inode): the same file whatever path reaches it."""
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino
-
-
-def check_inputs(pairs, outscale=None):
-    """Decode every input before any output is written, so that a bad file fails first; an alpha
-    channel needs a PNG output, --outscale at least one output pixel."""
-    for src, dst in pairs:
-        image = load_image(src)
-        if image.shape[0] == 4 and dst.suffix.lower() != '.png':
-            raise ValueError(f'-o {dst}: JPEG has no alpha channel and {src} has one; write a .png')
-        if outscale is not None and min(int(image.shape[1] * outscale), int(image.shape[2] * outscale)) < 1:
-            raise ValueError(f'--outscale: {outscale:g} makes {src} ({image.shape[2]}x{image.shape[1]}) '
-                             'smaller than one pixel')
-
-
-def upscale_file(model, src, dst, scale, tile=None, tile_pad=32, outscale=None, amp=False):
-    """SR of one image file, written once, atomically, to dst.
-
-    Memory grows with the tile, not with a float copy of the output: each tile is rounded into a uint8
-    (uint16 for a 16-bit PNG) buffer of the output as soon as the model gives it. For an h x w input
-    with C channels, H x W output and b bytes per channel (1 or 2), the peak is about
-        24 h w (the float32 input and its RGB copy) + b C H W (the buffer)
-        + the model on one (tile + 2 tile_pad)^2 crop + the encoder's copy and the file at the end
-    (Pillow keeps 4 bytes per 8-bit pixel; OpenCV's 16-bit colour path a BGR copy); --outscale adds its
-    resized buffer. Measured by bench/bench_upscale.py. The pixels equal those of rounding the whole
-    float output at once. Gray runs as RGB and is saved gray (channel mean); alpha is upscaled bicubic
-    on its own; a 16-bit PNG gives a 16-bit PNG (a .jpg output is 8-bit). outscale: the x`scale`
-    result is resized to outscale x the input size with Lanczos, as Real-ESRGAN's --outscale
-    (cv2 INTER_LANCZOS4, on the rounded pixels).
-    """
-    image = load_image(src)  # (C,h,w), C 1/3/4
-    c, h, w = image.shape
-    bits = png_bit_depth(src) if Path(dst).suffix.lower() == '.png' else 8
-    pixels = np.empty((h * scale, w * scale, c), np.uint16 if bits == 16 else np.uint8)  # (H,W,C)
-    for rows, cols, sr in sr_tiles(model, to_rgb(image)[None], scale, tile, tile_pad, amp):
-        sr = sr[0].float().clamp(0, 1)
-        pixels[rows, cols, :3] = quantize(sr.mean(0, keepdim=True) if c == 1 else sr, bits)
-    if c == 4:  # bicubic reads 2 pixels on each side: that much context makes the tiles seamless
-        bicubic = functools.partial(F.interpolate, scale_factor=scale, mode='bicubic', align_corners=False)
-        for rows, cols, alpha in tiled(bicubic, image[None, 3:], scale, tile, pad=2):
-            pixels[rows, cols, 3:] = quantize(alpha[0], bits)
-    if outscale is not None and outscale != scale:
-        size = (int(w * outscale), int(h * outscale))
-        pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_LANCZOS4).reshape(size[1], size[0], c)
-    save_pixels(pixels, dst)
 
 
 def parse_device(text):
@@ -645,30 +359,30 @@ def build_parser():
                        help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
     score.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
     score.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
-    upscale = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
-    upscale.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
-    upscale.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
+    up = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
+    up.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
+    up.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
                          help='an image or a folder of PNG/JPEG images')
-    upscale.add_argument('-o', '--output', type=Path, required=True, metavar='OUT',
+    up.add_argument('-o', '--output', type=Path, required=True, metavar='OUT',
                          help='output folder (NAME.png per input; never an input\'s own file), or a .png/.jpg '
                               'file for one input image')
-    upscale.add_argument('--suffix', default='', metavar='TEXT',
+    up.add_argument('--suffix', default='', metavar='TEXT',
                          help='name outputs NAME_TEXT.png, as Real-ESRGAN (default: NAME.png)')
-    upscale.add_argument('-s', '--outscale', type=positive_float, metavar='S',
+    up.add_argument('-s', '--outscale', type=positive_float, metavar='S',
                          help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
                               '(default: the model scale)')
-    upscale.add_argument('--tile', type=int, metavar='N',
+    up.add_argument('--tile', type=int, metavar='N',
                          help='tile size in LQ pixels: memory grows with the tile, not the image (default: whole '
                               'image)')
-    upscale.add_argument('--tile-pad', type=int, default=32, metavar='P',
+    up.add_argument('--tile-pad', type=int, default=32, metavar='P',
                          help='LQ pixels of context on each side of a tile (default 32)')
-    upscale.add_argument('--amp', '--fp16', action='store_true',
+    up.add_argument('--amp', '--fp16', action='store_true',
                          help='half precision: autocast to fp16 on CUDA, bf16 on CPU (about 1e-2 from fp32; slow on '
                               'CPUs without native bf16)')
-    upscale.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
+    up.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
                          help='run RRDBNet in channels-last memory format (default on; same output within fp32 '
                               'rounding)')
-    upscale.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+    up.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
     add_agreement_command(commands, device)
     listing = commands.add_parser('weights', help='list the pretrained weight files: place, present or missing, '
                                   'size, source URL (no network)')
@@ -699,16 +413,16 @@ def run_score(args):
     if args.data is not None:
         if not args.data.is_dir():
             raise FileNotFoundError(f'{args.data}: no such dataset folder')
-        cache_path = args.cache or score_cache_path(args.data, metric_name(members))
+        cache_path = args.cache or score_cache.score_cache_path(args.data, metric_name(members))
         check_writable(cache_path, '--cache')
     else:
-        images = list_images(args.input)
+        images = upscale.list_images(args.input)
         for path in images:
             load_image(path)
     quality = QualityModel(args.iqa, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa,
                            metric_opts=args.iqa_opts)
     if args.data is not None:
-        scores = score_dataset(args.data, quality, cache_path)
+        scores = score_cache.score_dataset(args.data, quality, cache_path)
         print(f'{cache_path}: {len(scores)} sets scored with {quality.name} ({quality.fingerprint})')
         return
     column, note = score_column(quality)
@@ -724,14 +438,14 @@ def run_upscale(args):
     """Flags, output paths and every input are checked before the model is built."""
     if args.tile is not None and (args.tile < 1 or args.tile_pad < 0):
         raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {args.tile} and {args.tile_pad}')
-    pairs = output_paths(list_images(args.input), args.input, args.output, args.suffix)
-    check_inputs(pairs, args.outscale)
+    pairs = upscale.output_paths(upscale.list_images(args.input), args.input, args.output, args.suffix)
+    upscale.check_inputs(pairs, args.outscale)
     model = load_generator(args.ckpt).to(args.device)
     if args.channels_last and isinstance(model, RRDBNet):  # a conv net: faster so on CPU (bench_upscale.py)
         model = model.to(memory_format=torch.channels_last)
     scale = generator_scale(model)
     for src, dst in tqdm(pairs, desc='upscale', unit='image'):
-        upscale_file(model, src, dst, scale, args.tile, args.tile_pad, args.outscale, args.amp)
+        upscale.upscale_file(model, src, dst, scale, args.tile, args.tile_pad, args.outscale, args.amp)
     print(f'{len(pairs)} image(s) x{args.outscale or scale:g} -> {args.output}')
 
 
@@ -767,7 +481,7 @@ def run_agreement(args):
     labels = read_effective_labels(args.data)
     qualities = [QualityModel(name, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa,
                               metric_opts=args.iqa_opts) for name in args.iqa]
-    rows = [(q.name, agreement(labelled_scores(args.data, q, list(labels)), labels)) for q in qualities]
+    rows = [(q.name, agreement(score_cache.labelled_scores(args.data, q, list(labels)), labels)) for q in qualities]
     lines = ['| Metric | ' + ' | '.join(AGREEMENT_COLUMNS) + ' |', '|---' * (len(AGREEMENT_COLUMNS) + 1) + '|']
     lines += ['| ' + ' | '.join([name, *agreement_cells(result)]) + ' |' for name, result in rows]
     print(f'{args.data}: {len(labels)} labelled sets' + (' (RANDOM Q weights: meaningless)' if args.random_iqa else ''))

@@ -43,6 +43,7 @@ import lora
 import models
 import nriqa_sr
 import runs
+import score_cache
 
 
 # ----------------------------------------------------------------------------- setup
@@ -262,9 +263,8 @@ def preflight(cfg, dist_info):
         problems += config.check_files(cfg)
     except ValueError as err:  # e.g. an unknown metric in --iqa, which check_files parses
         problems.append(str(err))
-    if problems:  # with the rest of what is missing, the init a paper run starts from (alone it is a warning)
-        no_init = [f'(warning) {config.NO_INIT}'] if not (cfg.init or cfg.finetune or cfg.preset == 'demo') else []
-        raise runs.StartError(problems + no_init + (runs.check_out(cfg) if dist_info.master else []))
+    if problems:
+        raise runs.StartError(problems + (runs.check_out(cfg) if dist_info.master else []))
     if dist_info.ddp:
         dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
     runs.agree_or_raise(runs.check_out(cfg) if dist_info.master else [], dist_info)
@@ -280,8 +280,8 @@ def train(cfg, dist_info):
                     'reward': reward_q.fingerprint if reward_q else None}
     scores = None
     if cfg.sampler in config.NEEDS_SCORES:  # refuses a cache scored by another metric or other weights
-        scores = nriqa_sr.load_score_cache(cfg.score_cache, sampling_q.name, sampling_q.fingerprint, dataset.names,
-                                           nriqa_sr.score_command(cfg.data, sampling_q.flags, cfg.score_cache))
+        scores = score_cache.load_score_cache(cfg.score_cache, sampling_q.name, sampling_q.fingerprint, dataset.names,
+                                           score_cache.score_command(cfg.data, sampling_q.flags, cfg.score_cache))
     queue = None
     if cfg.queue_size:
         queue = data.SampleQueue(cfg.queue_size, generator=torch.Generator().manual_seed(

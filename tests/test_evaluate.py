@@ -35,6 +35,7 @@ import metrics
 import models
 import nriqa_sr
 import report
+import score_cache
 import weights
 from demo import make_demo_dataset
 
@@ -250,19 +251,19 @@ def test_agreement_reuses_a_complete_score_cache_and_scores_the_rest(tmp_path, m
     root = tmp_path / 'set'
     write_hand_set(root, lq=False)
     cached = {'s1': [0, 1, 2, 3, 4], 's2': [0, 1, 2, 3, 4], 's4': [0, 1, 2, 3, 4]}  # GT 4 always on top
-    cache = {'version': nriqa_sr.CACHE_VERSION, 'metric': 'musiq', 'fingerprint': 'fake', 'scores': cached,
+    cache = {'version': score_cache.CACHE_VERSION, 'metric': 'musiq', 'fingerprint': 'fake', 'scores': cached,
              'complete': True}
-    path = nriqa_sr.score_cache_path(root, 'musiq')
+    path = score_cache.score_cache_path(root, 'musiq')
     path.write_text(json.dumps(cache))
     labels = data.read_effective_labels(root)
-    scores = nriqa_sr.labelled_scores(root, FakeQ('musiq'), list(labels))
+    scores = score_cache.labelled_scores(root, FakeQ('musiq'), list(labels))
     assert {n: scores[n] for n in cached} == cached
-    assert scores['s3'] == pytest.approx(nriqa_sr.score_set(root, 's3', FakeQ('musiq')))  # not in the cache
+    assert scores['s3'] == pytest.approx(score_cache.score_set(root, 's3', FakeQ('musiq')))  # not in the cache
     # pairs: s1 (1>2 no, 3>2 yes), s2 (2>1 yes, 4>1 yes); a negative on top: s3 only (its own scores)
     result = nriqa_sr.agreement(scores, labels)
     assert (result['pairwise_accuracy'], result['negative_top_rate']) == (75.0, pytest.approx(100 / 3))
     path.write_text(json.dumps({**cache, 'fingerprint': 'other'}))
-    assert nriqa_sr.labelled_scores(root, FakeQ('musiq'), list(labels))['s1'] != cached['s1']
+    assert score_cache.labelled_scores(root, FakeQ('musiq'), list(labels))['s1'] != cached['s1']
     assert 'not used: ' in capsys.readouterr().err and json.loads(path.read_text())['fingerprint'] == 'other'
 
 
@@ -278,7 +279,7 @@ def test_agreement_command_passes_iqa_opts_and_gives_one_line_errors(tmp_path, m
         assert nriqa_sr.main(argv + ['--iqa-opts', json.dumps(TINY)]) == 0
         quality = QUALITY('musiq', pretrained=False, metric_opts=TINY)
     labels = data.read_effective_labels(root)
-    expected = nriqa_sr.agreement({n: nriqa_sr.score_set(root, n, quality) for n in labels}, labels)
+    expected = nriqa_sr.agreement({n: score_cache.score_set(root, n, quality) for n in labels}, labels)
     assert '| musiq | ' + ' | '.join(nriqa_sr.agreement_cells(expected)) + ' |' in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         nriqa_sr.main(argv + ['--iqa-opts', '{"musiq": '])

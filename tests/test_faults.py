@@ -32,6 +32,7 @@ import files
 import lora
 import models
 import nriqa_sr
+import score_cache
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def world(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         quality = nriqa_sr.QualityModel('musiq', pretrained=False, metric_opts=TINY_Q)
-    nriqa_sr.score_dataset(w.train, quality, w.cache)
+    score_cache.score_dataset(w.train, quality, w.cache)
     return w
 
 

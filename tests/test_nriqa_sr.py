@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import files
 import models
 import nriqa_sr
+import score_cache
+import upscale
 import weights
 from data import gt_paths
 from files import load_image, save_image
@@ -29,12 +31,11 @@ from nriqa_sr import (
     QualityModel,
     agreement,
     argmax_online,
-    load_score_cache,
     quality_reward,
     sample_gt_index,
-    score_dataset,
-    upscale_image,
 )
+from score_cache import load_score_cache, score_dataset
+from upscale import upscale_image
 
 TINY = {'musiq': dict(longer_side_lengths=[32], num_layers=1, hidden_size=32, mlp_dim=64, num_heads=2)}
 DRAWS = 20_000
@@ -410,7 +411,7 @@ def test_streamed_tiles_give_the_bytes_of_whole_image_rounding(tmp_path, channel
     src = tmp_path / 'in.png'
     save_image(torch.rand(channels, 9, 11, generator=torch.Generator().manual_seed(channels)), src, bits=bits)
     for tile, pad in ((4, 3), (None, 32)):  # seams of the model tiles and of the alpha tiles (2 px context)
-        nriqa_sr.upscale_file(model, src, tmp_path / 'new.png', 4, tile, pad)
+        upscale.upscale_file(model, src, tmp_path / 'new.png', 4, tile, pad)
         save_image(whole_float_output(model, src, tile, pad), tmp_path / 'old.png', bits=bits)
         assert (tmp_path / 'new.png').read_bytes() == (tmp_path / 'old.png').read_bytes()
     assert files.png_bit_depth(tmp_path / 'new.png') == bits
@@ -419,17 +420,17 @@ def test_streamed_tiles_give_the_bytes_of_whole_image_rounding(tmp_path, channel
 MEMORY_CHILD = '''
 import re, sys, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-import models, nriqa_sr
+import models, upscale
 from files import save_image
 def status(key):
     return int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024
 torch.manual_seed(0)
 model = models.build_generator('rrdbnet', num_feat=4, num_block=1, num_grow_ch=4).eval()
 save_image(torch.rand(3, 500, 400), sys.argv[2] + '/in.png')
-nriqa_sr.upscale_file(model, sys.argv[2] + '/in.png', sys.argv[2] + '/warm.png', 4, 32, 4)
+upscale.upscale_file(model, sys.argv[2] + '/in.png', sys.argv[2] + '/warm.png', 4, 32, 4)
 open('/proc/self/clear_refs', 'w').write('5')  # peak RSS := current RSS
 before = status('VmRSS')
-nriqa_sr.upscale_file(model, sys.argv[2] + '/in.png', sys.argv[2] + '/out.png', 4, 32, 4)
+upscale.upscale_file(model, sys.argv[2] + '/in.png', sys.argv[2] + '/out.png', 4, 32, 4)
 print((status('VmHWM') - before) / (2000 * 1600))
 '''
 
@@ -458,7 +459,7 @@ def test_outscale_suffix_and_dot_files(tmp_path, capsys):
     (src / '._a.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble, not a PNG')  # macOS companion file
     (src / '.hidden.png').write_bytes(b'not an image either')
     (src / 'folder.png').mkdir()  # a folder named like an image
-    assert nriqa_sr.list_images(src) == [src / 'a.png', src / 'b.jpg']
+    assert upscale.list_images(src) == [src / 'a.png', src / 'b.jpg']
     out = tmp_path / 'out'
     argv = ['upscale', '--ckpt', str(tmp_path / 'g.pth'), '-i', str(src), '-o', str(out), '--device', 'cpu']
     assert nriqa_sr.main(argv + ['--suffix', 'x4', '--outscale', '2.5']) == 0
@@ -517,7 +518,7 @@ def test_the_suggested_rebuild_command_makes_the_cache_accepted(hggt_root, capsy
     path = hggt_root / 'cache.json'
     score_dataset(hggt_root, QualityModel('piqe'), path)  # a cache of another Q: refused
     with pytest.raises(ValueError) as err:
-        load_score_cache(path, q.name, q.fingerprint, ['a', 'b', 'c'], nriqa_sr.score_command(hggt_root, q.flags, path))
+        load_score_cache(path, q.name, q.fingerprint, ['a', 'b', 'c'], score_cache.score_command(hggt_root, q.flags, path))
     argv = shlex.split(str(err.value).split('rebuild: ')[1])
     assert argv[:3] == ['python', 'nriqa_sr.py', 'score'] and '--iqa-opts' in argv and '--random-iqa' in argv
     assert nriqa_sr.main(argv[2:]) == 0  # exactly the suggested command, once

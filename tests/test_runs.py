@@ -165,7 +165,6 @@ def test_the_mission_command_without_anything_lists_every_missing_piece_at_once(
         block = err[err.index('error: '):]
         assert 'Traceback' not in err[:err.index('error: ')]  # first, before any launcher report
         for piece in ('--data: required', '--preset demo --data demo_data/train', 'python demo.py --data-only',
-                      '--init: not given', 'SwinIR_DF2K_OST_Blind_PSNR_x4.pth',
                       'musiq_koniq_ckpt-e95806b9.pth', 'python nriqa_sr.py weights --download musiq',
                       'vgg19-dcbb9e9d.pth', 'python nriqa_sr.py weights --download vgg19'):
             assert piece in block, (piece, block)
