@@ -124,23 +124,10 @@ DEMO = dict(  # a small generator, random VGG19 and a tiny random MUSIQ: every s
 
 
 
-NEEDS_SCORES = ('sma', 'smp')
 
 
 
-NEEDS_LABELS = ('upos', 'smp')
 
-
-
-def json_object(text):
-    """argparse type of the dict flags (--generator, --iqa-opts): a JSON object."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f'not valid JSON ({err}): {text}') from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object {{"name": value, ...}}, got {text}')
-    return value
 
 
 
@@ -158,7 +145,7 @@ def parse_config(argv=None):
         elif f.type is tuple:
             kwargs.update(nargs='*', type=int)
         else:
-            kwargs['type'] = json_object if f.type is dict else f.type
+            kwargs['type'] = nriqa_sr.json_object if f.type is dict else f.type
         parser.add_argument('--' + f.name.replace('_', '-'), **kwargs)
     explicit = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
     finetune, arch, preset = (explicit.get(k, getattr(TrainConfig, k)) for k in ('finetune', 'arch', 'preset'))
@@ -206,7 +193,7 @@ def check_config(cfg):
             problems.append(f'--{flag.replace("_", "-")}: must be >= 0 and finite, got {value}')
     if cfg.finetune and not cfg.init:
         problems.append('--finetune: needs --init CKPT (the stage-1 generator.pth to fine-tune)')
-    if cfg.sampler in NEEDS_SCORES and not cfg.score_cache:
+    if cfg.sampler in nriqa_sr.NEEDS_SCORES and not cfg.score_cache:
         problems.append(f'--sampler {cfg.sampler}: needs --score-cache FILE (build it with: '
                         f'{score_cache.score_command(cfg.data or "ROOT", score_flags(cfg))})')
     return problems
@@ -244,7 +231,7 @@ def check_files(cfg):
         if path and not Path(path).is_file():
             problems.append(f'{flag} {path}: checkpoint file not found')
     needed = []  # (metric, why)
-    if cfg.sampler in ('sma', 'smp', 'amo'):
+    if cfg.sampler in nriqa_sr.NEEDS_SCORES + nriqa_sr.SCORES_ONLINE:
         needed.append((sampler_iqa(cfg), f'--sampler {cfg.sampler}'))
     if cfg.finetune or cfg.lambda_q > 0:
         needed.append((cfg.iqa, 'the Eq. 2 reward' if cfg.lambda_q > 0 else 'the FT monitor'))
@@ -263,7 +250,7 @@ def check_files(cfg):
     if cfg.perceptual_weight > 0 and not cfg.random_vgg and not vgg.is_file():
         problems.append(f'{vgg}: VGG19 weights of the perceptual loss not found; fetch them with: python nriqa_sr.py '
                         'weights --download vgg19 (or --vgg-weights FILE, or --random-vgg for a meaningless loss)')
-    if cfg.sampler in NEEDS_SCORES and cfg.score_cache and not Path(cfg.score_cache).is_file():
+    if cfg.sampler in nriqa_sr.NEEDS_SCORES and cfg.score_cache and not Path(cfg.score_cache).is_file():
         problems.append(f'--score-cache {cfg.score_cache}: not found; build it with: '
                         f'{score_cache.score_command(cfg.data, score_flags(cfg), cfg.score_cache)}')
     try:

@@ -1,16 +1,14 @@
-"""The paper's method: an NR-IQA model Q replaces human labels (DESIGN §2) and rewards the SR output (Eq. 2).
+"""The paper's method (arXiv 2504.18524): an NR-IQA model Q replaces HGGT's human labels and rewards the SR output.
 
-Zhang et al., "Augmenting Perceptual Super-Resolution via Image Quality Predictors" (CVPR 2025) train on
-HGGT's five ground truths per patch (GT 0 = original, GT 1..4 = enhanced) and let Q pick the GT:
-  - QualityModel: Q over pyiqa, always higher-is-better, frozen, eval mode, optionally differentiable.
-  - sample_gt_index / argmax_online: the five samplers origins, upos, sma, smp, amo (DESIGN §2).
-  - score_dataset / load_score_cache: image-level Q scores of every GT, cached once for sma / smp.
-  - quality_reward: the Q(SR) term of the fine-tuning loss L~ = L - lambda_Q * Q(SR) (Eq. 2, DESIGN §3).
-  - agreement: how often Q agrees with HGGT's human labels (paper §3, DESIGN §5).
-  - upscale_image + CLI: tiled inference (`upscale`) and quick scoring (`score`).
-
-Offline rule (DESIGN §6): pyiqa downloads any checkpoint it does not find, so every weight file is
-looked up here first and passed to pyiqa explicitly; a missing file is a one-line error, never a download.
+HGGT gives each training patch five GTs (GT 0 = the original, GT 1..4 = enhanced versions); the paper lets Q
+decide which one a sample trains on, and fine-tunes on Q itself:
+  - QualityModel: Q over pyiqa, always higher-is-better, frozen, in eval mode, differentiable when asked.
+  - sample_gt_index: the five samplers of Table 5 (origins, upos, sma, smp, amo), one entry point.
+  - quality_reward: the Q(SR) term of Eq. 2, L~ = L - lambda_Q * Q(SR).
+  - agreement: how often Q agrees with HGGT's annotators (paper §3, Table 6, supplementary §7.1).
+Then how Q is built from pyiqa (every weight file looked up first: pyiqa would download what it does not
+find), and the command line: `score` (image-level scores, score_cache.py), `agreement`, `upscale`
+(upscale.py) and `weights` (weights.py).
 """
 import argparse
 import contextlib
@@ -35,80 +33,22 @@ from models import RRDBNet, generator_scale, load_generator
 from weights import WEIGHT_FILES, backbone_path, download_command, hub_offline, missing_weights, weight_path
 from weights import run as run_weights
 
-TAU = 10.0  # softmax temperature of sma / smp (DESIGN §2)
+TAU = 10.0  # softmax temperature of sma / smp (paper: 10)
 SAMPLERS = ('origins', 'upos', 'sma', 'smp', 'amo')
+NEEDS_LABELS = ('upos', 'smp')  # they draw from the human positives
+NEEDS_SCORES = ('sma', 'smp')  # they read cached image-level scores
+SCORES_ONLINE = ('amo',)  # it scores the training patches every step
 
-# NR metrics usable as Q, with the score range that ensembles normalise by (DESIGN §5) and direction.
+# NR metrics usable as Q: their score range (ensembles normalise by it) and direction.
 METRIC_RANGES = {'musiq': (0.0, 100.0), 'nima': (0.0, 10.0), 'qalign': (1.0, 5.0), 'topiq_nr': (0.0, 1.0),
                  'paq2piq': (0.0, 100.0), 'piqe': (0.0, 100.0)}
 LOWER_BETTER = ('piqe',)
-NO_GRADIENT = ('piqe', 'qalign')  # DESIGN §6: they can rank GTs but cannot drive fine-tuning
+NO_GRADIENT = ('piqe', 'qalign')  # they can rank GTs but cannot drive fine-tuning (no useful gradient)
 
 
-def parse_metric(name):
-    """'musiq' -> [('musiq', 1.0)]; 'musiq:1+nima:0.5' -> [('musiq', 1.0), ('nima', 0.5)] (weights > 0)."""
-    members = []
-    for part in name.split('+'):
-        metric, _, weight = part.strip().partition(':')
-        if metric not in METRIC_RANGES:
-            raise ValueError(f"--iqa: unknown metric '{metric}' in '{name}'; choose from {', '.join(METRIC_RANGES)}")
-        try:
-            weight = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"--iqa: weight of '{metric}' in '{name}' is not a number") from None
-        if not weight > 0 or metric in [m for m, _ in members]:
-            raise ValueError(f"--iqa: '{name}' needs positive weights and each metric once")
-        members.append((metric, weight))
-    return members
-
-
-def metric_name(members):
-    """Canonical name of parsed members: [('musiq', 1.0), ('nima', 0.5)] -> 'musiq+nima:0.5'."""
-    return '+'.join(m if w == 1 else f'{m}:{w:g}' for m, w in members)
-
-
-def pyiqa_network_options(metric):
-    """Option names of pyiqa's network class for `metric` (its constructor's parameters), None when it
-    takes any keyword."""
-    from pyiqa.archs import _lazy_import_arch  # pyiqa registers a network class when its module is imported
-    from pyiqa.default_model_configs import DEFAULT_CONFIGS
-    from pyiqa.utils.registry import ARCH_REGISTRY
-    network = DEFAULT_CONFIGS[metric]['metric_opts']['type']
-    _lazy_import_arch(network)
-    cls = ARCH_REGISTRY.get(network)
-    if cls.__init__ is nn.Module.__init__:  # no constructor of its own (piqe): no options at all
-        return set()
-    params = inspect.signature(cls).parameters.values()
-    return None if any(p.kind == p.VAR_KEYWORD for p in params) else {p.name for p in params}
-
-
-def check_metric_opts(members, metric_opts):
-    """The --iqa-opts {metric: {option: value}} of the members of --iqa (other metrics' entries are left
-    out), checked before pyiqa builds anything: each option must be a parameter of the metric's pyiqa
-    network class; the weight options are set by --iqa-weights / --random-iqa."""
-    if not isinstance(metric_opts or {}, dict):
-        raise ValueError(f'--iqa-opts: expected a JSON object {{"metric": {{"option": value}}}}, got {metric_opts!r}')
-    chosen = {}
-    for metric, _ in members:
-        opts = (metric_opts or {}).get(metric)
-        if opts is None:
-            continue
-        if not isinstance(opts, dict):
-            raise ValueError(f'--iqa-opts: the options of {metric} must be a JSON object, got {opts!r}')
-        ours = {'pretrained', 'pretrained_model_path'} & set(opts)
-        if ours:
-            raise ValueError(f'--iqa-opts: {metric} option {sorted(ours)[0]!r} is set by --iqa-weights / --random-iqa')
-        known = pyiqa_network_options(metric)
-        unknown = sorted(set(opts) - known) if known is not None else []
-        if unknown:
-            raise ValueError(f"--iqa-opts: {metric} has no option {unknown[0]!r}; pyiqa's network takes "
-                             f"{', '.join(sorted(known - {'pretrained', 'pretrained_model_path'})) or 'none'}")
-        chosen[metric] = opts
-    return chosen
-
-
+# ----------------------------------------------------------------------------- Q
 class QualityModel(nn.Module):
-    """Q of the paper over pyiqa: forward(x (N,3,H,W) in [0,1]) -> (N,), higher is better (arXiv 2504.18524).
+    """Q of the paper over pyiqa: forward(x (N,3,H,W) in [0,1]) -> (N,), higher is better.
 
     One metric gives its raw score (a lower-better metric is reflected in its range, lo + hi - s, so its
     scale, which tau = 10 depends on, is kept). An ensemble 'musiq+nima' or 'musiq:1+nima:0.5' gives
@@ -117,82 +57,31 @@ class QualityModel(nn.Module):
     keeps eval. Differentiable w.r.t. x only when as_loss (and autograd is on).
     weights: None (pyiqa's folder), a folder of pyiqa files, or one checkpoint file (one metric).
     pretrained=False: random weights, explicitly, with a warning. metric_opts: {metric: extra pyiqa
-    network options} (tests use a tiny MUSIQ), checked against pyiqa's network class before anything
-    is built; those of the members enter the fingerprint. `flags` are the command-line flags that
-    build this same Q (every input of the fingerprint), for the commands that error messages suggest.
+    network options} (tests use a tiny MUSIQ), checked before anything is built; those of the members enter
+    the fingerprint. `flags` are the command-line flags that build this same Q (every input of the
+    fingerprint), for the commands that error messages suggest.
     """
 
     def __init__(self, name='musiq', device='cpu', as_loss=False, weights=None, pretrained=True, *,
                  metric_opts=None):
         super().__init__()
-        import pyiqa  # takes seconds: imported only when a Q is built, not by `upscale`
         members = parse_metric(name)
-        if as_loss and any(m in NO_GRADIENT for m, _ in members):
-            raise ValueError(f"--iqa {name}: {', '.join(NO_GRADIENT)} give no gradient; "
-                             'they can rank GTs but cannot drive fine-tuning')
-        if weights is not None and Path(weights).is_file() and len(members) > 1:
-            raise ValueError(f'--iqa-weights: {weights} is one file; an ensemble needs a folder of pyiqa files')
-        if any(m == 'qalign' for m, _ in members) and importlib.util.find_spec('icecream') is None:
-            raise ValueError('--iqa qalign: needs the Python module icecream besides the q-future/one-align '
-                             'weights (pip install icecream)')  # pyiqa imports it late, mid-build
-        metric_opts = check_metric_opts(members, metric_opts)
+        metric_opts = check_quality_args(members, as_loss, weights, metric_opts)
         if not pretrained and any(m in WEIGHT_FILES for m, _ in members):
             warnings.warn(f'--random-iqa: {name} has RANDOM weights: its scores are meaningless', stacklevel=2)
-        self.name = metric_name(members)
-        self.members, self.as_loss = members, as_loss
+        self.name, self.members, self.as_loss = metric_name(members), members, as_loss
         self.flags = score_flags(self.name, weights, not pretrained, metric_opts)
-        self.nets, fingerprints = nn.ModuleList(), []
-        for metric, _ in members:
-            opts = dict(metric_opts.get(metric, {}))
-            backbone = backbone_path(metric)
-            if metric in WEIGHT_FILES and pretrained:
-                path = weight_path(metric, weights)
-                if not path.is_file():
-                    raise FileNotFoundError(
-                        f'{path}: {metric} weights not found; run `{download_command(metric)}`, put '
-                        f'{WEIGHT_FILES[metric]} in {path.parent} or pass --iqa-weights PATH '
-                        '(or --random-iqa for meaningless random scores)')
-                load_checkpoint(path)  # weights_only=True check: pyiqa itself unpickles with weights_only=False
-                fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-                opts['pretrained_model_path'] = str(path)
-            elif metric in WEIGHT_FILES:
-                fingerprint, opts['pretrained'] = 'random-weights', False
-            elif backbone is not None:  # qalign: the whole model is a Hugging Face repo; name its revision
-                revision = backbone / 'refs' / 'main'
-                fingerprint = 'hf-' + (revision.read_text().strip()[:16] if revision.is_file() else 'unknown')
-            else:
-                fingerprint = 'weight-free'
-            if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
-                raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it: '
-                                        f'run `{download_command(metric)}`')
-            # pyiqa prints its loading messages: keep stdout for our own output (the score table); a cached
-            # Hugging Face backbone is used as it is (hub_offline), never checked online for a newer revision
-            with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline():
-                torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
-                try:
-                    iqa = pyiqa.create_metric(metric, as_loss=False, device=torch.device(device), **opts)
-                except RuntimeError as err:  # load_state_dict mismatch of a user-given file
-                    raise ValueError(f'{opts.get("pretrained_model_path")}: does not fit pyiqa {metric}: '
-                                     f'{str(err).splitlines()[0]}') from None
-            # InferenceModel.forward forces grad on when as_loss (even under no_grad) and reduces to a
-            # batch mean by default: call its network directly, per sample, under the caller's grad mode.
-            self.nets.append(iqa.net)
-            fingerprints.append(fingerprint)
+        built = [pyiqa_network(m, device, weights, pretrained, metric_opts.get(m, {})) for m, _ in members]
+        self.nets = nn.ModuleList(net for net, _ in built)
+        fingerprints = [fp for _, fp in built]
         self.fingerprint = fingerprints[0] if len(members) == 1 else '+'.join(
             f'{m}={fp}' for (m, _), fp in zip(members, fingerprints, strict=True))
         if metric_opts:
-            opts_json = json.dumps(metric_opts, sort_keys=True).encode()
-            self.fingerprint += '+opts=' + hashlib.sha256(opts_json).hexdigest()[:8]
+            self.fingerprint += '+opts=' + hashlib.sha256(json.dumps(metric_opts, sort_keys=True).encode()).hexdigest()[:8]
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode=True):
-        """Q stays in eval mode whatever a parent module asks (DESIGN §6)."""
-        return super().train(False)
-
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f'QualityModel: expected images (N,3,H,W) in [0,1], got shape {tuple(x.shape)}')
         param = next(self.parameters(), None)  # weight-free metrics (piqe) run where x is
         x = x if param is None else x.to(param.device)
         with torch.set_grad_enabled(self.as_loss and torch.is_grad_enabled()):
@@ -208,7 +97,12 @@ class QualityModel(nn.Module):
             total = total + weight * (1 - normalised if metric in LOWER_BETTER else normalised)
         return total / sum(w for _, w in self.members)
 
+    def train(self, mode=True):
+        """Q stays in eval mode whatever a parent module asks."""
+        return super().train(False)
 
+
+# ----------------------------------------------------------------------------- the samplers (Table 5)
 def sample_gt_index(sampler, positive, generator, scores=None, patches=None, quality=None, tau=TAU):
     """Index of the GT each sample trains on (the samplers of the paper's Table 5), Long(B); draws come from `generator`.
 
@@ -241,6 +135,7 @@ def argmax_online(patches, quality):
     return torch.where(scores == scores.amax(1, keepdim=True), index, NUM_GTS).amin(1)
 
 
+# ----------------------------------------------------------------------------- the reward (Eq. 2)
 def quality_reward(quality, sr):
     """Q(SR) per sample, with gradient: the Eq. 2 term of L~ = L - lambda_Q * Q(SR) (DESIGN §3).
 
@@ -250,14 +145,7 @@ def quality_reward(quality, sr):
     return quality(sr)
 
 
-def score_flags(metric, weights=None, random_iqa=False, metric_opts=None):
-    """The command-line flags of a Q: everything that enters its fingerprint (the --iqa-opts of its members only)."""
-    members = {m for m, _ in parse_metric(metric)}
-    opts = {m: o for m, o in (metric_opts or {}).items() if m in members}
-    return (['--iqa', metric] + (['--iqa-weights', str(weights)] if weights is not None and not random_iqa else [])
-            + (['--iqa-opts', json.dumps(opts, sort_keys=True)] if opts else []) + ['--random-iqa'] * bool(random_iqa))
-
-
+# ----------------------------------------------------------------------------- agreement with human labels (§3)
 def agreement(scores, labels):
     """Agreement of Q with HGGT's human labels (paper §3, supplementary §7.1), in percent, over every set.
 
@@ -307,6 +195,131 @@ def agreement_cells(result):
             percent(result['negative_top_rate']), percent(result['amo_negative_rate']), str(result['sets'])]
 
 
+# ----------------------------------------------------------------------------- building Q from pyiqa
+def parse_metric(name):
+    """'musiq' -> [('musiq', 1.0)]; 'musiq:1+nima:0.5' -> [('musiq', 1.0), ('nima', 0.5)] (weights > 0)."""
+    members = []
+    for part in name.split('+'):
+        metric, _, weight = part.strip().partition(':')
+        if metric not in METRIC_RANGES:
+            raise ValueError(f"--iqa: unknown metric '{metric}' in '{name}'; choose from {', '.join(METRIC_RANGES)}")
+        try:
+            weight = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--iqa: weight of '{metric}' in '{name}' is not a number") from None
+        if not weight > 0 or metric in [m for m, _ in members]:
+            raise ValueError(f"--iqa: '{name}' needs positive weights and each metric once")
+        members.append((metric, weight))
+    return members
+
+
+def metric_name(members):
+    """Canonical name of parsed members: [('musiq', 1.0), ('nima', 0.5)] -> 'musiq+nima:0.5'."""
+    return '+'.join(m if w == 1 else f'{m}:{w:g}' for m, w in members)
+
+
+def check_quality_args(members, as_loss, weights, metric_opts):
+    """Q's arguments checked before pyiqa builds anything (one line each); returns the members' --iqa-opts."""
+    name = metric_name(members)
+    if as_loss and any(m in NO_GRADIENT for m, _ in members):
+        raise ValueError(f"--iqa {name}: {', '.join(NO_GRADIENT)} give no gradient; "
+                         'they can rank GTs but cannot drive fine-tuning')
+    if weights is not None and Path(weights).is_file() and len(members) > 1:
+        raise ValueError(f'--iqa-weights: {weights} is one file; an ensemble needs a folder of pyiqa files')
+    if any(m == 'qalign' for m, _ in members) and importlib.util.find_spec('icecream') is None:
+        raise ValueError('--iqa qalign: needs the Python module icecream besides the q-future/one-align '
+                         'weights (pip install icecream)')  # pyiqa imports it late, mid-build
+    return check_metric_opts(members, metric_opts)
+
+
+def pyiqa_network_options(metric):
+    """Option names of pyiqa's network class for `metric` (its constructor's parameters), None when it
+    takes any keyword."""
+    from pyiqa.archs import _lazy_import_arch  # pyiqa registers a network class when its module is imported
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+    from pyiqa.utils.registry import ARCH_REGISTRY
+    network = DEFAULT_CONFIGS[metric]['metric_opts']['type']
+    _lazy_import_arch(network)
+    cls = ARCH_REGISTRY.get(network)
+    if cls.__init__ is nn.Module.__init__:  # no constructor of its own (piqe): no options at all
+        return set()
+    params = inspect.signature(cls).parameters.values()
+    return None if any(p.kind == p.VAR_KEYWORD for p in params) else {p.name for p in params}
+
+
+def check_metric_opts(members, metric_opts):
+    """The --iqa-opts {metric: {option: value}} of the members of --iqa (other metrics' entries are left
+    out), checked before pyiqa builds anything: each option must be a parameter of the metric's pyiqa
+    network class; the weight options are set by --iqa-weights / --random-iqa."""
+    if not isinstance(metric_opts or {}, dict):
+        raise ValueError(f'--iqa-opts: expected a JSON object {{"metric": {{"option": value}}}}, got {metric_opts!r}')
+    chosen = {}
+    for metric, _ in members:
+        opts = (metric_opts or {}).get(metric)
+        if opts is None:
+            continue
+        if not isinstance(opts, dict):
+            raise ValueError(f'--iqa-opts: the options of {metric} must be a JSON object, got {opts!r}')
+        ours = {'pretrained', 'pretrained_model_path'} & set(opts)
+        if ours:
+            raise ValueError(f'--iqa-opts: {metric} option {sorted(ours)[0]!r} is set by --iqa-weights / --random-iqa')
+        known = pyiqa_network_options(metric)
+        unknown = sorted(set(opts) - known) if known is not None else []
+        if unknown:
+            raise ValueError(f"--iqa-opts: {metric} has no option {unknown[0]!r}; pyiqa's network takes "
+                             f"{', '.join(sorted(known - {'pretrained', 'pretrained_model_path'})) or 'none'}")
+        chosen[metric] = opts
+    return chosen
+
+
+def pyiqa_network(metric, device, weights, pretrained, opts):
+    """(pyiqa's network of `metric`, the fingerprint of its weights). Every file it needs is looked up first:
+    pyiqa would download what it does not find."""
+    import pyiqa  # takes seconds: imported only when a Q is built, not by `upscale`
+    opts, backbone = dict(opts), backbone_path(metric)
+    if metric in WEIGHT_FILES and pretrained:
+        path = weight_path(metric, weights)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f'{path}: {metric} weights not found; run `{download_command(metric)}`, put '
+                f'{WEIGHT_FILES[metric]} in {path.parent} or pass --iqa-weights PATH '
+                '(or --random-iqa for meaningless random scores)')
+        load_checkpoint(path)  # weights_only=True check: pyiqa itself unpickles with weights_only=False
+        fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        opts['pretrained_model_path'] = str(path)
+    elif metric in WEIGHT_FILES:
+        fingerprint, opts['pretrained'] = 'random-weights', False
+    elif backbone is not None:  # qalign: the whole model is a Hugging Face repo; name its revision
+        revision = backbone / 'refs' / 'main'
+        fingerprint = 'hf-' + (revision.read_text().strip()[:16] if revision.is_file() else 'unknown')
+    else:
+        fingerprint = 'weight-free'
+    if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
+        raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it: '
+                                f'run `{download_command(metric)}`')
+    # pyiqa prints its loading messages: keep stdout for our own output (the score table); a cached
+    # Hugging Face backbone is used as it is (hub_offline), never checked online for a newer revision
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline():
+        torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
+        try:
+            iqa = pyiqa.create_metric(metric, as_loss=False, device=torch.device(device), **opts)
+        except RuntimeError as err:  # load_state_dict mismatch of a user-given file
+            raise ValueError(f'{opts.get("pretrained_model_path")}: does not fit pyiqa {metric}: '
+                             f'{str(err).splitlines()[0]}') from None
+    # InferenceModel.forward forces grad on when as_loss (even under no_grad) and reduces to a batch mean:
+    # Q calls its network directly, per sample, under the caller's grad mode.
+    return iqa.net, fingerprint
+
+
+def score_flags(metric, weights=None, random_iqa=False, metric_opts=None):
+    """The command-line flags of a Q: everything that enters its fingerprint (the --iqa-opts of its members only)."""
+    members = {m for m, _ in parse_metric(metric)}
+    opts = {m: o for m, o in (metric_opts or {}).items() if m in members}
+    return (['--iqa', metric] + (['--iqa-weights', str(weights)] if weights is not None and not random_iqa else [])
+            + (['--iqa-opts', json.dumps(opts, sort_keys=True)] if opts else []) + ['--random-iqa'] * bool(random_iqa))
+
+
+# ----------------------------------------------------------------------------- command line
 def parse_device(text):
     """argparse type of --device: a torch device that exists on this machine (one-line error otherwise)."""
     try:
@@ -318,14 +331,14 @@ def parse_device(text):
     return device
 
 
-def parse_json_object(text):
-    """argparse type of --iqa-opts: a JSON object."""
+def json_object(text):
+    """argparse type of the JSON flags (--iqa-opts, train.py's --generator): a JSON object."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f'not valid JSON ({err}): {text}') from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object {{"metric": {{"option": value}}}}, got {text}')
+        raise argparse.ArgumentTypeError(f'expected a JSON object {{"name": value, ...}}, got {text}')
     return value
 
 
@@ -355,7 +368,7 @@ def build_parser():
     score.add_argument('--cache', type=Path, metavar='FILE', help='cache of --data (default ROOT/scores_<NAME>.json)')
     score.add_argument('--iqa-weights', type=Path, metavar='PATH',
                        help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
-    score.add_argument('--iqa-opts', type=parse_json_object, metavar='JSON',
+    score.add_argument('--iqa-opts', type=json_object, metavar='JSON',
                        help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
     score.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
     score.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
@@ -390,6 +403,20 @@ def build_parser():
                          help='fetch the missing files and check their hashes: all, or those of the NAMEs '
                               '(a metric such as nima, or a file name from the list)')
     return parser
+
+
+def add_agreement_command(commands, device):
+    agree = commands.add_parser('agreement', help='agreement of NR-IQA models with the human labels (paper §3)')
+    agree.add_argument('--data', type=Path, required=True, metavar='ROOT',
+                       help='HGGT-layout root with labels/ (training or test); every labelled set counts')
+    agree.add_argument('--iqa', nargs='+', default=['musiq'], metavar='NAME',
+                       help="metrics to compare (musiq, nima, qalign, topiq_nr, paq2piq, piqe, or 'musiq:1+nima:0.5')")
+    agree.add_argument('--iqa-weights', type=Path, metavar='PATH',
+                       help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
+    agree.add_argument('--iqa-opts', type=json_object, metavar='JSON',
+                       help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
+    agree.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
+    agree.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
 
 
 def score_column(quality):
@@ -434,6 +461,20 @@ def run_score(args):
             print(f'{path.name},{quality(to_rgb(load_image(path))[None]).item():.4f}')
 
 
+def run_agreement(args):
+    """Paper §3 / supplementary §7.1 on any labelled root: every Q is built before any set is scored."""
+    for name in args.iqa:
+        parse_metric(name)
+    labels = read_effective_labels(args.data)
+    qualities = [QualityModel(name, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa,
+                              metric_opts=args.iqa_opts) for name in args.iqa]
+    rows = [(q.name, agreement(score_cache.labelled_scores(args.data, q, list(labels)), labels)) for q in qualities]
+    lines = ['| Metric | ' + ' | '.join(AGREEMENT_COLUMNS) + ' |', '|---' * (len(AGREEMENT_COLUMNS) + 1) + '|']
+    lines += ['| ' + ' | '.join([name, *agreement_cells(result)]) + ' |' for name, result in rows]
+    print(f'{args.data}: {len(labels)} labelled sets' + (' (RANDOM Q weights: meaningless)' if args.random_iqa else ''))
+    print('\n'.join(lines))
+
+
 def run_upscale(args):
     """Flags, output paths and every input are checked before the model is built."""
     if args.tile is not None and (args.tile < 1 or args.tile_pad < 0):
@@ -447,45 +488,6 @@ def run_upscale(args):
     for src, dst in tqdm(pairs, desc='upscale', unit='image'):
         upscale.upscale_file(model, src, dst, scale, args.tile, args.tile_pad, args.outscale, args.amp)
     print(f'{len(pairs)} image(s) x{args.outscale or scale:g} -> {args.output}')
-
-
-def json_object(text):
-    """argparse type of --iqa-opts: a JSON object."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f'not valid JSON ({err}): {text}') from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object {{"metric": {{option: value}}}}, got {text}')
-    return value
-
-
-def add_agreement_command(commands, device):
-    agree = commands.add_parser('agreement', help='agreement of NR-IQA models with the human labels (paper §3)')
-    agree.add_argument('--data', type=Path, required=True, metavar='ROOT',
-                       help='HGGT-layout root with labels/ (training or test); every labelled set counts')
-    agree.add_argument('--iqa', nargs='+', default=['musiq'], metavar='NAME',
-                       help="metrics to compare (musiq, nima, qalign, topiq_nr, paq2piq, piqe, or 'musiq:1+nima:0.5')")
-    agree.add_argument('--iqa-weights', type=Path, metavar='PATH',
-                       help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
-    agree.add_argument('--iqa-opts', type=json_object, metavar='JSON',
-                       help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
-    agree.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
-    agree.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
-
-
-def run_agreement(args):
-    """Paper §3 / supplementary §7.1 on any labelled root: every Q is built before any set is scored."""
-    for name in args.iqa:
-        parse_metric(name)
-    labels = read_effective_labels(args.data)
-    qualities = [QualityModel(name, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa,
-                              metric_opts=args.iqa_opts) for name in args.iqa]
-    rows = [(q.name, agreement(score_cache.labelled_scores(args.data, q, list(labels)), labels)) for q in qualities]
-    lines = ['| Metric | ' + ' | '.join(AGREEMENT_COLUMNS) + ' |', '|---' * (len(AGREEMENT_COLUMNS) + 1) + '|']
-    lines += ['| ' + ' | '.join([name, *agreement_cells(result)]) + ' |' for name, result in rows]
-    print(f'{args.data}: {len(labels)} labelled sets' + (' (RANDOM Q weights: meaningless)' if args.random_iqa else ''))
-    print('\n'.join(lines))
 
 
 def main(argv=None):

@@ -86,8 +86,8 @@ def build_data(cfg, world):
     degradation = degradations.TwoStageDegradation() if cfg.degradation == 'two-stage' else \
         degradations.OneStageDegradation()
     dataset = data.MultiGTDataset(cfg.data, gt_size=cfg.gt_size, seed=cfg.seed, degradation=degradation,
-                                  require_labels=cfg.sampler in config.NEEDS_LABELS,
-                                  positives_only=cfg.positives_only or cfg.sampler in config.NEEDS_LABELS)
+                                  require_labels=cfg.sampler in nriqa_sr.NEEDS_LABELS,
+                                  positives_only=cfg.positives_only or cfg.sampler in nriqa_sr.NEEDS_LABELS)
     held = cfg.monitor_size if cfg.finetune and cfg.monitor_every else 0
     if held >= len(dataset):
         raise ValueError(f'--monitor-size: {held} held-out sets leave none of the {len(dataset)} sets of {cfg.data} '
@@ -99,7 +99,7 @@ def build_data(cfg, world):
         raise ValueError(f'--batch-size: {cfg.batch_size} per process x {world} processes exceeds the '
                          f'{len(train_set)} training sets of {cfg.data}')
     why = ('--positives-only: HGGT\'s positives-only set' if cfg.positives_only else
-           f'{cfg.sampler} draws from the positives' if cfg.sampler in config.NEEDS_LABELS else
+           f'{cfg.sampler} draws from the positives' if cfg.sampler in nriqa_sr.NEEDS_LABELS else
            f'{cfg.sampler} needs no labels, every set is kept; --positives-only keeps only HGGT\'s positives-only set')
     return dataset, train_set, held, f'{dataset.summary} ({why}); {held} held out for the FT monitor'
 
@@ -140,7 +140,7 @@ def build_quality(cfg, device):
                                      pretrained=not cfg.random_iqa, metric_opts=cfg.iqa_opts or None)
     reward = make(cfg.iqa, cfg.lambda_q > 0) if cfg.finetune or cfg.lambda_q > 0 else None
     sampling = None
-    if cfg.sampler in ('sma', 'smp', 'amo'):
+    if cfg.sampler in nriqa_sr.NEEDS_SCORES + nriqa_sr.SCORES_ONLINE:
         same = reward is not None and nriqa_sr.parse_metric(config.sampler_iqa(cfg)) == nriqa_sr.parse_metric(cfg.iqa)
         sampling = reward if same else make(config.sampler_iqa(cfg), False)
     return sampling, reward
@@ -279,7 +279,7 @@ def train(cfg, dist_info):
     fingerprints = {'sample': sampling_q.fingerprint if sampling_q else None,
                     'reward': reward_q.fingerprint if reward_q else None}
     scores = None
-    if cfg.sampler in config.NEEDS_SCORES:  # refuses a cache scored by another metric or other weights
+    if cfg.sampler in nriqa_sr.NEEDS_SCORES:  # refuses a cache scored by another metric or other weights
         scores = score_cache.load_score_cache(cfg.score_cache, sampling_q.name, sampling_q.fingerprint, dataset.names,
                                            score_cache.score_command(cfg.data, sampling_q.flags, cfg.score_cache))
     queue = None
