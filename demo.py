@@ -8,7 +8,7 @@
 
 Each step is printed as the command a researcher would type, then run. Steps whose output already
 exists are skipped (training resumes with --resume auto), so an interrupted demo continues.
-With real weights absent (no machine here can download them) the demo still runs end to end, and
+With real weights absent (nothing is downloaded unless asked) the demo still runs end to end, and
 says which numbers are then meaningless: Q for ranking falls back to PIQE (weight-free, lower is
 better, no gradient), the FT reward to a random-weight MUSIQ, the perceptual loss to a random VGG19.
 Put the files where the messages say and the same command uses them.

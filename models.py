@@ -1,8 +1,9 @@
-"""Networks, losses and checkpoint I/O of the paper's two generators (DESIGN §3-4).
+"""The networks of the paper's training, as HGGT's option files configure them (train_SwinIRGAN_* and
+train_RealESRGAN_PosNegGT_Blind_Pos_x4.yml): SwinIR and RRDBNet (RealESRGAN) generators with parameter names
+identical to the released checkpoints (listed in tests/reference/), the U-Net discriminator with spectral norm,
+the VGG19 perceptual loss and the vanilla GAN loss; then building a generator from a checkpoint.
 
-SwinIR and RRDBNet (RealESRGAN) generators with parameter names identical to the released
-checkpoints (shared/reference/*.txt), the U-Net discriminator with spectral norm, the VGG19
-perceptual loss and the vanilla GAN loss of HGGT, and building a generator from a checkpoint.
+It is longer than the project's other files because it holds four networks; each section stands alone.
 """
 import functools
 import inspect
@@ -441,7 +442,7 @@ HGGT_LAYER_WEIGHTS = {'conv1_2': 0.1, 'conv2_2': 0.1, 'conv3_4': 1.0, 'conv4_4':
 
 
 class PerceptualLoss(nn.Module):
-    """DESIGN §3: sum_l w_l * L1(phi_l(SR), phi_l(GT)), phi_l = VGG19 conv features before ReLU of
+    """HGGT's perceptual_opt: sum_l w_l * L1(phi_l(SR), phi_l(GT)), phi_l = VGG19 conv features before ReLU of
     ImageNet-normalised [0, 1] inputs. The VGG is frozen and cut after the last layer used.
     weights='DEFAULT' reads torchvision's file (weights_path, else the torch hub checkpoints folder);
     weights=None keeps random weights (tests)."""
@@ -498,7 +499,7 @@ class GANLoss(nn.Module):
 
 # ----------------------------------------------------------------------------- paper configs and checkpoints
 
-PAPER_CONFIGS = {  # DESIGN §4 (HGGT / official x4 real-SR configurations)
+PAPER_CONFIGS = {  # network_g of HGGT's option files (SwinIRGAN and RealESRGAN PosNegGT_Blind_Pos_x4.yml)
     'swinir': dict(upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1.0, depths=(6,) * 6,
                    embed_dim=180, num_heads=(6,) * 6, mlp_ratio=2.0, upsampler='pixelshuffle', resi_connection='1conv'),
     'rrdbnet': dict(num_in_ch=3, num_out_ch=3, scale=4, num_feat=64, num_block=23, num_grow_ch=32),

@@ -137,7 +137,7 @@ def argmax_online(patches, quality):
 
 # ----------------------------------------------------------------------------- the reward (Eq. 2)
 def quality_reward(quality, sr):
-    """Q(SR) per sample, with gradient: the Eq. 2 term of L~ = L - lambda_Q * Q(SR) (DESIGN §3).
+    """Q(SR) per sample, with gradient: the Eq. 2 term of L~ = L - lambda_Q * Q(SR).
 
     Raw Q, not normalised, as in the paper (lambda_Q = 0.05 is set on MUSIQ's 0-100 scale)."""
     if not quality.as_loss:

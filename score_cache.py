@@ -70,7 +70,7 @@ def score_set(root, name, quality):
 
 
 def score_dataset(root, quality, cache_path=None, flush_every=50):
-    """Image-level Q score of every GT of every set, for sma / smp (DESIGN §2): {name: [s0..s4]}.
+    """Image-level Q score of every GT of every set, for sma / smp: {name: [s0..s4]}.
 
     Whole images, the five of a set in one batch. The JSON cache {"version", "metric", "fingerprint",
     "scores", "complete"} is rewritten atomically every `flush_every` sets, so an interrupted run resumes;

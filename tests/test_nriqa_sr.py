@@ -1,4 +1,4 @@
-"""nriqa_sr.py: samplers (DESIGN §2), Q over pyiqa (§6), score cache, agreement (§5), tiled upscaling, CLI.
+"""nriqa_sr.py, score_cache.py, upscale.py: the samplers, Q over pyiqa, the score cache, agreement, tiled upscaling, CLI.
 
 Random weights only: a tiny random MUSIQ (TINY) where scores must be fast, the paper-size random MUSIQ
 where its gradient matters, weight-free PIQE where a real metric must run, and FakeQ (mean brightness)
