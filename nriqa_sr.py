@@ -366,12 +366,7 @@ def build_parser():
     score.add_argument('--iqa', default='musiq', metavar='NAME',
                        help="Q: a metric (musiq, nima, qalign, topiq_nr, paq2piq, piqe) or 'musiq:1+nima:0.5'")
     score.add_argument('--cache', type=Path, metavar='FILE', help='cache of --data (default ROOT/scores_<NAME>.json)')
-    score.add_argument('--iqa-weights', type=Path, metavar='PATH',
-                       help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
-    score.add_argument('--iqa-opts', type=json_object, metavar='JSON',
-                       help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
-    score.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
-    score.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+    add_quality_flags(score, device)
     up = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
     up.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
     up.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
@@ -411,12 +406,17 @@ def add_agreement_command(commands, device):
                        help='HGGT-layout root with labels/ (training or test); every labelled set counts')
     agree.add_argument('--iqa', nargs='+', default=['musiq'], metavar='NAME',
                        help="metrics to compare (musiq, nima, qalign, topiq_nr, paq2piq, piqe, or 'musiq:1+nima:0.5')")
-    agree.add_argument('--iqa-weights', type=Path, metavar='PATH',
-                       help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
-    agree.add_argument('--iqa-opts', type=json_object, metavar='JSON',
-                       help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
-    agree.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
-    agree.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+    add_quality_flags(agree, device)
+
+
+def add_quality_flags(parser, device):
+    """The flags that build Q besides --iqa (they all enter its fingerprint), and the device."""
+    parser.add_argument('--iqa-weights', type=Path, metavar='PATH',
+                        help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
+    parser.add_argument('--iqa-opts', type=json_object, metavar='JSON',
+                        help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
+    parser.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
+    parser.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
 
 
 def score_column(quality):

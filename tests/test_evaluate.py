@@ -12,18 +12,17 @@ import csv
 import json
 import math
 import shutil
-import socket
 import subprocess
 import warnings
 from html.parser import HTMLParser
 from types import SimpleNamespace
 from urllib.parse import unquote
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import TINY_Q, TINY_RRDB, go_offline
 from PIL import Image
 from skimage.metrics import structural_similarity
 
@@ -39,32 +38,22 @@ import score_cache
 import weights
 from demo import make_demo_dataset
 
-TINY = {'musiq': {'longer_side_lengths': [32], 'num_layers': 1, 'hidden_size': 32, 'mlp_dim': 64, 'num_heads': 2}}
-TINY_RRDB = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
 TINY_SWINIR = {'embed_dim': 12, 'depths': (1,), 'num_heads': (2,), 'img_size': 16, 'window_size': 4, 'mlp_ratio': 1.0,
                'upsampler': 'pixelshuffle'}
 QUALITY = nriqa_sr.QualityModel
 
 
-def go_offline(mp, folder):
-    """No network; empty torch / Hugging Face caches (every weight file is absent); the tiny random MUSIQ."""
-    def refuse(*args, **kwargs):
-        raise AssertionError('network access attempted')
-
-    def tiny_quality(*args, **kwargs):
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # the --random-iqa warning
-            return QUALITY(*args, metric_opts=TINY, **{k: v for k, v in kwargs.items() if k != 'metric_opts'})
-    mp.setattr(socket.socket, 'connect', refuse)
-    mp.setattr(torch.hub, 'download_url_to_file', refuse)
-    mp.setenv('TORCH_HOME', str(folder / 'empty_torch_home'))
-    mp.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(folder / 'empty_hf'))
-    mp.setattr(nriqa_sr, 'QualityModel', tiny_quality)
+def tiny_quality(*args, **kwargs):
+    """QualityModel with the tiny random MUSIQ's options, quietly (the --random-iqa warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return QUALITY(*args, metric_opts=TINY_Q, **{k: v for k, v in kwargs.items() if k != 'metric_opts'})
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    go_offline(monkeypatch, tmp_path)
+def tiny_q(offline, monkeypatch):
+    """Offline (conftest), and every Q built by evaluate.py is the tiny random MUSIQ."""
+    monkeypatch.setattr(nriqa_sr, 'QualityModel', tiny_quality)
 
 
 class FakeQ(torch.nn.Module):
@@ -276,8 +265,8 @@ def test_agreement_command_passes_iqa_opts_and_gives_one_line_errors(tmp_path, m
     argv = ['agreement', '--data', str(root), '--iqa', 'musiq', '--random-iqa', '--device', 'cpu']
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        assert nriqa_sr.main(argv + ['--iqa-opts', json.dumps(TINY)]) == 0
-        quality = QUALITY('musiq', pretrained=False, metric_opts=TINY)
+        assert nriqa_sr.main(argv + ['--iqa-opts', json.dumps(TINY_Q)]) == 0
+        quality = QUALITY('musiq', pretrained=False, metric_opts=TINY_Q)
     labels = data.read_effective_labels(root)
     expected = nriqa_sr.agreement({n: score_cache.score_set(root, n, quality) for n in labels}, labels)
     assert '| musiq | ' + ' | '.join(nriqa_sr.agreement_cells(expected)) + ' |' in capsys.readouterr().out
@@ -432,6 +421,7 @@ def demo_run(tmp_path_factory):
     out = root / 'out'
     with pytest.MonkeyPatch.context() as mp:
         go_offline(mp, root)
+        mp.setattr(nriqa_sr, 'QualityModel', tiny_quality)
         evaluate.main([str(a) for a in ['--ckpt', root / 'rrdbnet' / 'generator.pth', '--ckpt',
                                         root / 'swinir' / 'generator.pth', '--data', test_root, '--out', out,
                                         '--random-iqa', '--tile', '16', '--tile-pad', '4', '--agreement', 'musiq',

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_G, TINY_Q, TINY_RRDB, assert_states_equal
 
 import data
 import evaluate
@@ -36,11 +37,8 @@ import score_cache
 import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_G = {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4}
-TINY_RRDB = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
-TINY_Q = {'musiq': {'longer_side_lengths': [32], 'num_layers': 1, 'hidden_size': 32, 'mlp_dim': 64, 'num_heads': 2}}
 GOOD_VOTES = [['Positive', 'Similar', 'Negative', 'Positive']] * 3
-pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')
+pytestmark = [pytest.mark.filterwarnings('ignore:--random-iqa'), pytest.mark.usefixtures('offline')]
 
 
 # ----------------------------------------------------------------------------- good inputs to break
@@ -118,16 +116,6 @@ def world(tmp_path_factory):
         quality = nriqa_sr.QualityModel('musiq', pretrained=False, metric_opts=TINY_Q)
     score_cache.score_dataset(w.train, quality, w.cache)
     return w
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No network, empty weight caches: a download attempt fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError('network access attempted')
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', refuse)
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path.parent / 'empty_torch_home'))
 
 
 def copy_tree(src, dst):
@@ -1008,18 +996,6 @@ def wait_for(proc, ready, timeout=60):
     return False
 
 
-def assert_equal(a, b, where=''):
-    """Bitwise equality of nested checkpoint content (tensors with torch.equal)."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, (dict, list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for k in (a if isinstance(a, dict) else range(len(a))):
-            assert_equal(a[k], b[k], f'{where}/{k}')
-    else:
-        assert a == b, where
-
-
 def kill_after(proc, ready, delay):
     """SIGKILL `delay` seconds after ready() first holds (nothing when the run ends first)."""
     if wait_for(proc, ready):
@@ -1062,6 +1038,6 @@ def test_kill_9_at_random_points_then_resume_equals_uninterrupted_run(world, tmp
     assert straight.returncode == 0, output[-3000:]
     a, b = (files.load_checkpoint(run / 'ckpt_0000008.pth') for run in (tmp_path / 'straight', out))
     for key in RESULT_KEYS:
-        assert_equal(a[key], b[key], key)
-    assert_equal(files.load_checkpoint(tmp_path / 'straight' / 'generator.pth'),
+        assert_states_equal(a[key], b[key], key)
+    assert_states_equal(files.load_checkpoint(tmp_path / 'straight' / 'generator.pth'),
                  files.load_checkpoint(out / 'generator.pth'))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RRDB
 
 import files
 import models
@@ -16,7 +17,6 @@ import weights
 
 REFERENCE = Path(__file__).resolve().parent / 'reference'  # copies of shared/reference (released checkpoints' names)
 TINY_SWINIR = dict(img_size=16, window_size=4, depths=(2, 2), embed_dim=12, num_heads=(2, 3), mlp_ratio=2.0)
-TINY_RRDB = dict(num_feat=8, num_block=1, num_grow_ch=4)
 
 
 def reference_names_shapes(filename):

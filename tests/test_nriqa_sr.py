@@ -1,6 +1,6 @@
 """nriqa_sr.py, score_cache.py, upscale.py: the samplers, Q over pyiqa, the score cache, agreement, tiled upscaling, CLI.
 
-Random weights only: a tiny random MUSIQ (TINY) where scores must be fast, the paper-size random MUSIQ
+Random weights only: a tiny random MUSIQ (TINY_Q) where scores must be fast, the paper-size random MUSIQ
 where its gradient matters, weight-free PIQE where a real metric must run, and FakeQ (mean brightness)
 where the scores themselves must be known.
 """
@@ -8,7 +8,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import TINY_Q, TINY_RRDB
 
 import files
 import models
@@ -37,24 +37,15 @@ from nriqa_sr import (
 from score_cache import load_score_cache, score_dataset
 from upscale import upscale_image
 
-TINY = {'musiq': dict(longer_side_lengths=[32], num_layers=1, hidden_size=32, mlp_dim=64, num_heads=2)}
+pytestmark = pytest.mark.usefixtures('offline')
 DRAWS = 20_000
 TOL = 0.02  # max |empirical - expected| frequency; the std of a frequency over 20k draws is <= 0.0036
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any connection or download attempt fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError('network access attempted')
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', refuse)
 
 
 def random_quality(name='musiq', **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        return QualityModel(name, pretrained=False, metric_opts=TINY, **kwargs)
+        return QualityModel(name, pretrained=False, metric_opts=TINY_Q, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -227,13 +218,13 @@ def test_weight_file_is_loaded_and_fingerprinted(tmp_path, tiny_q):
     path = tmp_path / 'musiq_koniq_ckpt-e95806b9.pth'
     state = {k: v + 0.01 for k, v in tiny_q.nets[0].state_dict().items()}  # not the random init
     torch.save(state, path)
-    q = QualityModel('musiq', weights=tmp_path, metric_opts=TINY)
+    q = QualityModel('musiq', weights=tmp_path, metric_opts=TINY_Q)
     assert q.fingerprint.startswith(hashlib.sha256(path.read_bytes()).hexdigest()[:16] + '+opts=')
     torch.testing.assert_close(q.nets[0].state_dict(), state)
-    assert QualityModel('musiq', weights=path, metric_opts=TINY).fingerprint == q.fingerprint
+    assert QualityModel('musiq', weights=path, metric_opts=TINY_Q).fingerprint == q.fingerprint
     torch.save({'params': state, 'payload': FakeQ()}, path)  # a pickled object: refused before pyiqa unpickles it
     with pytest.raises(ValueError, match='refused to unpickle'):
-        QualityModel('musiq', weights=path, metric_opts=TINY)
+        QualityModel('musiq', weights=path, metric_opts=TINY_Q)
 
 
 # ----------------------------------------------------------------------------- score cache
@@ -382,7 +373,6 @@ def test_qalign_without_icecream_is_one_line_not_a_traceback(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- upscale: output, memory, options
-TINY_RRDB = dict(num_feat=8, num_block=1, num_grow_ch=4)
 
 
 def rrdb_checkpoint(path):
@@ -506,7 +496,7 @@ def test_score_names_a_reflected_column_and_says_so(tmp_path, capsys):
     assert out.splitlines()[0] == 'name,100-piqe' and 'piqe is lower-is-better' in err and 'reflected' in err
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        assert nriqa_sr.main(argv + ['--iqa', 'musiq', '--random-iqa', '--iqa-opts', json.dumps(TINY)]) == 0
+        assert nriqa_sr.main(argv + ['--iqa', 'musiq', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q)]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == 'name,musiq' and 'note' not in err
 
@@ -540,7 +530,7 @@ def test_iqa_opts_checked_against_the_pyiqa_network_before_building(monkeypatch)
             QualityModel(name, pretrained=False, metric_opts=opts)
         assert str(err.value).startswith('--iqa-opts: ') and words in str(err.value) and '\n' not in str(err.value)
     monkeypatch.undo()
-    q = QualityModel('piqe', metric_opts=TINY)  # options of a metric that is not in --iqa: left out
+    q = QualityModel('piqe', metric_opts=TINY_Q)  # options of a metric that is not in --iqa: left out
     assert q.fingerprint == 'weight-free' and q.flags == ['--iqa', 'piqe']
 
 
@@ -568,7 +558,7 @@ def test_train_refusal_command_is_the_way_out(hggt_root, tmp_path, capsys):
     argv = ['--data', str(hggt_root), '--out', str(tmp_path / 'run'), '--sampler', 'sma', '--score-cache', str(cache),
             '--generator', json.dumps({'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4}),
             '--gt-size', '16', '--batch-size', '2', '--queue-size', '0', '--gan-weight', '0', '--perceptual-weight',
-            '0', '--random-iqa', '--iqa-opts', json.dumps(TINY), '--num-workers', '0', '--sample-every', '0',
+            '0', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q), '--num-workers', '0', '--sample-every', '0',
             '--total-iters', '1']
 
     def run_train():

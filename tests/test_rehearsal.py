@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import TINY_G
 
 import data
 import evaluate
@@ -46,7 +47,6 @@ import train
 import weights
 
 REGISTRY = {w.name: w for w in weights.REGISTRY}
-TINY_G = {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4}
 SMALL_TRAINING = ['--gt-size', '32', '--batch-size', '2', '--total-iters', '1', '--num-workers', '0',
                   '--log-every', '1', '--sample-every', '0', '--save-every', '1', '--monitor-every', '0']
 P, S, N = 'Positive', 'Similar', 'Negative'
