@@ -76,7 +76,8 @@ class TrainConfig:
     random_vgg: bool = arg(False, 'perceptual loss on a random-weight VGG19 (tests and demo only)')
     lora: bool = arg(True, 'FT trains LoRA adapters; --no-lora fine-tunes every weight (paper Fig. 5)')
     lora_rank: int = arg(0, 'LoRA rank (0 = paper: 48 SwinIR, 24 RRDBNet)')
-    lora_alpha: float = arg(0.0, 'LoRA alpha, scaling = alpha / rank (0 = the rank, scaling 1; not stated in the paper)')
+    lora_alpha: float = arg(0.0, 'LoRA alpha, scaling = alpha / rank (0 = the rank, scaling 1; the paper '
+                            'states none)')
     # hardware
     device: str = arg('auto', 'device', choices=('auto', 'cpu', 'cuda'))
     amp: str = arg('off', 'autocast dtype (fp16 uses a GradScaler; Q always runs in fp32)',
@@ -98,7 +99,7 @@ class TrainConfig:
 STAGE1 = {  # HGGT, PosNegGTSR/options/train/PosNegGTSR/: what differs between the two generators' files
     'swinir': dict(batch_size=8, queue_size=160, degradation='one-stage',  # train_SwinIRGAN_PosNegGT_Blind_Pos_x4.yml
                    milestones=(200_000, 250_000, 275_000, 287_500)),
-    'rrdbnet': dict(batch_size=12, queue_size=180, degradation='two-stage',  # train_RealESRGAN_PosNegGT_Blind_Pos_x4.yml
+    'rrdbnet': dict(batch_size=12, queue_size=180, degradation='two-stage',  # train_RealESRGAN_PosNegGT_Blind_Pos_x4
                     milestones=(300_000,)),
 }
 

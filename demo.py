@@ -102,7 +102,7 @@ def _demo_sources() -> list[Image.Image]:
 
 def _write_demo_set(root: Path, name: str, original: Image.Image, g: torch.Generator) -> list[list[str]]:
     """Write the five GTs and three label files of one set; returns the votes (3 annotators x 4)."""
-    jitter = 0.7 + 0.6 * torch.rand((), generator=g, dtype=torch.float64).item()  # per-set strength, so labels differ between sets
+    jitter = 0.7 + 0.6 * torch.rand((), generator=g, dtype=torch.float64).item()  # per-set strength: labels vary
     gts = [original] + [_enhance(original, s * jitter) for s in DEMO_STRENGTHS]
     for path, img in zip(gt_paths(root, name), gts):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -245,7 +245,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest='command', required=True)
     merge = commands.add_parser('merge', help='merge a lora_adapters.pth into its base generator')
-    merge.add_argument('--base', type=Path, required=True, help='the generator the adapters were trained on (FT --init)')
+    merge.add_argument('--base', type=Path, required=True,
+                       help='the generator the adapters were trained on (FT --init)')
     merge.add_argument('--adapters', type=Path, required=True, help="train.py --finetune's lora_adapters.pth")
     merge.add_argument('--out', type=Path, required=True, help='merged generator file to write')
     args = parser.parse_args(argv)

@@ -90,8 +90,8 @@ def pyiqa_full_reference(name, device, weights):
     LPIPS-ST is pyiqa 'stlpips': AlexNet, variant 'shift_tolerant' (blur-pool, stride-1 first conv), blur
     filter 3, LPIPS linear layers on, inputs mapped to [-1,1]; alex_shift_tolerant.pth holds the trunk and
     the linear layers (ST-LPIPS trains both). It is the ST-LPIPS authors' default (Ghildyal & Liu, ECCV
-    2022: stlpips.LPIPS(net='alex', variant='shift_tolerant')); the paper names no variant. pyiqa loads these files non-strictly, so a file none of whose names fit (it would give
-    random layers) is refused here.
+    2022: stlpips.LPIPS(net='alex', variant='shift_tolerant')); the paper names no variant. pyiqa loads these
+    files non-strictly, so a file none of whose names fit (it would give random layers) is refused here.
     """
     import pyiqa
     path = weight_path(name, weights)

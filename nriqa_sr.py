@@ -77,7 +77,8 @@ class QualityModel(nn.Module):
         self.fingerprint = fingerprints[0] if len(members) == 1 else '+'.join(
             f'{m}={fp}' for (m, _), fp in zip(members, fingerprints, strict=True))
         if metric_opts:
-            self.fingerprint += '+opts=' + hashlib.sha256(json.dumps(metric_opts, sort_keys=True).encode()).hexdigest()[:8]
+            opts_json = json.dumps(metric_opts, sort_keys=True).encode()
+            self.fingerprint += '+opts=' + hashlib.sha256(opts_json).hexdigest()[:8]
         self.requires_grad_(False)
         self.eval()
 
@@ -104,7 +105,7 @@ class QualityModel(nn.Module):
 
 # ----------------------------------------------------------------------------- the samplers (Table 5)
 def sample_gt_index(sampler, positive, generator, scores=None, patches=None, quality=None, tau=TAU):
-    """Index of the GT each sample trains on (the samplers of the paper's Table 5), Long(B); draws come from `generator`.
+    """Index of the GT each sample trains on (the samplers of the paper's Table 5), Long(B), drawn with `generator`.
 
     positive: Bool(B,5) effective positives (GT 0 never); scores: (B,5) cached image-level Q scores (sma, smp);
     patches: (B,5,3,H,W) the five training patches and `quality` the Q to score them with now (amo).

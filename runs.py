@@ -194,7 +194,8 @@ def generator_export(ema, cfg, gen_config, raw_d):
     return export
 
 
-def checkpoint_state(step, bad_steps, cfg, world, gen_config, fingerprints, g, ema, raw_d, opts, scheds, scaler, queues):
+def checkpoint_state(step, bad_steps, cfg, world, gen_config, fingerprints, g, ema, raw_d, opts, scheds, scaler,
+                     queues):
     """Everything a resume needs, plus the export keys so evaluate.py reads any checkpoint. `params` is G as
     trained (with its LoRA adapters in FT); in FT the EMA's adapters are kept as `ema_lora` (its base is G's)."""
     ckpt = {'step': step, 'bad_steps': bad_steps, 'train_config': asdict(cfg), 'world_size': world,
@@ -286,7 +287,8 @@ def load_resume(path, cfg, defaults, world, fingerprints, master):
     refused, allowed = resume_changes(ckpt['train_config'], asdict(cfg), defaults)
     if refused:
         raise ValueError(f'{path}: cannot resume with changed {", ".join(refused)} (saved: ' + ', '.join(
-            f'{k}={ckpt["train_config"].get(k, defaults[k])!r}' for k in refused) + '); use the saved values or a new --out')
+            f'{k}={ckpt["train_config"].get(k, defaults[k])!r}' for k in refused)
+            + '); use the saved values or a new --out')
     if ckpt.get('iqa_fingerprint') != fingerprints and isinstance(ckpt.get('iqa_fingerprint'), dict):
         raise ValueError(f'{path}: trained with other Q weights ({ckpt["iqa_fingerprint"]}, now {fingerprints}); '
                          'use the same --iqa / --iqa-weights')
@@ -462,7 +464,8 @@ def stopped(signals, step, out):
     received = signals.received or signal.SIGTERM  # a signal that reached another rank
     saved = checkpoint_path(out, step)
     where = f'{saved} saved' if saved.is_file() else last_good(out)
-    return Stopped(f'stopped by {received.name} after step {step}: {where}; continue with --resume auto', received.value)
+    return Stopped(f'stopped by {received.name} after step {step}: {where}; continue with --resume auto',
+                   received.value)
 
 
 class DataError(Exception):

@@ -177,8 +177,8 @@ def training_step(cfg, nets, batch, quality, step_rng, side_stream, device):
     net_g, raw_d, net_d, perceptual, scaler = nets['g'], nets['raw_d'], nets['d'], nets['perceptual'], nets['scaler']
     sampling_q, reward_q, scores = quality
     lq, gts = images(batch['lq'], device), images(batch['gts'], device)  # (B,3,h,w), (B,5,3,H,W)
-    # The GT each sample trains on (Table 5's samplers). amo's Q forward runs on a side stream beside G's forward on CUDA:
-    # its choice is needed only at the loss.
+    # The GT each sample trains on (Table 5's samplers). On CUDA, amo's Q forward runs on a side stream beside
+    # G's forward: its choice is needed only at the loss.
     with torch.cuda.stream(side_stream) if side_stream is not None else nullcontext():
         batch_scores = torch.tensor([scores[n] for n in batch['name']]) if scores is not None else None
         choice = nriqa_sr.sample_gt_index(cfg.sampler, batch['positive'], step_rng, scores=batch_scores,
@@ -356,7 +356,8 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
             try:
                 batch = next(data_iter)
             except (ValueError, FileNotFoundError) as err:  # from a worker: its traceback's last line is the message
-                raise runs.DataError(str(err).strip().splitlines()[-1].removeprefix(f'{type(err).__name__}: ')) from None
+                message = str(err).strip().splitlines()[-1].removeprefix(f'{type(err).__name__}: ')
+                raise runs.DataError(message) from None
             except RuntimeError:
                 if signals.received is None:
                     raise

@@ -513,7 +513,8 @@ def cache_nan_scores(w, tmp):
 
 
 def cache_missing(w, tmp):
-    return Bad('train', sma(w, tmp, tmp / 'none.json'), tmp / 'none.json', 'not found; build it with: python nriqa_sr.py score')
+    return Bad('train', sma(w, tmp, tmp / 'none.json'), tmp / 'none.json',
+               'not found; build it with: python nriqa_sr.py score')
 
 
 # flags

@@ -58,7 +58,8 @@ def assert_trained(out, init_state):
                          ids=['bf16', 'fp16', 'channels_last'])
 def test_gpu_branches_train_on_the_cpu_in_both_stages(demo_train, stage1, tmp_path, flags):
     init = files.load_checkpoint(stage1)
-    ckpt = assert_trained(_run(demo_train, tmp_path / 's1', flags, '--sampler', 'amo', '--total-iters', '2', '--init', stage1),
+    ckpt = assert_trained(_run(demo_train, tmp_path / 's1', flags, '--sampler', 'amo', '--total-iters', '2',
+                               '--init', stage1),
                           init['params_ema'])
     if flags[-1] == 'fp16':
         assert ckpt['scaler']['scale'] > 0  # the GradScaler ran (and backed off where fp16 overflowed)

@@ -1,4 +1,5 @@
-"""nriqa_sr.py, score_cache.py, upscale.py: the samplers, Q over pyiqa, the score cache, agreement, tiled upscaling, CLI.
+"""nriqa_sr.py, score_cache.py, upscale.py: the samplers, Q over pyiqa, the score cache, agreement, tiled
+upscaling, the CLI.
 
 Random weights only: a tiny random MUSIQ (TINY_Q) where scores must be fast, the paper-size random MUSIQ
 where its gradient matters, weight-free PIQE where a real metric must run, and FakeQ (mean brightness)
@@ -311,7 +312,8 @@ def test_agreement_on_hand_made_sets():
               'c': [99, 1, 2, 3, 4]}      # no Negative: no pair, not counted
     assert agreement(scores, labels) == {'pairwise_accuracy': pytest.approx(100 / 3), 'pairs': 3,
                                          'negative_top_rate': 50.0, 'sets_with_negative': 2, 'sets': 3,
-                                         'negative_share': pytest.approx(200 / 3), 'amo_negative_rate': pytest.approx(100 / 3)}
+                                         'negative_share': pytest.approx(200 / 3),
+                                         'amo_negative_rate': pytest.approx(100 / 3)}
     tie = agreement({'a': [0, 5, 5, 5, 1]}, {'a': labels['a']})
     assert tie['pairwise_accuracy'] == 0 and tie['negative_top_rate'] == 0  # tie disagrees; top = lowest index
     with pytest.raises(ValueError, match='no Q scores'):
@@ -508,7 +510,8 @@ def test_the_suggested_rebuild_command_makes_the_cache_accepted(hggt_root, capsy
     path = hggt_root / 'cache.json'
     score_dataset(hggt_root, QualityModel('piqe'), path)  # a cache of another Q: refused
     with pytest.raises(ValueError) as err:
-        load_score_cache(path, q.name, q.fingerprint, ['a', 'b', 'c'], score_cache.score_command(hggt_root, q.flags, path))
+        load_score_cache(path, q.name, q.fingerprint, ['a', 'b', 'c'],
+                         score_cache.score_command(hggt_root, q.flags, path))
     argv = shlex.split(str(err.value).split('rebuild: ')[1])
     assert argv[:3] == ['python', 'nriqa_sr.py', 'score'] and '--iqa-opts' in argv and '--random-iqa' in argv
     assert nriqa_sr.main(argv[2:]) == 0  # exactly the suggested command, once

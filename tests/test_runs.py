@@ -44,7 +44,8 @@ def test_resume_auto_reads_only_its_own_checkpoints_by_step(demo_train, tmp_path
     best.write_bytes(content)
     (tmp_path / 'ckpt_10.pth').write_bytes(b'not ours either')
     assert [s for s, _ in runs.saved_checkpoints(tmp_path)] == [1, 2]
-    train.main(tiny_args(demo_train, tmp_path, '--total-iters', '3', '--save-every', '1', '--resume', 'auto', '--keep', '1'))
+    train.main(tiny_args(demo_train, tmp_path, '--total-iters', '3', '--save-every', '1', '--resume', 'auto',
+                         '--keep', '1'))
     assert 'at step 2' in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.glob('ckpt_*')) == ['ckpt_0000003.pth', 'ckpt_10.pth', 'ckpt_best.pth']
     assert best.read_bytes() == content  # never resumed from, never pruned
@@ -64,12 +65,14 @@ def test_out_holding_a_run_or_the_init_is_refused_before_any_work(demo_train, tm
     before = {p: p.stat().st_mtime_ns for p in run.rglob('*')}
     err = error_of(capsys, tiny_args(demo_train, run, '--total-iters', '1'))
     assert f'--out {run}: holds a run (ckpt_0000001.pth, generator.pth, log.csv)' in err and '--resume auto' in err
-    err = error_of(capsys, tiny_args(demo_train, run, '--finetune', '--init', run / 'generator.pth', '--total-iters', '1'))
+    err = error_of(capsys, tiny_args(demo_train, run, '--finetune', '--init', run / 'generator.pth',
+                                     '--total-iters', '1'))
     assert f'holds --init {run / "generator.pth"}' in err and 'problems stop this run' in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob('*')} == before  # nothing written, nothing pruned
     (tmp_path / 'file').write_text('x')
     for out in (tmp_path / 'file', tmp_path / 'file' / 'below'):
-        assert error_of(capsys, tiny_args(demo_train, out)) == f'error: --out {out}: {tmp_path / "file"} is a file, not a folder'
+        expected = f'error: --out {out}: {tmp_path / "file"} is a file, not a folder'
+        assert error_of(capsys, tiny_args(demo_train, out)) == expected
 
 
 def test_a_folder_in_use_is_refused_and_a_stale_lock_is_taken_over(demo_train, tmp_path, capsys):

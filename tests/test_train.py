@@ -74,7 +74,8 @@ def tiny_init(tmp_path_factory):
 # train_RealESRGAN_PosNegGT_Blind_Pos_x4.yml (HGGT): batch_size_per_gpu, queue_size, the degradation,
 # scheduler milestones / gamma, total_iter, optimiser lr, ema_decay, loss weights, gt_size.
 HGGT_FILES = {
-    'swinir': dict(batch_size=8, queue_size=160, degradation='one-stage', milestones=(200_000, 250_000, 275_000, 287_500),
+    'swinir': dict(batch_size=8, queue_size=160, degradation='one-stage',
+                   milestones=(200_000, 250_000, 275_000, 287_500),
                    gamma=0.5, total_iters=300_000, lr=1e-4, ema_decay=0.999, l1_weight=1.0, perceptual_weight=1.0,
                    gan_weight=0.1, gt_size=256),
     'rrdbnet': dict(batch_size=12, queue_size=180, degradation='two-stage', milestones=(300_000,), gamma=0.5,
@@ -209,7 +210,8 @@ def test_resume_after_kill_equals_uninterrupted_run_bitwise_and_logs_each_step_o
 def finetuned(demo_train, tiny_init, tmp_path_factory):
     """LoRA FT driven by Q alone with a high lr, so that Q's rise is clear after a few steps; alpha != rank."""
     out = tmp_path_factory.mktemp('ft')
-    train.main(tiny_args(demo_train, out, '--finetune', '--init', tiny_init, '--sampler', 'origins', '--total-iters', '6',
+    train.main(tiny_args(demo_train, out, '--finetune', '--init', tiny_init, '--sampler', 'origins',
+                         '--total-iters', '6',
                          '--lr', '1e-2', '--lambda-q', '1', '--l1-weight', '0', '--perceptual-weight', '0',
                          '--monitor-every', '3', '--monitor-size', '2', '--lora-rank', '48', '--lora-alpha', '96',
                          '--ema-decay', '0.5'))
@@ -290,12 +292,14 @@ def test_ft_with_a_gan_term_starts_from_the_stage1_critic(demo_train, tmp_path, 
 FAST = ('--sampler', 'origins', '--gan-weight', '0', '--perceptual-weight', '0')
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run_and_keep_the_checkpoint(demo_train, tmp_path, monkeypatch, capsys):
+def test_non_finite_losses_are_skipped_then_stop_the_run_and_keep_the_checkpoint(demo_train, tmp_path, monkeypatch,
+                                                                                 capsys):
     train.main(tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '2', '--max-bad-steps', '2'))
     good = load(tmp_path / 'ckpt_0000002.pth')
     monkeypatch.setattr(train.F, 'l1_loss', lambda sr, gt: (sr - gt).abs().mean() * float('nan'))
     with pytest.raises(SystemExit):
-        train.main(tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '6', '--resume', 'auto', '--max-bad-steps', '2'))
+        train.main(tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '6', '--resume', 'auto',
+                             '--max-bad-steps', '2'))
     err = capsys.readouterr().err
     assert f'2 non-finite losses in a row up to iteration 4; stopped. the last good checkpoint is ' \
            f'{tmp_path / "ckpt_0000002.pth"} (step 2)' in err
