@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RRDB
+from conftest import TINY_G, TINY_RRDB
 
 import files
 import models
@@ -331,3 +331,22 @@ def test_checkpoint_config_and_scale_are_checked(tmp_path):
         assert str(err.value).startswith(f'{path}: ') and words in str(err.value)
     with pytest.raises(ValueError, match="generator config: key 'scale' is 2"):
         models.load_generator(path, scale=2)  # the caller's config against the x4 setup
+
+
+# Recorded outputs of fixed-seed networks on a fixed input: a change to a network's computation shows here
+# (tolerances cover floating-point differences between CPUs, not a changed operation).
+GOLDEN_FORWARD = {'swinir': (0.4303790, 0.0607264, [0.45819, 0.450376, 0.488735, 0.446718]),
+                  'rrdbnet': (-0.0540435, 0.0322310, [-0.031117, -0.034927, -0.029821, -0.00813])}
+
+
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_fixed_weight_forward_equals_the_recorded_output(arch):
+    x = torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = models.build_generator(arch, **{'swinir': TINY_G, 'rrdbnet': TINY_RRDB}[arch]).eval()
+    with torch.no_grad():
+        y = model(x)
+    mean, std, values = GOLDEN_FORWARD[arch]
+    assert y.shape == (1, 3, 80, 96)
+    torch.testing.assert_close(torch.stack([y.mean(), y.std()]), torch.tensor([mean, std]), rtol=0, atol=2e-6)
+    torch.testing.assert_close(y.flatten()[[0, 1000, 4000, 7679]], torch.tensor(values), rtol=0, atol=2e-6)
