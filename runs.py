@@ -169,14 +169,11 @@ def insane_tensors(state):
 
 
 def save_and_prune(ckpt, out, keep):
-    """Write ckpt_<step>.pth (ckpt['params'] must be sane, else nothing is written and False is returned),
-    then delete all but the newest `keep` checkpoints."""
-    if insane_tensors(ckpt['params']) or insane_tensors(ckpt['params_ema']):
-        return False
+    """Write ckpt_<step>.pth (save() has checked the state is sane), then delete all but the newest `keep`
+    checkpoints: older ones go only once a newer one is on disk."""
     files.save_checkpoint(ckpt, checkpoint_path(out, ckpt['step']))
     for _, old in saved_checkpoints(out)[:-keep]:
         old.unlink()
-    return True
 
 
 def run_files(out):
