@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 LABELS = ('Positive', 'Similar', 'Negative')
 ANNOTATORS = ('A', 'B', 'C')
 GT_DIRS = ('original', '01', '02', '03', '04')
+NUM_GTS = len(GT_DIRS)  # HGGT: the original + four enhanced GTs
 PACK_VERSION = 1
 
 

@@ -2,13 +2,13 @@
 
 1. build the demo HGGT set from scikit-image's bundled photographs (make_demo_dataset);
 2. score every GT once with the NR-IQA model Q (nriqa_sr.py score; the cache sma/smp read);
-3. stage 1 (DESIGN §2-3): train the origins and upos baselines and the paper's amo sampler;
+3. stage 1 (the paper's Table 5): train the origins and upos baselines and the paper's amo sampler;
 4. stage 2: fine-tune amo with LoRA on Eq. 2, L~ = L - lambda_Q * Q(SR) ("AMO+FT");
 5. evaluate all four on the test split (evaluate.py): results.md, report.html, the plot.
 
 Each step is printed as the command a researcher would type, then run. Steps whose output already
 exists are skipped (training resumes with --resume auto), so an interrupted demo continues.
-With real weights absent (no machine here can download them) the demo still runs end to end, and
+With real weights absent (nothing is downloaded unless asked) the demo still runs end to end, and
 says which numbers are then meaningless: Q for ranking falls back to PIQE (weight-free, lower is
 better, no gradient), the FT reward to a random-weight MUSIQ, the perceptual loss to a random VGG19.
 Put the files where the messages say and the same command uses them.
@@ -16,6 +16,7 @@ Put the files where the messages say and the same command uses them.
 import argparse
 import json
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-import evaluate
+import metrics
 import models
-import nriqa_sr
+import score_cache
 import weights
 from data import ANNOTATORS, LABELS, effective_label, gt_paths
 from degradations import OneStageDegradation, degrade
@@ -101,7 +102,7 @@ def _demo_sources() -> list[Image.Image]:
 
 def _write_demo_set(root: Path, name: str, original: Image.Image, g: torch.Generator) -> list[list[str]]:
     """Write the five GTs and three label files of one set; returns the votes (3 annotators x 4)."""
-    jitter = 0.7 + 0.6 * torch.rand((), generator=g, dtype=torch.float64).item()  # per-set strength, so labels differ between sets
+    jitter = 0.7 + 0.6 * torch.rand((), generator=g, dtype=torch.float64).item()  # per-set strength: labels vary
     gts = [original] + [_enhance(original, s * jitter) for s in DEMO_STRENGTHS]
     for path, img in zip(gt_paths(root, name), gts):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,13 +227,47 @@ def weight_choices():
     return rank_q, reward_q, vgg, meaningless
 
 
+# ----------------------------------------------------------------------------- the README's demo table
+README_START = '<!-- demo results: written by `python demo.py --readme README.md`; do not edit by hand -->'
+README_END = '<!-- end of demo results -->'
+
+
+def results_block(results_md, timings, total):
+    """The README block: evaluate.py's table (and its warnings), the machine, and the wall time of each step."""
+    table = results_md.split('\n## ')[0].splitlines()[1:]  # without the title, up to the agreement section
+    machine = f'{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}'
+    steps = ', '.join(f'{k} {v:.0f} s' for k, v in timings.items())
+    return '\n'.join([README_START, *table, '', f'Machine: {machine}. Wall time: {steps}; total {total:.0f} s.',
+                      README_END])
+
+
+def readme_block_bounds(text, path):
+    """(start, end) offsets of the demo-results block in `text`; a one-line error when the markers are absent."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f'error: --readme {path}: no demo-results block ({README_START} ... {README_END})')
+    return start, end + len(README_END)
+
+
+def update_readme(path, block):
+    """Replace the demo-results block of `path` with `block`, atomically."""
+    text = path.read_text()
+    start, end = readme_block_bounds(text, path)
+    with atomic_open(path) as f:
+        f.write((text[:start] + block + text[end:]).encode())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', type=Path, default=Path('demo_data'), help='where the demo data set is built')
     parser.add_argument('--out', type=Path, default=Path('demo_out'), help='runs, evaluation and reports')
     parser.add_argument('--arch', default='swinir', choices=sorted(models.GENERATORS), help='generator')
     parser.add_argument('--data-only', action='store_true', help='only build the demo data set (seconds), then stop')
+    parser.add_argument('--readme', type=Path, metavar='README.md',
+                        help="write the results table and wall times into this file's demo-results block")
     args = parser.parse_args()
+    if args.readme is not None:
+        readme_block_bounds(args.readme.read_text() if args.readme.is_file() else '', args.readme)  # fail early
 
     timings = {}
     start = time.perf_counter()
@@ -245,7 +280,7 @@ def main():
     for line in meaningless:
         print(f'WARNING: {line}', file=sys.stderr)
 
-    cache = nriqa_sr.score_cache_path(train_root, rank_q[1])
+    cache = score_cache.score_cache_path(train_root, rank_q[1])
     if not cache.is_file():
         run([PY, str(HERE / 'nriqa_sr.py'), 'score', '--data', str(train_root), *rank_q[:2], '--cache', str(cache)],
             timings, 'score')
@@ -266,8 +301,8 @@ def main():
     for key, out in runs.items():
         evaluation += ['--ckpt', str(out / 'generator.pth'), '--name', names[key]]
     # every table metric whose weights are here; MUSIQ (random, flagged as such) when its file is not
-    metrics = [m for m in evaluate.METRICS if m == 'musiq' or not weights.missing_weights(m)]
-    evaluation += ['--metrics', ','.join(metrics)]
+    columns = [m for m in metrics.METRICS if m == 'musiq' or not weights.missing_weights(m)]
+    evaluation += ['--metrics', ','.join(columns)]
     if weights.missing_weights('musiq'):
         evaluation.append('--random-iqa')
     run(evaluation, timings, 'evaluate')
@@ -278,6 +313,10 @@ def main():
     print(f'report: {args.out / "eval" / "report.html"}')
     for line in meaningless:
         print(f'WARNING: {line}')
+    if args.readme is not None:
+        update_readme(args.readme, results_block((args.out / 'eval' / 'results.md').read_text(), timings,
+                                                 time.perf_counter() - start))
+        print(f'{args.readme}: demo results updated')
 
 
 if __name__ == '__main__':

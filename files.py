@@ -11,6 +11,7 @@ import pickle
 import re
 import struct
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,6 +31,25 @@ def png_bit_depth(path) -> int:
 
 
 
+class TooManyPixels(ValueError):
+    """An image over Pillow's decompression-bomb limit (its own one-line message, never wrapped)."""
+
+
+def open_image(path) -> Image.Image:
+    """Image.open (header only) that refuses images over Pillow's decompression-bomb limit,
+    PIL.Image.MAX_IMAGE_PIXELS, with one ValueError line (TooManyPixels). Pillow itself only warns up
+    to twice the limit and raises a non-OSError above it; both become this error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            pixels = re.search(r'\((\d+) pixels\)', str(err))
+            size = f'{int(pixels.group(1)):,} pixels' if pixels else 'its size'
+            raise TooManyPixels(f"{path}: {size} is over Pillow's decompression-bomb limit of "
+                                f'{Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS)') from None
+
+
 def load_image(path) -> torch.Tensor:
     """Read an image as a float32 (C,H,W) tensor in [0,1], C = 1 (gray), 3 (RGB) or 4 (RGBA).
 
@@ -40,7 +60,7 @@ def load_image(path) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f'{path}: no such image file')
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()  # decode now, so a corrupt body fails here and not later
             if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit gray
                 array = np.asarray(im, dtype=np.float32) / 65535.0
@@ -53,6 +73,8 @@ def load_image(path) -> torch.Tensor:
                 if target is None:  # palette, CMYK, YCbCr, ...: keep transparency if there is one
                     target = 'RGBA' if 'transparency' in im.info else 'RGB'
                 array = np.asarray(im.convert(target), dtype=np.float32) / 255.0
+    except TooManyPixels:
+        raise
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's errors for truncated/corrupt files
         raise ValueError(f'{path}: cannot read image ({err})') from err
     array = array[:, :, None] if array.ndim == 2 else array
@@ -107,6 +129,14 @@ def atomic_open(path):
 
 
 
+def quantize(tensor: torch.Tensor, bits: int = 8) -> np.ndarray:
+    """(C,H,W) float in [0,1] -> (H,W,C) uint8 (bits 8) or uint16 (bits 16) pixels, rounded half to even."""
+    array = tensor.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()  # CHW -> HWC
+    if bits == 16:
+        return np.round(array * 65535.0).astype(np.uint16)
+    return np.round(array * 255.0).astype(np.uint8)
+
+
 def save_image(tensor: torch.Tensor, path, bits: int = 8) -> None:
     """Save a (C,H,W) tensor in [0,1] (C 1/3/4) atomically; 8-bit PNG/JPEG or 16-bit PNG."""
     path = Path(path)
@@ -114,20 +144,32 @@ def save_image(tensor: torch.Tensor, path, bits: int = 8) -> None:
         raise ValueError(f'{path}: expected a (C,H,W) tensor with C in 1/3/4, got {tuple(tensor.shape)}')
     if bits not in (8, 16) or (bits == 16 and path.suffix.lower() != '.png'):
         raise ValueError(f'{path}: bits={bits} is not supported (8, or 16 for .png)')
-    array = tensor.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()  # CHW -> HWC
-    if bits == 16:
-        array = np.round(array * 65535.0).astype(np.uint16)  # Pillow cannot write 16-bit colour: OpenCV can
-        if array.shape[2] > 1:
-            array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
-        payload = cv2.imencode('.png', array)[1].tobytes()
+    save_pixels(quantize(tensor, bits), path)
+
+
+def save_pixels(pixels: np.ndarray, path) -> None:
+    """Save (H,W,C) uint8 or uint16 pixels (C 1/3/4: gray, RGB, RGBA) atomically: 8-bit PNG/JPEG through
+    Pillow, 16-bit PNG through OpenCV (Pillow cannot write 16-bit colour). The encoded file is the
+    only copy made besides the encoder's own."""
+    path = Path(path)
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4) or pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f'{path}: expected (H,W,C) uint8/uint16 pixels with C in 1/3/4, got '
+                         f'{pixels.shape} {pixels.dtype}')
+    if pixels.dtype == np.uint16:
+        if path.suffix.lower() != '.png':
+            raise ValueError(f'{path}: bits=16 is not supported (8, or 16 for .png)')
+        if pixels.shape[2] > 1:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR if pixels.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+        payload = cv2.imencode('.png', pixels)[1]
     else:
-        array = np.round(array * 255.0).astype(np.uint8)
-        buf = io.BytesIO()
         fmt = Image.registered_extensions().get(path.suffix.lower())
         if fmt is None:
             raise ValueError(f'{path}: unknown image extension')
-        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format=fmt)
-        payload = buf.getvalue()
+        if fmt == 'JPEG' and pixels.shape[2] == 4:
+            raise ValueError(f'{path}: JPEG has no alpha channel; write a .png')
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format=fmt)
+        payload = buffer.getbuffer()
     with atomic_open(path) as f:
         f.write(payload)
 
@@ -144,8 +186,10 @@ def image_size(path: Path) -> tuple[int, int]:
     if not path.is_file():
         raise FileNotFoundError(f'{path}: missing image')
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.size
+    except TooManyPixels:
+        raise
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f'{path}: cannot read image header ({err})') from err
 
@@ -177,6 +221,24 @@ def load_checkpoint(path):
     if not isinstance(ckpt, Mapping):
         raise ValueError(f'{path}: expected a dict checkpoint, found {type(ckpt).__name__}')
     return ckpt
+
+
+
+def check_writable(path, flag, folder=False):
+    """One ValueError line, before any work, unless `path` can be written as a file (or, with folder, used
+    as a folder): a folder where a file goes, a file where a folder goes, a path under a file, or a
+    nearest existing folder we may not write into are refused."""
+    path = Path(path)
+    wanted, found = ('folder', 'file') if folder else ('file', 'folder')
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f'{flag} {path}: is a {found}, not a {wanted}')
+    for above in ((path,) if folder else ()) + tuple(path.parents):
+        if above.is_dir():
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise ValueError(f'{flag} {path}: {above} is not writable')
+            return
+        if above.exists() or above.is_symlink():
+            raise ValueError(f'{flag} {path}: {above} is not a folder')
 
 
 

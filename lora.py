@@ -1,4 +1,4 @@
-"""Self-written LoRA for the paper's stage-2 "direct optimization" (arXiv 2504.18524 §4.2, supp. §8.3).
+"""Self-written LoRA for the paper's stage-2 "direct optimization" (arXiv 2504.18524, Eq. 2, Table 7, supp. §8.3).
 
 Zhang et al., CVPR 2025 fine-tune a frozen SR generator on L~ = L - lambda_Q * Q(SR) and train
 only low-rank adapters (LoRA, Hu et al. 2021, arXiv 2106.09685): SwinIR gets LoRA on the MLPs
@@ -207,7 +207,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer and replace it by a plain nn.Linear / nn.Conv2d (in place).
 
     The result has the state_dict of the generator without LoRA (loads strictly into a fresh
-    one) and its cost: LoRA is merged at inference (paper §4.2), no runtime cost."""
+    one) and its cost: LoRA is merged at inference (paper, supp. §8.3), no runtime cost."""
     for name, layer in _lora_layers(model):
         layer.merge()
         if isinstance(layer, LoRALinear):
@@ -245,7 +245,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest='command', required=True)
     merge = commands.add_parser('merge', help='merge a lora_adapters.pth into its base generator')
-    merge.add_argument('--base', type=Path, required=True, help='the generator the adapters were trained on (FT --init)')
+    merge.add_argument('--base', type=Path, required=True,
+                       help='the generator the adapters were trained on (FT --init)')
     merge.add_argument('--adapters', type=Path, required=True, help="train.py --finetune's lora_adapters.pth")
     merge.add_argument('--out', type=Path, required=True, help='merged generator file to write')
     args = parser.parse_args(argv)

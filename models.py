@@ -1,11 +1,13 @@
-"""Networks, losses and checkpoint I/O of the paper's two generators (DESIGN §3-4).
+"""The networks of the paper's training, as HGGT's option files configure them (train_SwinIRGAN_* and
+train_RealESRGAN_PosNegGT_Blind_Pos_x4.yml): SwinIR and RRDBNet (RealESRGAN) generators with parameter names
+identical to the released checkpoints (listed in tests/reference/), the U-Net discriminator with spectral norm,
+the VGG19 perceptual loss and the vanilla GAN loss; then building a generator from a checkpoint.
 
-SwinIR and RRDBNet (RealESRGAN) generators with parameter names identical to the released
-checkpoints (shared/reference/*.txt), the U-Net discriminator with spectral norm, the VGG19
-perceptual loss and the vanilla GAN loss of HGGT, and building a generator from a checkpoint.
+It is longer than the project's other files because it holds four networks; each section stands alone.
 """
 import functools
 import inspect
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import spectral_norm
-from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers as make_vgg_layers
+from torchvision.models.vgg import cfgs as VGG_CFGS
+from torchvision.models.vgg import make_layers as make_vgg_layers
 
 from files import load_checkpoint
 from weights import VGG19_FILE, download_command
@@ -25,14 +28,15 @@ def window_partition(x, window_size):
     """(B, H, W, C) -> (B*nW, ws, ws, C) non-overlapping windows, row-major per image."""
     b, h, w, c = x.shape
     x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)  # (B, H/ws, ws, W/ws, ws, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)  # (B*nW, ws, ws, C)
+    # contiguous: with one row of windows, reshape alone would return a strided view that .view() refuses
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, c)  # (B*nW, ws, ws, C)
 
 
 def window_reverse(windows, window_size, h, w):
     """(B*nW, ws, ws, C) -> (B, H, W, C), the inverse of window_partition."""
     c = windows.shape[-1]
     x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, c)  # (B, H/ws, W/ws, ws, ws, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)  # (B, H, W, C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, h, w, c)  # (B, H, W, C), contiguous as above
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,6 +51,20 @@ def shift_mask(h, w, window_size, shift_size, device='cpu'):
     region = window_partition(region, window_size).view(-1, window_size * window_size)  # (nW, N)
     diff = region.unsqueeze(1) - region.unsqueeze(2)  # (nW, N, N)
     return diff.masked_fill(diff != 0, -100.0).to(device)
+
+
+def pad_to_multiple(x, multiple):
+    """Pad (B, C, H, W) at the bottom and right to multiples of `multiple` by reflection, as the official
+    SwinIR (check_image_size) and RealESRGANer do. F.pad 'reflect' needs pad < side, so a side of 2..pad
+    pixels is reflected in steps (each step mirrors the grown image; one step, as the official code,
+    wherever that is possible) and a 1-pixel side, with nothing to mirror, repeats its pixel."""
+    h, w = x.shape[-2:]
+    if h == 1 or w == 1:
+        x = F.pad(x, (0, (w == 1) * (-w % multiple), 0, (h == 1) * (-h % multiple)), mode='replicate')
+    while x.shape[-2] % multiple or x.shape[-1] % multiple:
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, min(-w % multiple, w - 1), 0, min(-h % multiple, h - 1)), mode='reflect')
+    return x
 
 
 def to_image(tokens, size):
@@ -280,8 +298,7 @@ class SwinIR(nn.Module):
 
     def forward(self, x):
         h, w = x.shape[-2:]
-        # Reflect-pad to a multiple of the window (as the official test code); the output is cropped back.
-        x = F.pad(x, (0, -w % self.window_size, 0, -h % self.window_size), mode='reflect')
+        x = pad_to_multiple(x, self.window_size)  # whole windows; the output is cropped back
         x = (x - self.mean) * self.img_range
         feat = self.conv_first(x)
         feat = self.conv_after_body(self.forward_features(feat)) + feat
@@ -370,9 +387,8 @@ class RRDBNet(nn.Module):
     def forward(self, x):
         h, w = x.shape[-2:]
         fold = 4 // self.scale
-        if fold > 1:  # reflect-pad to a multiple of the fold (as RealESRGANer does), crop at the end
-            x = F.pad(x, (0, -w % fold, 0, -h % fold), mode='reflect')
-            x = F.pixel_unshuffle(x, fold)  # (B, C*fold^2, H/fold, W/fold)
+        if fold > 1:  # pad to a multiple of the fold (as RealESRGANer does), crop at the end
+            x = F.pixel_unshuffle(pad_to_multiple(x, fold), fold)  # (B, C*fold^2, H/fold, W/fold)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
         feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode='nearest')))  # (B, F, 2h, 2w)
@@ -426,7 +442,7 @@ HGGT_LAYER_WEIGHTS = {'conv1_2': 0.1, 'conv2_2': 0.1, 'conv3_4': 1.0, 'conv4_4':
 
 
 class PerceptualLoss(nn.Module):
-    """DESIGN §3: sum_l w_l * L1(phi_l(SR), phi_l(GT)), phi_l = VGG19 conv features before ReLU of
+    """HGGT's perceptual_opt: sum_l w_l * L1(phi_l(SR), phi_l(GT)), phi_l = VGG19 conv features before ReLU of
     ImageNet-normalised [0, 1] inputs. The VGG is frozen and cut after the last layer used.
     weights='DEFAULT' reads torchvision's file (weights_path, else the torch hub checkpoints folder);
     weights=None keeps random weights (tests)."""
@@ -483,7 +499,7 @@ class GANLoss(nn.Module):
 
 # ----------------------------------------------------------------------------- paper configs and checkpoints
 
-PAPER_CONFIGS = {  # DESIGN §4 (HGGT / official x4 real-SR configurations)
+PAPER_CONFIGS = {  # network_g of HGGT's option files (SwinIRGAN and RealESRGAN PosNegGT_Blind_Pos_x4.yml)
     'swinir': dict(upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1.0, depths=(6,) * 6,
                    embed_dim=180, num_heads=(6,) * 6, mlp_ratio=2.0, upsampler='pixelshuffle', resi_connection='1conv'),
     'rrdbnet': dict(num_in_ch=3, num_out_ch=3, scale=4, num_feat=64, num_block=23, num_grow_ch=32),
@@ -491,14 +507,64 @@ PAPER_CONFIGS = {  # DESIGN §4 (HGGT / official x4 real-SR configurations)
 GENERATORS = {'swinir': SwinIR, 'rrdbnet': RRDBNet}
 
 
-def build_generator(arch, **config):
-    """The generator `arch` ('swinir' | 'rrdbnet'); kwargs not given take the paper configuration."""
+def is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+CONFIG_KINDS = (  # what a config value must be, told by the type of the key's paper / class default
+    (bool, lambda v: isinstance(v, bool), 'true or false'),
+    (int, is_count, 'an integer >= 1'),
+    (float, is_number, 'a number >= 0'),
+    (str, lambda v: isinstance(v, str), 'a string'),
+    (tuple, lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(map(is_count, v)),
+     'a non-empty list of integers >= 1'),
+    (type(None), lambda v: v is None or is_number(v), 'null or a number >= 0'),
+)
+SCALE_KEYS = {'swinir': 'upscale', 'rrdbnet': 'scale'}
+
+
+def check_generator_config(arch, config, where='generator config'):
+    """The paper configuration of `arch` updated with `config` (the --generator JSON or a checkpoint's
+    'config'), or a one-line ValueError that names the first key that does not fit: unknown keys,
+    wrong types, a scale other than x4 (HGGT's LQ inputs are GT / 4), SwinIR depths and num_heads of
+    different lengths, embed_dim not divisible by a head count."""
     if arch not in GENERATORS:
         raise ValueError(f'--arch: unknown generator {arch!r}, expected one of {list(GENERATORS)}')
-    unknown = set(config) - set(inspect.signature(GENERATORS[arch]).parameters)
-    if unknown:
-        raise ValueError(f'config: {sorted(unknown)} are not {GENERATORS[arch].__name__} arguments')
-    return GENERATORS[arch](**{**PAPER_CONFIGS[arch], **config})
+    params = inspect.signature(GENERATORS[arch]).parameters
+    for key, value in config.items():
+        if key not in params:
+            raise ValueError(f'{where}: unknown key {key!r}; {GENERATORS[arch].__name__} takes {", ".join(params)}')
+        default = PAPER_CONFIGS[arch].get(key, params[key].default)
+        fits, wanted = next((test, wanted) for kind, test, wanted in CONFIG_KINDS if isinstance(default, kind))
+        if key == 'img_size' and isinstance(value, (list, tuple)):  # (H, W) of the training patch
+            fits, wanted = (lambda v: len(v) == 2 and all(map(is_count, v))), 'an integer or [H, W]'
+        if not fits(value):
+            raise ValueError(f'{where}: key {key!r} must be {wanted}, got {value!r}')
+    merged = {**PAPER_CONFIGS[arch], **config}
+    scale_key = SCALE_KEYS[arch]
+    if merged[scale_key] != 4:
+        raise ValueError(f'{where}: key {scale_key!r} is {merged[scale_key]}, but the setup is x4 '
+                         '(HGGT and the paper train on LQ = GT / 4)')
+    if arch == 'swinir':
+        depths, heads, dim = merged['depths'], merged['num_heads'], merged['embed_dim']
+        if len(depths) != len(heads):
+            raise ValueError(f"{where}: key 'num_heads' has {len(heads)} entries but 'depths' has {len(depths)} "
+                             '(one head count per RSTB)')
+        for h in heads:
+            if dim % h:
+                raise ValueError(f"{where}: key 'embed_dim' {dim} is not divisible by num_heads entry {h}")
+    return merged
+
+
+def build_generator(arch, **config):
+    """The generator `arch` ('swinir' | 'rrdbnet'); kwargs not given take the paper configuration.
+    The config is checked first (check_generator_config), so a bad one fails before anything is built."""
+    merged = check_generator_config(arch, config)
+    return GENERATORS[arch](**merged)
 
 
 def generator_scale(model):
@@ -562,6 +628,12 @@ def load_generator(path_or_state, arch=None, source=None, **config):
             arch = 'rrdbnet'
         else:
             raise ValueError(f"{source}: cannot tell the generator from its names; pass arch 'swinir' or 'rrdbnet'")
-    model = build_generator(arch, **{**ckpt.get('config', {}), **config})
+    file_config = ckpt.get('config', {})
+    if not isinstance(file_config, Mapping):
+        raise ValueError(f"{source}: 'config' is a {type(file_config).__name__}, not a dict of generator arguments")
+    check_generator_config(arch, file_config, f'{source}: config')
+    model = build_generator(arch, **{**file_config, **config})
+    if ckpt.get('scale', 4) != generator_scale(model):  # train.py writes the scale next to the config
+        raise ValueError(f"{source}: holds an x{ckpt['scale']} generator, not x{generator_scale(model)}")
     load_strict(model, state, source)
     return model.eval()

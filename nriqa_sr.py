@@ -1,136 +1,79 @@
-"""The paper's method: an NR-IQA model Q replaces human labels (DESIGN §2) and rewards the SR output (Eq. 2).
+"""The paper's method (arXiv 2504.18524): an NR-IQA model Q replaces HGGT's human labels and rewards the SR output.
 
-Zhang et al., "Augmenting Perceptual Super-Resolution via Image Quality Predictors" (CVPR 2025) train on
-HGGT's five ground truths per patch (GT 0 = original, GT 1..4 = enhanced) and let Q pick the GT:
-  - QualityModel: Q over pyiqa, always higher-is-better, frozen, eval mode, optionally differentiable.
-  - sample_gt_index / argmax_online: the five samplers origins, upos, sma, smp, amo (DESIGN §2).
-  - score_dataset / load_score_cache: image-level Q scores of every GT, cached once for sma / smp.
-  - quality_reward: the Q(SR) term of the fine-tuning loss L~ = L - lambda_Q * Q(SR) (Eq. 2, DESIGN §3).
-  - agreement: how often Q agrees with HGGT's human labels (paper §3, DESIGN §5).
-  - upscale_image + CLI: tiled inference (`upscale`) and quick scoring (`score`).
-
-Offline rule (DESIGN §6): pyiqa downloads any checkpoint it does not find, so every weight file is
-looked up here first and passed to pyiqa explicitly; a missing file is a one-line error, never a download.
+HGGT gives each training patch five GTs (GT 0 = the original, GT 1..4 = enhanced versions); the paper lets Q
+decide which one a sample trains on, and fine-tunes on Q itself:
+  - QualityModel: Q over pyiqa, always higher-is-better, frozen, in eval mode, differentiable when asked.
+  - sample_gt_index: the five samplers of Table 5 (origins, upos, sma, smp, amo), one entry point.
+  - quality_reward: the Q(SR) term of Eq. 2, L~ = L - lambda_Q * Q(SR).
+  - agreement: how often Q agrees with HGGT's annotators (paper §3, Table 6, supplementary §7.1).
+Then how Q is built from pyiqa (every weight file looked up first: pyiqa would download what it does not
+find), and the command line: `score` (image-level scores, score_cache.py), `agreement`, `upscale`
+(upscale.py) and `weights` (weights.py).
 """
 import argparse
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
-import shlex
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import MultiGTDataset, gt_paths, read_effective_labels
-from files import atomic_open, load_checkpoint, load_image, png_bit_depth, save_image, to_rgb
-from models import generator_scale, load_generator
+import score_cache
+import upscale
+from data import NUM_GTS, read_effective_labels
+from files import check_writable, load_checkpoint, load_image, to_rgb
+from models import RRDBNet, generator_scale, load_generator
 from weights import WEIGHT_FILES, backbone_path, download_command, hub_offline, missing_weights, weight_path
 from weights import run as run_weights
 
-NUM_GTS = 5  # HGGT: the original + four enhanced GTs (DESIGN §1)
-TAU = 10.0  # softmax temperature of sma / smp (DESIGN §2)
+TAU = 10.0  # softmax temperature of sma / smp (paper: 10)
 SAMPLERS = ('origins', 'upos', 'sma', 'smp', 'amo')
-CACHE_VERSION = 1
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+NEEDS_LABELS = ('upos', 'smp')  # they draw from the human positives
+NEEDS_SCORES = ('sma', 'smp')  # they read cached image-level scores
+SCORES_ONLINE = ('amo',)  # it scores the training patches every step
 
-# NR metrics usable as Q, with the score range that ensembles normalise by (DESIGN §5) and direction.
+# NR metrics usable as Q: their score range (ensembles normalise by it) and direction.
 METRIC_RANGES = {'musiq': (0.0, 100.0), 'nima': (0.0, 10.0), 'qalign': (1.0, 5.0), 'topiq_nr': (0.0, 1.0),
                  'paq2piq': (0.0, 100.0), 'piqe': (0.0, 100.0)}
 LOWER_BETTER = ('piqe',)
-NO_GRADIENT = ('piqe', 'qalign')  # DESIGN §6: they can rank GTs but cannot drive fine-tuning
+NO_GRADIENT = ('piqe', 'qalign')  # they can rank GTs but cannot drive fine-tuning (no useful gradient)
 
 
-def parse_metric(name):
-    """'musiq' -> [('musiq', 1.0)]; 'musiq:1+nima:0.5' -> [('musiq', 1.0), ('nima', 0.5)] (weights > 0)."""
-    members = []
-    for part in name.split('+'):
-        metric, _, weight = part.strip().partition(':')
-        if metric not in METRIC_RANGES:
-            raise ValueError(f"--iqa: unknown metric '{metric}' in '{name}'; choose from {', '.join(METRIC_RANGES)}")
-        try:
-            weight = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"--iqa: weight of '{metric}' in '{name}' is not a number") from None
-        if not weight > 0 or metric in [m for m, _ in members]:
-            raise ValueError(f"--iqa: '{name}' needs positive weights and each metric once")
-        members.append((metric, weight))
-    return members
-
-
+# ----------------------------------------------------------------------------- Q
 class QualityModel(nn.Module):
-    """Q of the paper over pyiqa: forward(x (N,3,H,W) in [0,1]) -> (N,), higher is better (DESIGN §2, §6).
+    """Q of the paper over pyiqa: forward(x (N,3,H,W) in [0,1]) -> (N,), higher is better.
 
     One metric gives its raw score (a lower-better metric is reflected in its range, lo + hi - s, so its
     scale, which tau = 10 depends on, is kept). An ensemble 'musiq+nima' or 'musiq:1+nima:0.5' gives
-    the weighted mean of the members' scores normalised to [0,1] by their ranges (DESIGN §5).
+    the weighted mean of the members' scores normalised to [0,1] by their ranges.
     Frozen and always in eval mode: MUSIQ / NIMA preprocess differently in train mode, so train()
     keeps eval. Differentiable w.r.t. x only when as_loss (and autograd is on).
     weights: None (pyiqa's folder), a folder of pyiqa files, or one checkpoint file (one metric).
     pretrained=False: random weights, explicitly, with a warning. metric_opts: {metric: extra pyiqa
-    network options} (tests use a tiny MUSIQ); they enter the fingerprint.
+    network options} (tests use a tiny MUSIQ), checked before anything is built; those of the members enter
+    the fingerprint. `flags` are the command-line flags that build this same Q (every input of the
+    fingerprint), for the commands that error messages suggest.
     """
 
     def __init__(self, name='musiq', device='cpu', as_loss=False, weights=None, pretrained=True, *,
                  metric_opts=None):
         super().__init__()
-        import pyiqa  # takes seconds: imported only when a Q is built, not by `upscale`
         members = parse_metric(name)
-        if as_loss and any(m in NO_GRADIENT for m, _ in members):
-            raise ValueError(f"--iqa {name}: {', '.join(NO_GRADIENT)} give no gradient (DESIGN §6); "
-                             'they can rank GTs but cannot drive fine-tuning')
-        if weights is not None and Path(weights).is_file() and len(members) > 1:
-            raise ValueError(f'--iqa-weights: {weights} is one file; an ensemble needs a folder of pyiqa files')
+        metric_opts = check_quality_args(members, as_loss, weights, metric_opts)
         if not pretrained and any(m in WEIGHT_FILES for m, _ in members):
             warnings.warn(f'--random-iqa: {name} has RANDOM weights: its scores are meaningless', stacklevel=2)
-        self.name = '+'.join(m if w == 1 else f'{m}:{w:g}' for m, w in members)
-        self.members, self.as_loss = members, as_loss
-        self.nets, fingerprints = nn.ModuleList(), []
-        for metric, _ in members:
-            if metric == 'qalign' and importlib.util.find_spec('icecream') is None:  # pyiqa imports it late
-                raise ValueError('--iqa qalign: needs the Python module icecream besides the q-future/one-align '
-                                 'weights (pip install icecream)')
-            opts = dict((metric_opts or {}).get(metric, {}))
-            backbone = backbone_path(metric)
-            if metric in WEIGHT_FILES and pretrained:
-                path = weight_path(metric, weights)
-                if not path.is_file():
-                    raise FileNotFoundError(
-                        f'{path}: {metric} weights not found; run `{download_command(metric)}`, put '
-                        f'{WEIGHT_FILES[metric]} in {path.parent} or pass --iqa-weights PATH '
-                        '(or --random-iqa for meaningless random scores)')
-                load_checkpoint(path)  # weights_only=True check: pyiqa itself unpickles with weights_only=False
-                fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-                opts['pretrained_model_path'] = str(path)
-            elif metric in WEIGHT_FILES:
-                fingerprint, opts['pretrained'] = 'random-weights', False
-            elif backbone is not None:  # qalign: the whole model is a Hugging Face repo; name its revision
-                revision = backbone / 'refs' / 'main'
-                fingerprint = 'hf-' + (revision.read_text().strip()[:16] if revision.is_file() else 'unknown')
-            else:
-                fingerprint = 'weight-free'
-            if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
-                raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it: '
-                                        f'run `{download_command(metric)}`')
-            # pyiqa prints its loading messages: keep stdout for our own output (the score table); a cached
-            # Hugging Face backbone is used as it is (hub_offline), never checked online for a newer revision
-            with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline():
-                torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
-                try:
-                    iqa = pyiqa.create_metric(metric, as_loss=False, device=torch.device(device), **opts)
-                except RuntimeError as err:  # load_state_dict mismatch of a user-given file
-                    raise ValueError(f'{opts.get("pretrained_model_path")}: does not fit pyiqa {metric}: '
-                                     f'{str(err).splitlines()[0]}') from None
-            # InferenceModel.forward forces grad on when as_loss (even under no_grad) and reduces to a
-            # batch mean by default: call its network directly, per sample, under the caller's grad mode.
-            self.nets.append(iqa.net)
-            fingerprints.append(fingerprint)
+        self.name, self.members, self.as_loss = metric_name(members), members, as_loss
+        self.flags = score_flags(self.name, weights, not pretrained, metric_opts)
+        built = [pyiqa_network(m, device, weights, pretrained, metric_opts.get(m, {})) for m, _ in members]
+        self.nets = nn.ModuleList(net for net, _ in built)
+        fingerprints = [fp for _, fp in built]
         self.fingerprint = fingerprints[0] if len(members) == 1 else '+'.join(
             f'{m}={fp}' for (m, _), fp in zip(members, fingerprints, strict=True))
         if metric_opts:
@@ -139,13 +82,7 @@ class QualityModel(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode=True):
-        """Q stays in eval mode whatever a parent module asks (DESIGN §6)."""
-        return super().train(False)
-
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f'QualityModel: expected images (N,3,H,W) in [0,1], got shape {tuple(x.shape)}')
         param = next(self.parameters(), None)  # weight-free metrics (piqe) run where x is
         x = x if param is None else x.to(param.device)
         with torch.set_grad_enabled(self.as_loss and torch.is_grad_enabled()):
@@ -161,9 +98,14 @@ class QualityModel(nn.Module):
             total = total + weight * (1 - normalised if metric in LOWER_BETTER else normalised)
         return total / sum(w for _, w in self.members)
 
+    def train(self, mode=True):
+        """Q stays in eval mode whatever a parent module asks."""
+        return super().train(False)
 
+
+# ----------------------------------------------------------------------------- the samplers (Table 5)
 def sample_gt_index(sampler, positive, generator, scores=None, patches=None, quality=None, tau=TAU):
-    """Index of the GT each sample trains on (paper §4.1), Long(B); draws come from `generator`.
+    """Index of the GT each sample trains on (the samplers of the paper's Table 5), Long(B), drawn with `generator`.
 
     positive: Bool(B,5) effective positives (GT 0 never); scores: (B,5) cached image-level Q scores (sma, smp);
     patches: (B,5,3,H,W) the five training patches and `quality` the Q to score them with now (amo).
@@ -194,8 +136,9 @@ def argmax_online(patches, quality):
     return torch.where(scores == scores.amax(1, keepdim=True), index, NUM_GTS).amin(1)
 
 
+# ----------------------------------------------------------------------------- the reward (Eq. 2)
 def quality_reward(quality, sr):
-    """Q(SR) per sample, with gradient: the Eq. 2 term of L~ = L - lambda_Q * Q(SR) (DESIGN §3).
+    """Q(SR) per sample, with gradient: the Eq. 2 term of L~ = L - lambda_Q * Q(SR).
 
     Raw Q, not normalised, as in the paper (lambda_Q = 0.05 is set on MUSIQ's 0-100 scale)."""
     if not quality.as_loss:
@@ -203,98 +146,7 @@ def quality_reward(quality, sr):
     return quality(sr)
 
 
-def score_cache_path(root, metric):
-    """Default cache file of `python nriqa_sr.py score --data ROOT --iqa METRIC`."""
-    return Path(root) / f'scores_{metric}.json'
-
-
-def score_command(root, metric, iqa_opts=None, random_iqa=False, cache=None, iqa_weights=None):
-    """The `score` command line that builds the cache a run with these Q settings accepts."""
-    parts = ['python nriqa_sr.py score --data', str(root), '--iqa', metric]
-    parts += ['--iqa-opts', shlex.quote(json.dumps(iqa_opts))] if iqa_opts else []
-    parts += ['--iqa-weights', str(iqa_weights)] if iqa_weights else []
-    parts += ['--cache', str(cache)] if cache else []
-    return ' '.join(parts + ['--random-iqa'] * bool(random_iqa))
-
-
-def _write_cache(cache, path):
-    with atomic_open(path) as f:  # a kill mid-write leaves the previous (resumable) cache
-        f.write(json.dumps(cache).encode())
-
-
-def _read_cache(path):
-    try:
-        cache = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f'{path}: not a score cache (invalid JSON); delete it or choose another --cache') from None
-    if not (isinstance(cache, dict) and cache.get('version') == CACHE_VERSION
-            and isinstance(cache.get('scores'), dict)):
-        raise ValueError(f'{path}: not a version-{CACHE_VERSION} score cache; delete it or choose another --cache')
-    return cache
-
-
-def score_dataset(root, quality, cache_path=None, flush_every=50):
-    """Image-level Q score of every GT of every set, for sma / smp (DESIGN §2): {name: [s0..s4]}.
-
-    Whole images, the five of a set in one batch. The JSON cache {"version", "metric", "fingerprint",
-    "scores", "complete"} is rewritten atomically every `flush_every` sets, so an interrupted run resumes;
-    a cache made with another metric or other weights is started afresh.
-    """
-    cache_path = Path(cache_path) if cache_path is not None else score_cache_path(root, quality.name)
-    root = Path(root)
-    names = MultiGTDataset(root, gt_size=4).names  # whole images are scored: no minimum crop size applies
-    scores, complete = {}, False
-    if cache_path.exists():
-        cache = _read_cache(cache_path)
-        if (cache.get('metric'), cache.get('fingerprint')) == (quality.name, quality.fingerprint):
-            scores, complete = cache['scores'], cache.get('complete') is True
-        else:
-            print(f'{cache_path}: made with {cache.get("metric")} ({cache.get("fingerprint")}); rescoring with '
-                  f'{quality.name} ({quality.fingerprint})', file=sys.stderr)
-    header = {'version': CACHE_VERSION, 'metric': quality.name, 'fingerprint': quality.fingerprint}
-    todo = [name for name in names if name not in scores]
-    for done, name in enumerate(tqdm(todo, desc=f'score {quality.name}', unit='set',
-                                     total=len(names), initial=len(names) - len(todo)), 1):
-        gts = torch.stack([to_rgb(load_image(path)) for path in gt_paths(root, name)])  # (5,3,H,W)
-        with torch.no_grad():
-            set_scores = quality(gts).cpu()
-        if not torch.isfinite(set_scores).all():
-            raise ValueError(f'{gt_paths(root, name)[0]}: {quality.name} gave a NaN or infinite score')
-        scores[name] = set_scores.tolist()
-        if done % flush_every == 0:
-            _write_cache({**header, 'scores': scores, 'complete': False}, cache_path)
-    if todo or not complete:
-        _write_cache({**header, 'scores': scores, 'complete': True}, cache_path)
-    return {name: scores[name] for name in names}
-
-
-def load_score_cache(path, metric, fingerprint, names=None):
-    """{name: [s0..s4]} from a complete cache made with `metric` and these weights (and holding `names`)."""
-    path = Path(path)
-    command = (f'python nriqa_sr.py score --data ROOT --iqa {metric} --cache {path}'
-               + (' --random-iqa' if fingerprint == 'random-weights' else ''))
-    rebuild = f'rebuild: {command}'
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: score cache not found; {rebuild}')
-    cache = _read_cache(path)
-    if cache.get('metric') != metric:
-        raise ValueError(f"{path}: scores are from metric '{cache.get('metric')}', not '{metric}'; {rebuild}")
-    if cache.get('fingerprint') != fingerprint:
-        raise ValueError(f"{path}: scores are from other {metric} weights ({cache.get('fingerprint')}, now "
-                         f'{fingerprint}); {rebuild}')
-    if cache.get('complete') is not True:
-        raise ValueError(f"{path}: incomplete ({len(cache['scores'])} sets scored); run again to resume: {command}")
-    scores = cache['scores']
-    bad = [name for name, s in scores.items() if not (isinstance(s, list) and len(s) == NUM_GTS and all(
-        isinstance(v, (int, float)) and math.isfinite(v) for v in s))]
-    if bad:
-        raise ValueError(f'{path}: set {bad[0]} does not hold {NUM_GTS} finite scores; {rebuild}')
-    missing = [name for name in (names or []) if name not in scores]
-    if missing:
-        raise ValueError(f'{path}: {len(missing)} sets have no scores (e.g. {missing[0]}); {rebuild}')
-    return scores
-
-
+# ----------------------------------------------------------------------------- agreement with human labels (§3)
 def agreement(scores, labels):
     """Agreement of Q with HGGT's human labels (paper §3, supplementary §7.1), in percent, over every set.
 
@@ -344,105 +196,131 @@ def agreement_cells(result):
             percent(result['negative_top_rate']), percent(result['amo_negative_rate']), str(result['sets'])]
 
 
-def score_set(root, name, quality):
-    """Q of the five GTs of one set, whole images in one batch -> [s0..s4], all finite."""
-    paths = gt_paths(root, name)
-    images = [to_rgb(load_image(path)) for path in paths]
-    for path, image in zip(paths[1:], images[1:]):
-        if image.shape != images[0].shape:
-            raise ValueError(f'{path}: size {tuple(image.shape[1:])} differs from {paths[0].name} '
-                             f'{tuple(images[0].shape[1:])} in its set')
-    with torch.no_grad():
-        scores = quality(torch.stack(images)).cpu()  # (5,3,H,W) -> (5,)
-    if not torch.isfinite(scores).all():
-        raise ValueError(f'{paths[0]}: {quality.name} gave a NaN or infinite score')
-    return scores.tolist()
-
-
-def labelled_scores(root, quality, names, known=None):
-    """{name: [s0..s4]}: whole-image Q scores of the five GTs of every set in `names`, from `known`, else from
-    a complete score cache of this Q (`python nriqa_sr.py score`, ROOT/scores_<Q>.json), else scored now.
-    Nothing is written: the cache stays what `score` made."""
-    scores = {name: known[name] for name in names if name in (known or {})}
-    path = score_cache_path(root, quality.name)
-    if len(scores) < len(names) and path.is_file():
+# ----------------------------------------------------------------------------- building Q from pyiqa
+def parse_metric(name):
+    """'musiq' -> [('musiq', 1.0)]; 'musiq:1+nima:0.5' -> [('musiq', 1.0), ('nima', 0.5)] (weights > 0)."""
+    members = []
+    for part in name.split('+'):
+        metric, _, weight = part.strip().partition(':')
+        if metric not in METRIC_RANGES:
+            raise ValueError(f"--iqa: unknown metric '{metric}' in '{name}'; choose from {', '.join(METRIC_RANGES)}")
         try:
-            cached = load_score_cache(path, quality.name, quality.fingerprint)
-        except ValueError as err:
-            print(f'not used: {err}', file=sys.stderr)
-            cached = {}
-        scores.update({name: cached[name] for name in names if name in cached and name not in scores})
-    todo = [name for name in names if name not in scores]
-    if todo:
-        print(f'{quality.name}: scoring the GTs of {len(todo)} sets now; python nriqa_sr.py score --data {root} '
-              f'--iqa {quality.name} would cache them (resumable)', file=sys.stderr)
-    for name in tqdm(todo, desc=f'score {quality.name}', unit='set', disable=not todo):
-        scores[name] = score_set(root, name, quality)
-    return {name: scores[name] for name in names}
+            weight = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--iqa: weight of '{metric}' in '{name}' is not a number") from None
+        if not weight > 0 or metric in [m for m, _ in members]:
+            raise ValueError(f"--iqa: '{name}' needs positive weights and each metric once")
+        members.append((metric, weight))
+    return members
 
 
-def upscale_image(model, lq, scale, tile=None, tile_pad=32):
-    """SR of lq (1,C,h,w) -> (1,C,scale*h,scale*w), the model run on tiles of `tile` LQ pixels.
-
-    Each tile is run with `tile_pad` LQ pixels of context on every side (clipped at the image border)
-    and only its own part of the output is kept, so memory is bounded by (tile + 2*tile_pad)^2 and the
-    result equals untiled inference once tile_pad covers the receptive field. Tiles go to the model's
-    device, the output stays on lq's device.
-    """
-    if lq.dim() != 4 or len(lq) != 1:
-        raise ValueError(f'lq: expected one image (1,C,h,w), got shape {tuple(lq.shape)}')
-    if tile is not None and (tile < 1 or tile_pad < 0):
-        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {tile} and {tile_pad}')
-    param = next(model.parameters(), None)
-    device = lq.device if param is None else param.device
-    _, _, h, w = lq.shape
-    tile = tile or max(h, w)
-    out = None
-    with torch.no_grad():
-        for y0 in range(0, h, tile):
-            for x0 in range(0, w, tile):
-                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-                # context window: the tile plus tile_pad on each side, clipped at the image border
-                cy0, cx0 = max(y0 - tile_pad, 0), max(x0 - tile_pad, 0)
-                cy1, cx1 = min(y1 + tile_pad, h), min(x1 + tile_pad, w)
-                sr = model(lq[:, :, cy0:cy1, cx0:cx1].to(device))
-                if sr.shape[-2:] != ((cy1 - cy0) * scale, (cx1 - cx0) * scale):
-                    raise ValueError(f'--ckpt: the model gives {tuple(sr.shape[-2:])} pixels for '
-                                     f'{(cy1 - cy0, cx1 - cx0)}, not x{scale}')
-                if out is None:
-                    out = torch.zeros(1, sr.shape[1], h * scale, w * scale, dtype=sr.dtype, device=lq.device)
-                oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale  # where the tile starts inside its context
-                out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
-                    sr[:, :, oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale].to(lq.device)
-    return out
+def metric_name(members):
+    """Canonical name of parsed members: [('musiq', 1.0), ('nima', 0.5)] -> 'musiq+nima:0.5'."""
+    return '+'.join(m if w == 1 else f'{m}:{w:g}' for m, w in members)
 
 
-def list_images(path):
-    """The image file itself, or the PNG/JPEG files of a folder (sorted)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f'{path}: no such file or folder')
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f'{path}: no PNG or JPEG images in this folder')
-    return files
+def check_quality_args(members, as_loss, weights, metric_opts):
+    """Q's arguments checked before pyiqa builds anything (one line each); returns the members' --iqa-opts."""
+    name = metric_name(members)
+    if as_loss and any(m in NO_GRADIENT for m, _ in members):
+        raise ValueError(f"--iqa {name}: {', '.join(NO_GRADIENT)} give no gradient; "
+                         'they can rank GTs but cannot drive fine-tuning')
+    if weights is not None and Path(weights).is_file() and len(members) > 1:
+        raise ValueError(f'--iqa-weights: {weights} is one file; an ensemble needs a folder of pyiqa files')
+    if any(m == 'qalign' for m, _ in members) and importlib.util.find_spec('icecream') is None:
+        raise ValueError('--iqa qalign: needs the Python module icecream besides the q-future/one-align '
+                         'weights (pip install icecream)')  # pyiqa imports it late, mid-build
+    return check_metric_opts(members, metric_opts)
 
 
-def upscale_file(model, src, dst, scale, tile=None, tile_pad=32):
-    """SR of one image file: gray runs as RGB and is saved gray, alpha is upscaled bicubic on its own,
-    a 16-bit PNG gives a 16-bit PNG."""
-    image = load_image(src)  # (C,H,W), C 1/3/4
-    sr = upscale_image(model, to_rgb(image)[None], scale, tile, tile_pad)[0].float().clamp(0, 1)
-    if image.shape[0] == 1:
-        sr = sr.mean(0, keepdim=True)  # back to one channel
-    elif image.shape[0] == 4:
-        alpha = F.interpolate(image[None, 3:], scale_factor=scale, mode='bicubic', align_corners=False)[0]
-        sr = torch.cat([sr, alpha.clamp(0, 1)])
-    save_image(sr, dst, bits=png_bit_depth(src))
+def pyiqa_network_options(metric):
+    """Option names of pyiqa's network class for `metric` (its constructor's parameters), None when it
+    takes any keyword."""
+    from pyiqa.archs import _lazy_import_arch  # pyiqa registers a network class when its module is imported
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+    from pyiqa.utils.registry import ARCH_REGISTRY
+    network = DEFAULT_CONFIGS[metric]['metric_opts']['type']
+    _lazy_import_arch(network)
+    cls = ARCH_REGISTRY.get(network)
+    if cls.__init__ is nn.Module.__init__:  # no constructor of its own (piqe): no options at all
+        return set()
+    params = inspect.signature(cls).parameters.values()
+    return None if any(p.kind == p.VAR_KEYWORD for p in params) else {p.name for p in params}
 
 
+def check_metric_opts(members, metric_opts):
+    """The --iqa-opts {metric: {option: value}} of the members of --iqa (other metrics' entries are left
+    out), checked before pyiqa builds anything: each option must be a parameter of the metric's pyiqa
+    network class; the weight options are set by --iqa-weights / --random-iqa."""
+    if not isinstance(metric_opts or {}, dict):
+        raise ValueError(f'--iqa-opts: expected a JSON object {{"metric": {{"option": value}}}}, got {metric_opts!r}')
+    chosen = {}
+    for metric, _ in members:
+        opts = (metric_opts or {}).get(metric)
+        if opts is None:
+            continue
+        if not isinstance(opts, dict):
+            raise ValueError(f'--iqa-opts: the options of {metric} must be a JSON object, got {opts!r}')
+        ours = {'pretrained', 'pretrained_model_path'} & set(opts)
+        if ours:
+            raise ValueError(f'--iqa-opts: {metric} option {sorted(ours)[0]!r} is set by --iqa-weights / --random-iqa')
+        known = pyiqa_network_options(metric)
+        unknown = sorted(set(opts) - known) if known is not None else []
+        if unknown:
+            raise ValueError(f"--iqa-opts: {metric} has no option {unknown[0]!r}; pyiqa's network takes "
+                             f"{', '.join(sorted(known - {'pretrained', 'pretrained_model_path'})) or 'none'}")
+        chosen[metric] = opts
+    return chosen
+
+
+def pyiqa_network(metric, device, weights, pretrained, opts):
+    """(pyiqa's network of `metric`, the fingerprint of its weights). Every file it needs is looked up first:
+    pyiqa would download what it does not find."""
+    import pyiqa  # takes seconds: imported only when a Q is built, not by `upscale`
+    opts, backbone = dict(opts), backbone_path(metric)
+    if metric in WEIGHT_FILES and pretrained:
+        path = weight_path(metric, weights)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f'{path}: {metric} weights not found; run `{download_command(metric)}`, put '
+                f'{WEIGHT_FILES[metric]} in {path.parent} or pass --iqa-weights PATH '
+                '(or --random-iqa for meaningless random scores)')
+        load_checkpoint(path)  # weights_only=True check: pyiqa itself unpickles with weights_only=False
+        fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        opts['pretrained_model_path'] = str(path)
+    elif metric in WEIGHT_FILES:
+        fingerprint, opts['pretrained'] = 'random-weights', False
+    elif backbone is not None:  # qalign: the whole model is a Hugging Face repo; name its revision
+        revision = backbone / 'refs' / 'main'
+        fingerprint = 'hf-' + (revision.read_text().strip()[:16] if revision.is_file() else 'unknown')
+    else:
+        fingerprint = 'weight-free'
+    if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
+        raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it: '
+                                f'run `{download_command(metric)}`')
+    # pyiqa prints its loading messages: keep stdout for our own output (the score table); a cached
+    # Hugging Face backbone is used as it is (hub_offline), never checked online for a newer revision
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline():
+        torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
+        try:
+            iqa = pyiqa.create_metric(metric, as_loss=False, device=torch.device(device), **opts)
+        except RuntimeError as err:  # load_state_dict mismatch of a user-given file
+            raise ValueError(f'{opts.get("pretrained_model_path")}: does not fit pyiqa {metric}: '
+                             f'{str(err).splitlines()[0]}') from None
+    # InferenceModel.forward forces grad on when as_loss (even under no_grad) and reduces to a batch mean:
+    # Q calls its network directly, per sample, under the caller's grad mode.
+    return iqa.net, fingerprint
+
+
+def score_flags(metric, weights=None, random_iqa=False, metric_opts=None):
+    """The command-line flags of a Q: everything that enters its fingerprint (the --iqa-opts of its members only)."""
+    members = {m for m, _ in parse_metric(metric)}
+    opts = {m: o for m, o in (metric_opts or {}).items() if m in members}
+    return (['--iqa', metric] + (['--iqa-weights', str(weights)] if weights is not None and not random_iqa else [])
+            + (['--iqa-opts', json.dumps(opts, sort_keys=True)] if opts else []) + ['--random-iqa'] * bool(random_iqa))
+
+
+# ----------------------------------------------------------------------------- command line
 def parse_device(text):
     """argparse type of --device: a torch device that exists on this machine (one-line error otherwise)."""
     try:
@@ -452,6 +330,28 @@ def parse_device(text):
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"'{text}': only {torch.cuda.device_count()} CUDA devices are visible")
     return device
+
+
+def json_object(text):
+    """argparse type of the JSON flags (--iqa-opts, train.py's --generator): a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({err}): {text}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object {{"name": value, ...}}, got {text}')
+    return value
+
+
+def positive_float(text):
+    """argparse type of --outscale: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
+    return value
 
 
 def build_parser():
@@ -467,20 +367,31 @@ def build_parser():
     score.add_argument('--iqa', default='musiq', metavar='NAME',
                        help="Q: a metric (musiq, nima, qalign, topiq_nr, paq2piq, piqe) or 'musiq:1+nima:0.5'")
     score.add_argument('--cache', type=Path, metavar='FILE', help='cache of --data (default ROOT/scores_<NAME>.json)')
-    score.add_argument('--iqa-weights', type=Path, metavar='PATH',
-                       help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
-    score.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
-    score.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
-    upscale = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
-    upscale.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
-    upscale.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
+    add_quality_flags(score, device)
+    up = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
+    up.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
+    up.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
                          help='an image or a folder of PNG/JPEG images')
-    upscale.add_argument('-o', '--output', type=Path, required=True, metavar='OUT',
-                         help='output folder (NAME.png per input), or a .png file for a single input image')
-    upscale.add_argument('--tile', type=int, metavar='N', help='tile size in LQ pixels (default: whole image)')
-    upscale.add_argument('--tile-pad', type=int, default=32, metavar='P',
+    up.add_argument('-o', '--output', type=Path, required=True, metavar='OUT',
+                         help='output folder (NAME.png per input; never an input\'s own file), or a .png/.jpg '
+                              'file for one input image')
+    up.add_argument('--suffix', default='', metavar='TEXT',
+                         help='name outputs NAME_TEXT.png, as Real-ESRGAN (default: NAME.png)')
+    up.add_argument('-s', '--outscale', type=positive_float, metavar='S',
+                         help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
+                              '(default: the model scale)')
+    up.add_argument('--tile', type=int, metavar='N',
+                         help='tile size in LQ pixels: memory grows with the tile, not the image (default: whole '
+                              'image)')
+    up.add_argument('--tile-pad', type=int, default=32, metavar='P',
                          help='LQ pixels of context on each side of a tile (default 32)')
-    upscale.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+    up.add_argument('--amp', '--fp16', action='store_true',
+                         help='half precision: autocast to fp16 on CUDA, bf16 on CPU (about 1e-2 from fp32; slow on '
+                              'CPUs without native bf16)')
+    up.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
+                         help='run RRDBNet in channels-last memory format (default on; same output within fp32 '
+                              'rounding)')
+    up.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
     add_agreement_command(commands, device)
     listing = commands.add_parser('weights', help='list the pretrained weight files: place, present or missing, '
                                   'size, source URL (no network)')
@@ -490,55 +401,65 @@ def build_parser():
     return parser
 
 
-def run_score(args):
-    quality = QualityModel(args.iqa, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa)
-    if args.data is not None:
-        cache_path = args.cache or score_cache_path(args.data, quality.name)
-        scores = score_dataset(args.data, quality, cache_path)
-        print(f'{cache_path}: {len(scores)} sets scored with {quality.name} ({quality.fingerprint})')
-        return
-    print('name,score')
-    for path in list_images(args.input):
-        with torch.no_grad():
-            print(f'{path.name},{quality(to_rgb(load_image(path))[None]).item():.4f}')
-
-
-def run_upscale(args):
-    files = list_images(args.input)
-    for src in files:  # decode every input first, so that a bad file fails before any output is written
-        load_image(src)
-    model = load_generator(args.ckpt).to(args.device)
-    scale = generator_scale(model)
-    single_file = args.input.is_file() and args.output.suffix.lower() == '.png'
-    for src in tqdm(files, desc='upscale', unit='image'):
-        dst = args.output if single_file else args.output / f'{src.stem}.png'
-        upscale_file(model, src, dst, scale, args.tile, args.tile_pad)
-    print(f'{len(files)} image(s) x{scale} -> {args.output}')
-
-
-def json_object(text):
-    """argparse type of --iqa-opts: a JSON object."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f'not valid JSON ({err}): {text}') from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object {{"metric": {{option: value}}}}, got {text}')
-    return value
-
-
 def add_agreement_command(commands, device):
     agree = commands.add_parser('agreement', help='agreement of NR-IQA models with the human labels (paper §3)')
     agree.add_argument('--data', type=Path, required=True, metavar='ROOT',
                        help='HGGT-layout root with labels/ (training or test); every labelled set counts')
     agree.add_argument('--iqa', nargs='+', default=['musiq'], metavar='NAME',
                        help="metrics to compare (musiq, nima, qalign, topiq_nr, paq2piq, piqe, or 'musiq:1+nima:0.5')")
-    agree.add_argument('--iqa-weights', type=Path, metavar='PATH',
-                       help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
-    agree.add_argument('--iqa-opts', type=json_object, metavar='JSON',
-                       help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
-    agree.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
-    agree.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+    add_quality_flags(agree, device)
+
+
+def add_quality_flags(parser, device):
+    """The flags that build Q besides --iqa (they all enter its fingerprint), and the device."""
+    parser.add_argument('--iqa-weights', type=Path, metavar='PATH',
+                        help='pyiqa weight file, or folder of them (default $TORCH_HOME/hub/pyiqa)')
+    parser.add_argument('--iqa-opts', type=json_object, metavar='JSON',
+                        help='extra pyiqa network options per metric, e.g. \'{"musiq": {"num_layers": 1}}\'')
+    parser.add_argument('--random-iqa', action='store_true', help='random Q weights: meaningless scores (tests, demos)')
+    parser.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+
+
+def score_column(quality):
+    """The score table's column name, and the note that says so when a lower-is-better metric is
+    reflected (Q is always higher-is-better)."""
+    reflected = [m for m, _ in quality.members if m in LOWER_BETTER]
+    if not reflected:
+        return quality.name, None
+    if len(quality.members) == 1:
+        lo, hi = METRIC_RANGES[reflected[0]]
+        column = f'{lo + hi:g}-{reflected[0]}'
+        return column, (f'note: {reflected[0]} is lower-is-better; the score column is {column}, reflected in its '
+                        f'range [{lo:g}, {hi:g}] so that higher is better')
+    return quality.name, (f'note: {quality.name} is the weighted mean of range-normalised scores in [0, 1], '
+                          f'with lower-is-better {", ".join(reflected)} entering as 1 - normalised score')
+
+
+def run_score(args):
+    """Flags, paths and every input image are checked before Q is built; no row before all decode."""
+    members = parse_metric(args.iqa)
+    if args.data is not None:
+        if not args.data.is_dir():
+            raise FileNotFoundError(f'{args.data}: no such dataset folder')
+        cache_path = args.cache or score_cache.score_cache_path(args.data, metric_name(members))
+        check_writable(cache_path, '--cache')
+    else:
+        images = upscale.list_images(args.input)
+        for path in images:
+            load_image(path)
+    quality = QualityModel(args.iqa, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa,
+                           metric_opts=args.iqa_opts)
+    if args.data is not None:
+        scores = score_cache.score_dataset(args.data, quality, cache_path)
+        print(f'{cache_path}: {len(scores)} sets scored with {quality.name} ({quality.fingerprint})')
+        return
+    column, note = score_column(quality)
+    if note:
+        print(note, file=sys.stderr)
+    print(f'name,{column}')
+    for path in images:
+        with torch.no_grad():
+            print(f'{path.name},{quality(to_rgb(load_image(path))[None]).item():.4f}')
 
 
 def run_agreement(args):
@@ -548,11 +469,26 @@ def run_agreement(args):
     labels = read_effective_labels(args.data)
     qualities = [QualityModel(name, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa,
                               metric_opts=args.iqa_opts) for name in args.iqa]
-    rows = [(q.name, agreement(labelled_scores(args.data, q, list(labels)), labels)) for q in qualities]
+    rows = [(q.name, agreement(score_cache.labelled_scores(args.data, q, list(labels)), labels)) for q in qualities]
     lines = ['| Metric | ' + ' | '.join(AGREEMENT_COLUMNS) + ' |', '|---' * (len(AGREEMENT_COLUMNS) + 1) + '|']
     lines += ['| ' + ' | '.join([name, *agreement_cells(result)]) + ' |' for name, result in rows]
     print(f'{args.data}: {len(labels)} labelled sets' + (' (RANDOM Q weights: meaningless)' if args.random_iqa else ''))
     print('\n'.join(lines))
+
+
+def run_upscale(args):
+    """Flags, output paths and every input are checked before the model is built."""
+    if args.tile is not None and (args.tile < 1 or args.tile_pad < 0):
+        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {args.tile} and {args.tile_pad}')
+    pairs = upscale.output_paths(upscale.list_images(args.input), args.input, args.output, args.suffix)
+    upscale.check_inputs(pairs, args.outscale)
+    model = load_generator(args.ckpt).to(args.device)
+    if args.channels_last and isinstance(model, RRDBNet):  # a conv net: faster so on CPU (bench_upscale.py)
+        model = model.to(memory_format=torch.channels_last)
+    scale = generator_scale(model)
+    for src, dst in tqdm(pairs, desc='upscale', unit='image'):
+        upscale.upscale_file(model, src, dst, scale, args.tile, args.tile_pad, args.outscale, args.amp)
+    print(f'{len(pairs)} image(s) x{args.outscale or scale:g} -> {args.output}')
 
 
 def main(argv=None):

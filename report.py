@@ -21,7 +21,7 @@ from files import atomic_open
 from nriqa_sr import AGREEMENT_COLUMNS, agreement_cells
 from weights import download_command
 
-GOLD = 'Gold Standard'  # the row of the best GT's NR scores (paper §5): NR columns only
+GOLD = 'Gold Standard'  # the row of the best GT's NR scores (paper Table 5): NR columns only
 LOWER_BETTER = ('lpips', 'stlpips', 'dists')
 TITLES = {'psnr': 'PSNR', 'ssim': 'SSIM', 'lpips': 'LPIPS', 'stlpips': 'LPIPS-ST', 'dists': 'DISTS',
           'musiq': 'MUSIQ', 'nima': 'NIMA', 'qalign': 'Q-Align', 'topiq_nr': 'TOPIQ', 'paq2piq': 'PaQ-2-PiQ'}
@@ -137,7 +137,7 @@ def notes(res):
               if res.single_gt else "Full-reference metrics: 4 border pixels cropped, the mean over a set's "
               "effective positive GTs, then over sets.") + ' ' +
              ("Gold Standard: the HR's own NR score." if res.single_gt else
-              "Gold Standard: the best NR score among a set's five GTs, averaged over sets (paper §5).")]
+              "Gold Standard: the best NR score among a set's five GTs, averaged over sets (paper Table 5).")]
     if res.dropped:
         lines.append(f'{res.dropped} labelled sets without an effective positive GT are left out of the table '
                      '(nothing to compare with); --agreement counts them.')

@@ -1,5 +1,7 @@
-"""A training run's folder, kept safe: one run at a time, checkpoints by step, a log without repeats, and a
-stop on SIGTERM / SIGINT that saves first. train.py calls these; none of them knows about the method.
+"""A training run's life around its math, kept safe and visible: the verdict before it starts (every problem at
+once, the same on every rank), one run per folder, checkpoints by step and exact resume, a log without repeats,
+progress that shows in a terminal and in a log file, and a stop on SIGTERM / SIGINT that saves first.
+train.py calls these; none of them knows about the method.
 
     RUN/ckpt_0005000.pth   training checkpoints; --resume auto reads only files of this name, by step
     RUN/generator.pth      the export (EMA weights, LoRA merged; the discriminator beside them)
@@ -10,6 +12,7 @@ stop on SIGTERM / SIGINT that saves first. train.py calls these; none of them kn
 A checkpoint is written only from a sane state (finite weights, none beyond EXPLODED), atomically, and older
 ones are pruned only after a newer sane one is on disk: a diverging run never replaces good checkpoints.
 """
+import copy
 import csv
 import io
 import json
@@ -17,68 +20,72 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-from files import atomic_open, save_checkpoint
-
-CKPT_NAME = re.compile(r'ckpt_(\d{7})\.pth')
-RUN_FILES = ('generator.pth', 'lora_adapters.pth', 'log.csv')  # with ckpt_*.pth: what says a folder holds a run
-EXPLODED = 1e4  # a weight beyond this magnitude is divergence (trained SwinIR / RRDBNet weights stay below ~10)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def checkpoint_path(out, step):
-    return Path(out) / f'ckpt_{step:07d}.pth'
+import files
+import lora
+import models
 
 
-def saved_checkpoints(out):
-    """[(step, path)] of the checkpoints this project wrote in `out`, oldest first (by step, not by name)."""
-    found = [(int(m.group(1)), p) for p in Path(out).glob('ckpt_*.pth') if (m := CKPT_NAME.fullmatch(p.name))]
-    return sorted(found)
+# ----------------------------------------------------------------------------- before a run starts
+class StartError(ValueError):
+    """Everything that stops a run before it starts, listed at once."""
+
+    def __init__(self, problems):
+        super().__init__('\n'.join(problems))
+        self.problems = problems
 
 
-def insane_tensors(state):
-    """Names of tensors in a (nested) state that are non-finite or beyond EXPLODED; [] for a sane state."""
-    if torch.is_tensor(state):
-        bad = state.is_floating_point() and not bool(torch.isfinite(state).all() and state.abs().max() <= EXPLODED)
-        return [''] if bad and state.numel() else []
-    if isinstance(state, dict):
-        return [f'{k}.{n}'.rstrip('.') for k, v in state.items() for n in insane_tensors(v)]
-    return []
+def agree_or_raise(problems, dist_info):
+    """Rank 0's problems, broadcast, raised on every rank alike (so every rank exits with the same code)."""
+    if dist_info.ddp:
+        verdict = [problems]
+        dist.broadcast_object_list(verdict, src=0)
+        problems = verdict[0]
+    if problems:
+        raise StartError(problems)
 
 
-def save_and_prune(ckpt, out, keep):
-    """Write ckpt_<step>.pth (ckpt['params'] must be sane, else nothing is written and False is returned),
-    then delete all but the newest `keep` checkpoints."""
-    if insane_tensors(ckpt['params']) or insane_tensors(ckpt['params_ema']):
-        return False
-    save_checkpoint(ckpt, checkpoint_path(out, ckpt['step']))
-    for _, old in saved_checkpoints(out)[:-keep]:
-        old.unlink()
-    return True
+def check_out(cfg):
+    """Problems with --out: a file, under a file, holding another run, or holding --init."""
+    out = Path(cfg.out)
+    blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return [f'--out {out}: {blocker} is a file, not a folder']
+    problems = []
+    if cfg.init and out.resolve() in Path(cfg.init).resolve().parents:
+        problems.append(f'--out {out}: holds --init {cfg.init}, which this run would overwrite; choose a new --out '
+                        '(e.g. runs/NAME_ft)')
+    existing = run_files(out) if out.is_dir() else []
+    if existing and not cfg.resume:
+        problems.append(f'--out {out}: holds a run ({", ".join(existing[:3])}); continue it with --resume auto, '
+                        'or choose a new --out')
+    return problems
 
 
-def run_files(out):
-    """What in `out` belongs to a run (checkpoints, exports, log): a new run must not write over them."""
-    out = Path(out)
-    return [p.name for _, p in saved_checkpoints(out)] + [n for n in RUN_FILES if (out / n).exists()]
-
-
-# ----------------------------------------------------------------------------- resume
-# Settings a resumed run may change: where things are, how long, how it runs and reports. Everything else
-# defines the run's math (data, losses, schedule, sampler, models) and must match the checkpoint.
-MAY_CHANGE = {'out', 'resume', 'data', 'score_cache', 'total_iters', 'num_workers', 'device', 'amp', 'channels_last',
-              'compile', 'log_every', 'sample_every', 'monitor_every', 'save_every', 'keep', 'max_bad_steps', 'preset'}
-
-
-def resume_changes(saved, now, defaults):
-    """(refused, allowed) setting names that differ between a checkpoint's train_config and now. A setting
-    the checkpoint predates counts as its default."""
-    changed = sorted(k for k, v in now.items() if saved.get(k, defaults[k]) != v and k != 'resume')
-    return [k for k in changed if k not in MAY_CHANGE], [k for k in changed if k in MAY_CHANGE]
+def take_out(cfg, dist_info):
+    """Rank 0 locks --out (one run per folder) just before the run writes to it."""
+    lock, problems = None, []
+    if dist_info.master:
+        lock = RunLock(cfg.out)
+        try:
+            note = lock.acquire()
+            if note:
+                print(note)
+        except ValueError as err:
+            problems, lock = [str(err)], None
+    agree_or_raise(problems, dist_info)
+    return lock
 
 
 # ----------------------------------------------------------------------------- one run per folder
@@ -135,7 +142,185 @@ def _alive(pid):
     return True
 
 
-# ----------------------------------------------------------------------------- log
+# ----------------------------------------------------------------------------- checkpoints
+CKPT_NAME = re.compile(r'ckpt_(\d{7})\.pth')
+RUN_FILES = ('generator.pth', 'lora_adapters.pth', 'log.csv')  # with ckpt_*.pth: what says a folder holds a run
+EXPLODED = 1e4  # a weight beyond this magnitude is divergence (trained SwinIR / RRDBNet weights stay below ~10)
+
+
+def checkpoint_path(out, step):
+    return Path(out) / f'ckpt_{step:07d}.pth'
+
+
+def saved_checkpoints(out):
+    """[(step, path)] of the checkpoints this project wrote in `out`, oldest first (by step, not by name)."""
+    found = [(int(m.group(1)), p) for p in Path(out).glob('ckpt_*.pth') if (m := CKPT_NAME.fullmatch(p.name))]
+    return sorted(found)
+
+
+def insane_tensors(state):
+    """Names of tensors in a (nested) state that are non-finite or beyond EXPLODED; [] for a sane state."""
+    if torch.is_tensor(state):
+        bad = state.is_floating_point() and not bool(torch.isfinite(state).all() and state.abs().max() <= EXPLODED)
+        return [''] if bad and state.numel() else []
+    if isinstance(state, dict):
+        return [f'{k}.{n}'.rstrip('.') for k, v in state.items() for n in insane_tensors(v)]
+    return []
+
+
+def save_and_prune(ckpt, out, keep):
+    """Write ckpt_<step>.pth (save() has checked the state is sane), then delete all but the newest `keep`
+    checkpoints: older ones go only once a newer one is on disk."""
+    files.save_checkpoint(ckpt, checkpoint_path(out, ckpt['step']))
+    for _, old in saved_checkpoints(out)[:-keep]:
+        old.unlink()
+
+
+def run_files(out):
+    """What in `out` belongs to a run (checkpoints, exports, log): a new run must not write over them."""
+    out = Path(out)
+    return [p.name for _, p in saved_checkpoints(out)] + [n for n in RUN_FILES if (out / n).exists()]
+
+
+def generator_export(ema, cfg, gen_config, raw_d):
+    """What evaluate.py / upscale / FT read: the EMA generator, LoRA merged, and the discriminator beside it."""
+    export = {'params_ema': lora.merge_lora(copy.deepcopy(ema)).state_dict(), 'arch': cfg.arch, 'config': gen_config,
+              'scale': 4}
+    if raw_d is not None:
+        export['net_d'] = raw_d.state_dict()
+    return export
+
+
+def checkpoint_state(step, bad_steps, cfg, world, gen_config, fingerprints, g, ema, raw_d, opts, scheds, scaler,
+                     queues):
+    """Everything a resume needs, plus the export keys so evaluate.py reads any checkpoint. `params` is G as
+    trained (with its LoRA adapters in FT); in FT the EMA's adapters are kept as `ema_lora` (its base is G's)."""
+    ckpt = {'step': step, 'bad_steps': bad_steps, 'train_config': asdict(cfg), 'world_size': world,
+            'iqa_fingerprint': fingerprints, 'params': g.state_dict(),
+            **generator_export(ema, cfg, gen_config, raw_d), 'optimizer_g': opts[0].state_dict(),
+            'scheduler_g': scheds[0].state_dict(), 'scaler': scaler.state_dict(), 'queue': queues}
+    if cfg.finetune and cfg.lora:
+        ckpt['ema_lora'] = lora.lora_state_dict(ema)
+        ckpt.update(lora_rank=cfg.lora_rank or lora.LORA_PRESETS[cfg.arch][1])
+        ckpt.update(lora_alpha=cfg.lora_alpha or ckpt['lora_rank'])
+    if raw_d is not None:
+        ckpt.update(optimizer_d=opts[1].state_dict(), scheduler_d=scheds[1].state_dict())
+    return ckpt
+
+
+def gather_queues(queue, dist_info):
+    """Every rank's sample-queue state on rank 0 (a collective: every rank calls it)."""
+    if queue is None:
+        return None
+    queues = [None] * dist_info.world
+    if dist_info.ddp:
+        dist.all_gather_object(queues, queue.state_dict())
+    else:
+        queues[0] = queue.state_dict()
+    return queues
+
+
+def save(cfg, dist_info, step, bad_steps, gen_config, fingerprints, state):
+    """A checkpoint of a sane state (every rank checks: the weights are equal on every rank), written by rank 0."""
+    g, ema, raw_d, opts, scheds, scaler, queue = state
+    insane = insane_tensors(g.state_dict()) + insane_tensors(ema.state_dict())
+    if insane:
+        raise ValueError(f'weights diverged by step {step} (non-finite or beyond {EXPLODED:g}, e.g. {insane[0]}): '
+                         f'not saved; {last_good(cfg.out)}. Lower --lr or check --gamma/--milestones')
+    queues = gather_queues(queue, dist_info)  # a collective: before rank 0 alone goes on
+    if dist_info.master:
+        ckpt = checkpoint_state(step, bad_steps, cfg, dist_info.world, gen_config, fingerprints, g, ema, raw_d, opts,
+                                scheds, scaler, queues)
+        save_and_prune(ckpt, cfg.out, cfg.keep)
+
+
+def export(cfg, ema, raw_d, gen_config, out):
+    """generator.pth (the EMA, LoRA merged, with the discriminator beside it) and, in FT, the adapters alone."""
+    files.save_checkpoint(generator_export(ema, cfg, gen_config, raw_d), out / 'generator.pth')
+    if cfg.finetune and cfg.lora:
+        rank = cfg.lora_rank or lora.LORA_PRESETS[cfg.arch][1]
+        files.save_checkpoint({'params_lora': lora.lora_state_dict(ema), 'arch': cfg.arch, 'config': gen_config,
+                               'lora_rank': rank, 'lora_alpha': cfg.lora_alpha or rank}, out / 'lora_adapters.pth')
+
+
+def last_good(out):
+    """Where a stopped run can go on from, as it is on disk."""
+    saved = saved_checkpoints(out)
+    return (f'the last good checkpoint is {saved[-1][1]} (step {saved[-1][0]})' if saved
+            else 'no checkpoint was saved yet')
+
+
+# ----------------------------------------------------------------------------- resume
+# Settings a resumed run may change: where things are, how long, how it runs and reports. Everything else
+# defines the run's math (data, losses, schedule, sampler, models) and must match the checkpoint.
+MAY_CHANGE = {'out', 'resume', 'data', 'score_cache', 'total_iters', 'num_workers', 'device', 'amp', 'channels_last',
+              'compile', 'log_every', 'sample_every', 'monitor_every', 'save_every', 'keep', 'max_bad_steps', 'preset'}
+
+
+def resume_changes(saved, now, defaults):
+    """(refused, allowed) setting names that differ between a checkpoint's train_config and now. A setting
+    the checkpoint predates counts as its default."""
+    changed = sorted(k for k, v in now.items() if saved.get(k, defaults[k]) != v and k != 'resume')
+    return [k for k in changed if k not in MAY_CHANGE], [k for k in changed if k in MAY_CHANGE]
+
+
+def find_resume(cfg):
+    """The checkpoint to resume: --resume PATH, or with 'auto' the highest step this project wrote in --out."""
+    if cfg.resume != 'auto':
+        return Path(cfg.resume) if cfg.resume else None
+    saved = saved_checkpoints(cfg.out)
+    return saved[-1][1] if saved else None
+
+
+def load_resume(path, cfg, defaults, world, fingerprints, master):
+    """The checkpoint at `path`, checked against this run: refused changes, notes on allowed ones."""
+    ckpt = files.load_checkpoint(path)
+    needed = ['step', 'bad_steps', 'train_config', 'params', 'optimizer_g', 'scheduler_g', 'scaler']
+    needed += ['net_d', 'optimizer_d', 'scheduler_d'] if cfg.gan_weight > 0 else []
+    missing = [k for k in needed if k not in ckpt]
+    if missing:
+        raise ValueError(f'{path}: not a train.py checkpoint of this setup (no {", ".join(missing)}); --resume takes a '
+                         'ckpt_*.pth of --out, a generator file goes to --init')
+    refused, allowed = resume_changes(ckpt['train_config'], asdict(cfg), defaults)
+    if refused:
+        raise ValueError(f'{path}: cannot resume with changed {", ".join(refused)} (saved: ' + ', '.join(
+            f'{k}={ckpt["train_config"].get(k, defaults[k])!r}' for k in refused)
+            + '); use the saved values or a new --out')
+    if ckpt.get('iqa_fingerprint') != fingerprints and isinstance(ckpt.get('iqa_fingerprint'), dict):
+        raise ValueError(f'{path}: trained with other Q weights ({ckpt["iqa_fingerprint"]}, now {fingerprints}); '
+                         'use the same --iqa / --iqa-weights')
+    saved_world = ckpt.get('world_size', 1)
+    if master:
+        notes = [f'{k} {ckpt["train_config"].get(k, defaults[k])!r} -> {getattr(cfg, k)!r}' for k in allowed]
+        if saved_world != world:
+            notes.append(f'{saved_world} -> {world} processes: the global batch is now {world} x {cfg.batch_size} and '
+                         'the data order from here differs from an uninterrupted run')
+        if notes:
+            print(f'resuming {path} with changed settings: ' + '; '.join(notes))
+    return ckpt
+
+
+def load_training_state(ckpt, path, g, ema, raw_d, opts, scheds, scaler, queue, rank):
+    """Weights, optimisers, schedulers, scaler and this rank's sample queue from a checkpoint."""
+    models.load_strict(g, ckpt['params'], path)  # one line when --generator/--arch changed
+    if 'ema_lora' in ckpt:
+        models.load_strict(ema, ckpt['params'], path)
+        lora.load_lora_state_dict(ema, ckpt['ema_lora'])
+    else:
+        models.load_strict(ema, ckpt['params_ema'], path)
+    opts[0].load_state_dict(ckpt['optimizer_g'])
+    scheds[0].load_state_dict(ckpt['scheduler_g'])
+    scaler.load_state_dict(ckpt['scaler'])
+    if raw_d is not None:
+        models.load_strict(raw_d, ckpt['net_d'], path)
+        opts[1].load_state_dict(ckpt['optimizer_d'])
+        scheds[1].load_state_dict(ckpt['scheduler_d'])
+    saved_queues = ckpt.get('queue') or []
+    if queue is not None and rank < len(saved_queues):  # a rank the saved run did not have starts an empty queue
+        queue.load_state_dict(saved_queues[rank])
+
+
+# ----------------------------------------------------------------------------- what the user sees
 class CsvLog:
     """log.csv, one row per logged step. A resumed run first drops the rows after its checkpoint's step
     (written before a kill), so every step appears once."""
@@ -145,10 +330,10 @@ class CsvLog:
         if resume_step is not None and self.path.is_file():
             with open(self.path, newline='') as f:
                 rows = [r for r in csv.DictReader(f) if r.get('step', '').isdigit() and int(r['step']) <= resume_step]
-            with atomic_open(self.path) as f:
+            with files.atomic_open(self.path) as f:
                 f.write(self._text(rows, header=True).encode())
         elif not self.path.is_file():
-            with atomic_open(self.path) as f:
+            with files.atomic_open(self.path) as f:
                 f.write(self._text([], header=True).encode())
         self.file = open(self.path, 'a', newline='')
 
@@ -168,7 +353,71 @@ class CsvLog:
         self.file.close()
 
 
-# ----------------------------------------------------------------------------- signals
+def log_row(step, sched, terms, bad_steps, rate):
+    """The log.csv / TensorBoard row of a step (host syncs here, at log steps only)."""
+    row = {'step': step, 'lr': sched.get_last_lr()[0], 'loss_g': sum(v.item() for k, v in terms.items()
+                                                                      if k in ('l1', 'perceptual', 'gan', 'q'))}
+    row.update({k: v.item() for k, v in terms.items()})
+    return {**row, 'bad_steps': bad_steps, 'it_per_s': rate}
+
+
+def progress_line(row, total):
+    """A plain progress line for logs that are not a terminal: step, losses, it/s, ETA."""
+    eta = (total - row['step']) / max(row['it_per_s'], 1e-9)
+    losses = ' '.join(f'{k} {v:.4g}' for k, v in row.items() if k not in ('step', 'lr', 'bad_steps', 'it_per_s'))
+    return (f'step {row["step"]}/{total} | {losses} | lr {row["lr"]:.3g} | {row["it_per_s"]:.2f} it/s | '
+            f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} d"}')
+
+
+class Logs:
+    """What rank 0 shows: log.csv, TensorBoard, the GT-choice histogram, and a progress bar on a terminal
+    or a plain line every --log-every steps when the output goes to a file."""
+
+    def __init__(self, cfg, out, step, resumed):
+        fields = ['step', 'lr', 'loss_g', 'l1'] + ['perceptual'] * (cfg.perceptual_weight > 0)
+        fields += ['gan', 'loss_d', 'd_real', 'd_fake'] * (cfg.gan_weight > 0) + ['q'] * (cfg.lambda_q > 0)
+        self.csv = CsvLog(out / 'log.csv', fields + ['bad_steps', 'it_per_s'], step if resumed else None)
+        self.writer = SummaryWriter(out / 'tb', purge_step=step if resumed else None)
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=cfg.total_iters, initial=step, dynamic_ncols=True, disable=not self.tty,
+                        desc='finetune' if cfg.finetune else f'stage 1 ({cfg.sampler})')
+        self.total, self.every, self.chosen, self.t0, self.steps = cfg.total_iters, cfg.log_every, [], time.time(), 0
+
+    def step(self, step, sched, terms, bad_steps, choice):
+        self.bar.update(1)
+        self.chosen.append(choice)
+        self.steps += 1
+        if step % self.every and step != self.total:
+            return
+        row = log_row(step, sched, terms, bad_steps, self.steps / (time.time() - self.t0))
+        self.csv.write(row)
+        for k, v in row.items():
+            if k != 'step':
+                self.writer.add_scalar(f'train/{k}', v, step)
+        self.writer.add_histogram('train/gt_index', torch.cat(self.chosen).cpu(), step, bins=np.arange(-0.5, 5))
+        if self.tty:
+            self.bar.set_postfix({k: f'{v:.4g}' for k, v in row.items() if k not in ('step', 'it_per_s')})
+        else:
+            print(progress_line(row, self.total), flush=True)
+        self.chosen, self.t0, self.steps = [], time.time(), 0
+
+    def write(self, text):
+        tqdm.write(text) if self.tty else print(text, flush=True)
+
+    def close(self):
+        self.bar.close()
+        self.writer.close()
+        self.csv.close()
+
+
+def save_sample(lq, sr, gt, path):
+    """LQ (enlarged) | SR | the chosen GT of the batch's first sample, side by side."""
+    up = F.interpolate(lq[:1].float(), scale_factor=4, mode='nearest')  # (1,3,H,W)
+    panel = torch.cat([up[0], sr[0].float(), gt[0].float()], dim=2)  # (3,H,3W)
+    files.save_image(panel.detach().clamp(0, 1).cpu(), path)
+
+
+# ----------------------------------------------------------------------------- stopping
 class StopSignals:
     """SIGTERM (what SLURM and Kubernetes send before preemption) and SIGINT set `received`; the training
     loop stops after the current step, with a checkpoint. A second SIGINT quits at once."""
@@ -197,3 +446,24 @@ def quiet_worker_exit(worker_id=None):
     does not take for a crash, so the main process can finish its step and save."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+class Stopped(Exception):
+    """SIGTERM / SIGINT ended training after a saved step; the exit code is 128 + the signal, as the shell's."""
+
+    def __init__(self, message, signal):
+        super().__init__(message)
+        self.signal = signal
+
+
+def stopped(signals, step, out):
+    """The Stopped exception after a signal, with the line that says where the run can go on."""
+    received = signals.received or signal.SIGTERM  # a signal that reached another rank
+    saved = checkpoint_path(out, step)
+    where = f'{saved} saved' if saved.is_file() else last_good(out)
+    return Stopped(f'stopped by {received.name} after step {step}: {where}; continue with --resume auto',
+                   received.value)
+
+
+class DataError(Exception):
+    """A bad training sample met in the loop, on one rank only."""

@@ -17,7 +17,7 @@ the cores are taken). On CUDA it is wall time after a synchronize.
    and MUSIQ (paper size) with random weights (their speed does not depend on the weight values; the
    LPIPS / DISTS backbones are built without their ImageNet files, nothing is downloaded).
 3. Memory of one SR to a 2048x2048 output (a small RRDBNet on a 512x512 LQ) untiled vs tiled
-   (nriqa_sr.upscale_image, --tile 128 --tile-pad 16), each in a fresh subprocess so one run's allocator
+   (upscale.upscale_image, --tile 128 --tile-pad 16), each in a fresh subprocess so one run's allocator
    history cannot hide the other's. CPU (Linux): the peak resident memory during inference (VmHWM, reset
    to the current RSS just before via /proc/self/clear_refs) minus the RSS before. CUDA:
    torch.cuda.max_memory_allocated() minus the allocation before inference.
@@ -39,9 +39,10 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
 
-import evaluate
+import metrics
 import models
 import nriqa_sr
+import upscale
 
 SMALL_RRDB = {'num_feat': 16, 'num_block': 2, 'num_grow_ch': 8}  # the memory test: a paper RRDBNet takes minutes
 LQ_SIZE, TILE, TILE_PAD = 512, 128, 16
@@ -98,10 +99,10 @@ def metric_cases(device, size):
     sr, gt = torch.rand(2, 1, 3, size, size, device=device)
     cases = {}
     for name in ('psnr', 'ssim'):
-        cases[name] = lambda f=evaluate.build_metric(name, device).fn: f(sr, gt)
+        cases[name] = lambda f=metrics.build_metric(name, device).fn: f(sr, gt)
     for name in ('lpips', 'stlpips', 'dists'):
         metric = pyiqa.create_metric(name, device=device, pretrained=False)
-        cases[name] = lambda m=metric: m(evaluate.crop_border(sr), evaluate.crop_border(gt))
+        cases[name] = lambda m=metric: m(metrics.crop_border(sr), metrics.crop_border(gt))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # the random-weights warning: speed is what is measured
         musiq = nriqa_sr.QualityModel('musiq', device, pretrained=False)
@@ -124,7 +125,7 @@ def child(mode, device):
         Path('/proc/self/clear_refs').write_text('5')  # Linux >= 4.0: reset VmHWM to the current VmRSS
     before = torch.cuda.memory_allocated() if cuda else rss_bytes('VmRSS')
     start = time.perf_counter()
-    sr = nriqa_sr.upscale_image(model, lq, 4, tile=TILE if mode == 'tiled' else None, tile_pad=TILE_PAD)
+    sr = upscale.upscale_image(model, lq, 4, tile=TILE if mode == 'tiled' else None, tile_pad=TILE_PAD)
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes('VmHWM')

@@ -1,12 +1,41 @@
-"""Shared test settings and helpers: a small thread count so tests behave the same on 2-core CI."""
+"""Shared test settings and helpers: a small thread count so tests behave the same on 2-core CI; tiny
+configurations; the offline fixture; the demo data set, built once; state equality; one-line errors."""
 import json
+import socket
 
+import huggingface_hub
+import pytest
 import torch
 
 import data
 import files
+from demo import make_demo_dataset
 
 torch.set_num_threads(2)
+
+
+def go_offline(mp, folder):
+    """No network (a connection or a torch.hub download fails the test) and empty torch / Hugging Face
+    caches under `folder`: every weight file is absent."""
+    def refuse(*args, **kwargs):
+        raise AssertionError('network access attempted')
+    mp.setattr(socket.socket, 'connect', refuse)
+    mp.setattr(torch.hub, 'download_url_to_file', refuse)
+    mp.setenv('TORCH_HOME', str(folder / 'empty_torch_home'))
+    mp.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(folder / 'empty_hf'))
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """go_offline for one test; modules take it with pytestmark = pytest.mark.usefixtures('offline')."""
+    go_offline(monkeypatch, tmp_path.parent)
+
+
+@pytest.fixture(scope='session')
+def demo_train(tmp_path_factory):
+    """The demo data set's training root (24 labelled sets of 192 px), built once per test session."""
+    train_root, _ = make_demo_dataset(tmp_path_factory.getbasetemp() / 'demo')
+    return train_root
 
 
 def assert_one_line_error(excinfo, path):

@@ -8,6 +8,7 @@ import scipy.special
 import torch
 import torch.nn.functional as F
 
+import data
 import degradations as dg
 
 # The numbers of HGGT's option files, written out here independently of the configs' defaults.
@@ -319,3 +320,20 @@ def test_same_seed_same_lq_and_bad_input():
         dg.degrade(torch.rand(1, 8, 8), dg.OneStageDegradation(), torch.Generator())
     with pytest.raises(ValueError, match='unknown degradation'):
         dg.degrade(hr, object(), torch.Generator())
+
+
+# A fixed-seed training sample of the demo set, recorded: a change to the data pipeline shows here. The LQ is
+# 8-bit; one level of tolerance covers rounding differences between CPUs' resampling and blur kernels.
+GOLDEN_SAMPLE = {'one-stage': (59.0182, 22.2167, [42, 42, 68, 65]), 'two-stage': (59.181, 20.4855, [39, 45, 68, 79])}
+
+
+@pytest.mark.parametrize('kind', ['one-stage', 'two-stage'])
+def test_a_fixed_seed_sample_equals_the_recorded_one(demo_train, kind):
+    degradation = dg.OneStageDegradation() if kind == 'one-stage' else dg.TwoStageDegradation()
+    item = data.MultiGTDataset(demo_train, gt_size=64, seed=5, degradation=degradation)[3]
+    lq = item['lq'].float()
+    mean, std, values = GOLDEN_SAMPLE[kind]
+    assert item['name'] == 'train_003' and item['lq'].dtype == torch.uint8 and lq.shape == (3, 16, 16)
+    assert abs(lq.mean() - mean) < 0.1 and abs(lq.std() - std) < 0.1, (lq.mean(), lq.std())
+    assert (lq.flatten()[[0, 100, 500, 700]] - torch.tensor(values)).abs().max() <= 1
+    assert abs(item['gts'].float().mean() - 60.7565) < 1e-3  # GT crops are exact

@@ -1,5 +1,6 @@
 """demo.py: the demo data set it builds, and with no weight file, the offline stand-ins it picks and flags."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,38 @@ def test_interrupted_demo_build_leaves_nothing_half(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as excinfo:  # never delete a folder that is not a demo set
         demo.make_demo_dataset(tmp_path / 'mine')
     assert_one_line_error(excinfo, tmp_path / 'mine')
+
+
+# ----------------------------------------------------------------------------- the README's demo table
+RESULTS_MD = '''# Evaluation on demo_data/test (6 sets)
+
+| Method | PSNR ↑ |
+|---|---|
+| UPos | 20.72 |
+
+Full-reference metrics: mean over positives.
+
+## Agreement with the human labels (paper §3)
+
+| Metric | Pairwise accuracy (%) ↑ |
+'''
+
+
+def test_readme_block_is_replaced_from_the_demo_results_and_nothing_else(tmp_path):
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'# intro\n\n{demo.README_START}\nold table\n{demo.README_END}\n\n## after\n')
+    demo.update_readme(readme, demo.results_block(RESULTS_MD, {'score': 6.2, 'evaluate': 20.4}, 345.6))
+    text = readme.read_text()
+    assert text.startswith('# intro\n\n') and text.endswith(f'{demo.README_END}\n\n## after\n')
+    block = text[text.index(demo.README_START):]
+    assert '| UPos | 20.72 |' in block and 'old table' not in block and 'Agreement' not in block
+    assert 'Wall time: score 6 s, evaluate 20 s; total 346 s.' in block and 'cores, torch ' in block
+    (tmp_path / 'plain.md').write_text('# no block\n')
+    with pytest.raises(SystemExit, match='no demo-results block'):
+        demo.update_readme(tmp_path / 'plain.md', 'x')
+
+
+def test_the_readme_demo_table_is_the_generated_block():
+    text = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    start, end = demo.readme_block_bounds(text, 'README.md')
+    assert 'Wall time: ' in text[start:end] and '| Method |' in text[start:end]

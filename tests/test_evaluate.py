@@ -12,18 +12,17 @@ import csv
 import json
 import math
 import shutil
-import socket
 import subprocess
 import warnings
 from html.parser import HTMLParser
 from types import SimpleNamespace
 from urllib.parse import unquote
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import TINY_Q, TINY_RRDB, go_offline
 from PIL import Image
 from skimage.metrics import structural_similarity
 
@@ -31,38 +30,30 @@ import data
 import evaluate
 import files
 import lora
+import metrics
 import models
 import nriqa_sr
 import report
+import score_cache
 import weights
 from demo import make_demo_dataset
 
-TINY = {'musiq': {'longer_side_lengths': [32], 'num_layers': 1, 'hidden_size': 32, 'mlp_dim': 64, 'num_heads': 2}}
-TINY_RRDB = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
 TINY_SWINIR = {'embed_dim': 12, 'depths': (1,), 'num_heads': (2,), 'img_size': 16, 'window_size': 4, 'mlp_ratio': 1.0,
                'upsampler': 'pixelshuffle'}
 QUALITY = nriqa_sr.QualityModel
 
 
-def go_offline(mp, folder):
-    """No network; empty torch / Hugging Face caches (every weight file is absent); the tiny random MUSIQ."""
-    def refuse(*args, **kwargs):
-        raise AssertionError('network access attempted')
-
-    def tiny_quality(*args, **kwargs):
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # the --random-iqa warning
-            return QUALITY(*args, metric_opts=TINY, **{k: v for k, v in kwargs.items() if k != 'metric_opts'})
-    mp.setattr(socket.socket, 'connect', refuse)
-    mp.setattr(torch.hub, 'download_url_to_file', refuse)
-    mp.setenv('TORCH_HOME', str(folder / 'empty_torch_home'))
-    mp.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(folder / 'empty_hf'))
-    mp.setattr(nriqa_sr, 'QualityModel', tiny_quality)
+def tiny_quality(*args, **kwargs):
+    """QualityModel with the tiny random MUSIQ's options, quietly (the --random-iqa warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return QUALITY(*args, metric_opts=TINY_Q, **{k: v for k, v in kwargs.items() if k != 'metric_opts'})
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    go_offline(monkeypatch, tmp_path)
+def tiny_q(offline, monkeypatch):
+    """Offline (conftest), and every Q built by evaluate.py is the tiny random MUSIQ."""
+    monkeypatch.setattr(nriqa_sr, 'QualityModel', tiny_quality)
 
 
 class FakeQ(torch.nn.Module):
@@ -104,7 +95,7 @@ def psnr_of_offset(offset):
 
 # ----------------------------------------------------------------------------- metrics
 def test_psnr_ssim_match_independent_references():
-    psnr = evaluate.build_metric('psnr', 'cpu').fn  # pyiqa's psnr, configured as BasicSR
+    psnr = metrics.build_metric('psnr', 'cpu').fn  # pyiqa's psnr, configured as BasicSR
     rng = np.random.default_rng(0)
     smooth = np.kron(rng.integers(0, 256, (6, 5, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 48x40 blocks
     noisy = np.clip(smooth.astype(int) + rng.integers(-40, 41, smooth.shape), 0, 255).astype(np.uint8)
@@ -115,8 +106,8 @@ def test_psnr_ssim_match_independent_references():
         ssim_ref = structural_similarity(ca, cb, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                          data_range=255, channel_axis=2)
         assert psnr(to_tensor(a), to_tensor(b)).item() == pytest.approx(psnr_ref, abs=1e-4)
-        assert evaluate.calculate_ssim(to_tensor(a), to_tensor(b)).item() == pytest.approx(ssim_ref, abs=1e-4)
-    assert evaluate.calculate_ssim(to_tensor(noisy), to_tensor(255 - noisy)).item() < -0.5  # no ReLU clamp
+        assert metrics.calculate_ssim(to_tensor(a), to_tensor(b)).item() == pytest.approx(ssim_ref, abs=1e-4)
+    assert metrics.calculate_ssim(to_tensor(noisy), to_tensor(255 - noisy)).item() < -0.5  # no ReLU clamp
 
 
 @pytest.mark.parametrize('name', ['lpips', 'stlpips', 'dists'])
@@ -141,7 +132,7 @@ def test_deep_fr_metrics_crop_four_border_pixels(name, tmp_path, monkeypatch):
         with torch.no_grad():
             return net(x, y).reshape(len(x))
     torch.save(net.state_dict(), tmp_path / weights.WEIGHT_FILES[name])
-    metric = evaluate.build_metric(name, 'cpu', weights=tmp_path).fn
+    metric = metrics.build_metric(name, 'cpu', weights=tmp_path).fn
     sr, gt = torch.rand(2, 3, 48, 40), torch.rand(2, 3, 48, 40)
     border = torch.ones(48, 40, dtype=torch.bool)
     border[4:-4, 4:-4] = False
@@ -157,7 +148,7 @@ def test_fr_metric_file_whose_names_fit_nothing_is_refused(tmp_path):
     """pyiqa loads LPIPS-ST non-strictly: a file with no fitting name would leave random layers."""
     torch.save({'not_a_layer': torch.zeros(1)}, tmp_path / 'alex_shift_tolerant.pth')
     with pytest.raises(ValueError, match='no parameter name fits pyiqa stlpips'):
-        evaluate.build_metric('stlpips', 'cpu', weights=tmp_path)
+        metrics.build_metric('stlpips', 'cpu', weights=tmp_path)
 
 
 # ----------------------------------------------------------------------------- hand-made labelled set
@@ -249,19 +240,19 @@ def test_agreement_reuses_a_complete_score_cache_and_scores_the_rest(tmp_path, m
     root = tmp_path / 'set'
     write_hand_set(root, lq=False)
     cached = {'s1': [0, 1, 2, 3, 4], 's2': [0, 1, 2, 3, 4], 's4': [0, 1, 2, 3, 4]}  # GT 4 always on top
-    cache = {'version': nriqa_sr.CACHE_VERSION, 'metric': 'musiq', 'fingerprint': 'fake', 'scores': cached,
+    cache = {'version': score_cache.CACHE_VERSION, 'metric': 'musiq', 'fingerprint': 'fake', 'scores': cached,
              'complete': True}
-    path = nriqa_sr.score_cache_path(root, 'musiq')
+    path = score_cache.score_cache_path(root, 'musiq')
     path.write_text(json.dumps(cache))
     labels = data.read_effective_labels(root)
-    scores = nriqa_sr.labelled_scores(root, FakeQ('musiq'), list(labels))
+    scores = score_cache.labelled_scores(root, FakeQ('musiq'), list(labels))
     assert {n: scores[n] for n in cached} == cached
-    assert scores['s3'] == pytest.approx(nriqa_sr.score_set(root, 's3', FakeQ('musiq')))  # not in the cache
+    assert scores['s3'] == pytest.approx(score_cache.score_set(root, 's3', FakeQ('musiq')))  # not in the cache
     # pairs: s1 (1>2 no, 3>2 yes), s2 (2>1 yes, 4>1 yes); a negative on top: s3 only (its own scores)
     result = nriqa_sr.agreement(scores, labels)
     assert (result['pairwise_accuracy'], result['negative_top_rate']) == (75.0, pytest.approx(100 / 3))
     path.write_text(json.dumps({**cache, 'fingerprint': 'other'}))
-    assert nriqa_sr.labelled_scores(root, FakeQ('musiq'), list(labels))['s1'] != cached['s1']
+    assert score_cache.labelled_scores(root, FakeQ('musiq'), list(labels))['s1'] != cached['s1']
     assert 'not used: ' in capsys.readouterr().err and json.loads(path.read_text())['fingerprint'] == 'other'
 
 
@@ -274,10 +265,10 @@ def test_agreement_command_passes_iqa_opts_and_gives_one_line_errors(tmp_path, m
     argv = ['agreement', '--data', str(root), '--iqa', 'musiq', '--random-iqa', '--device', 'cpu']
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        assert nriqa_sr.main(argv + ['--iqa-opts', json.dumps(TINY)]) == 0
-        quality = QUALITY('musiq', pretrained=False, metric_opts=TINY)
+        assert nriqa_sr.main(argv + ['--iqa-opts', json.dumps(TINY_Q)]) == 0
+        quality = QUALITY('musiq', pretrained=False, metric_opts=TINY_Q)
     labels = data.read_effective_labels(root)
-    expected = nriqa_sr.agreement({n: nriqa_sr.score_set(root, n, quality) for n in labels}, labels)
+    expected = nriqa_sr.agreement({n: score_cache.score_set(root, n, quality) for n in labels}, labels)
     assert '| musiq | ' + ' | '.join(nriqa_sr.agreement_cells(expected)) + ' |' in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         nriqa_sr.main(argv + ['--iqa-opts', '{"musiq": '])
@@ -343,7 +334,7 @@ def test_single_gt_pairs_realsr_layout(tmp_path, monkeypatch, capsys):
     # FR against the HR cut to the SR's 32x32 (BasicSR's test-time crop); Gold = the HR's own score
     assert sr_row['psnr'] == pytest.approx(np.mean([psnr_of_offset(o) for o in PAIRS.values()]), abs=1e-6)
     assert gold['musiq'] == pytest.approx(np.mean([100 * hr.mean() / 255 for hr in hrs.values()]), abs=1e-4)
-    psnr = evaluate.build_metric('psnr', 'cpu').fn
+    psnr = metrics.build_metric('psnr', 'cpu').fn
     expected = [psnr(files.load_image(tmp_path / 'out' / 'sr' / 'generator' / f'{n}.png')[None],
                      to_tensor(hrs[n][:32, :32].astype(np.uint8))).item() for n in PAIRS]
     assert run_row['psnr'] == pytest.approx(np.mean(expected), abs=1e-6)
@@ -430,6 +421,7 @@ def demo_run(tmp_path_factory):
     out = root / 'out'
     with pytest.MonkeyPatch.context() as mp:
         go_offline(mp, root)
+        mp.setattr(nriqa_sr, 'QualityModel', tiny_quality)
         evaluate.main([str(a) for a in ['--ckpt', root / 'rrdbnet' / 'generator.pth', '--ckpt',
                                         root / 'swinir' / 'generator.pth', '--data', test_root, '--out', out,
                                         '--random-iqa', '--tile', '16', '--tile-pad', '4', '--agreement', 'musiq',
@@ -456,7 +448,7 @@ def test_demo_run_writes_every_output(demo_run):
     assert 'RANDOM' in md and '**' in md
     # JSON and CSV agree, cell by cell; only the weight-free and random metrics computed here
     rows = list(csv.DictReader((demo_run / 'results.csv').open()))
-    assert list(rows[0]) == ['method', *evaluate.METRICS]
+    assert list(rows[0]) == ['method', *metrics.METRICS]
     for json_row, csv_row in zip(result['table'], rows):
         for key, value in json_row.items():
             if isinstance(value, float):
@@ -465,7 +457,7 @@ def test_demo_run_writes_every_output(demo_run):
                 assert csv_row[key] == ('' if value is None else value)
     computed = {k for k, v in result['table'][0].items() if isinstance(v, float)}
     assert computed == {'psnr', 'ssim', 'musiq'}
-    assert all(result['table'][0][m].startswith('missing (file ') for m in evaluate.METRICS if m not in computed)
+    assert all(result['table'][0][m].startswith('missing (file ') for m in metrics.METRICS if m not in computed)
     per_image = list(csv.DictReader((demo_run / 'per_image.csv').open()))
     assert len(per_image) == 3 * 2  # (2 methods + Gold Standard) x 2 sets
     rrdb = [float(r['psnr']) for r in per_image if r['method'] == 'rrdbnet']
@@ -522,10 +514,10 @@ def test_report_escapes_names_in_text_and_src(tmp_path, monkeypatch, capsys):
 
 def test_plot_left_out_with_a_reason_when_it_would_be_empty(tmp_path, capsys):
     write_hand_set(tmp_path / 'set')
-    for metrics, reason in (('psnr,ssim', 'it needs an NR metric'), ('musiq', 'it needs PSNR')):
-        out = tmp_path / metrics.replace(',', '_')
+    for chosen, reason in (('psnr,ssim', 'it needs an NR metric'), ('musiq', 'it needs PSNR')):
+        out = tmp_path / chosen.replace(',', '_')
         code, err = run_main(['--sr-dir', tmp_path / 'set' / 'sr', '--data', tmp_path / 'set', '--out', out,
-                              '--metrics', metrics, '--random-iqa'], capsys)
+                              '--metrics', chosen, '--random-iqa'], capsys)
         assert code == 0, err
         assert not (out / 'perception_distortion.png').exists()
         assert f'No perception-distortion plot: {reason}' in (out / 'results.md').read_text()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_G, TINY_Q, TINY_RRDB, assert_states_equal
 
 import data
 import evaluate
@@ -32,14 +33,12 @@ import files
 import lora
 import models
 import nriqa_sr
+import score_cache
 import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_G = {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4}
-TINY_RRDB = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
-TINY_Q = {'musiq': {'longer_side_lengths': [32], 'num_layers': 1, 'hidden_size': 32, 'mlp_dim': 64, 'num_heads': 2}}
 GOOD_VOTES = [['Positive', 'Similar', 'Negative', 'Positive']] * 3
-pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')
+pytestmark = [pytest.mark.filterwarnings('ignore:--random-iqa'), pytest.mark.usefixtures('offline')]
 
 
 # ----------------------------------------------------------------------------- good inputs to break
@@ -115,18 +114,8 @@ def world(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         quality = nriqa_sr.QualityModel('musiq', pretrained=False, metric_opts=TINY_Q)
-    nriqa_sr.score_dataset(w.train, quality, w.cache)
+    score_cache.score_dataset(w.train, quality, w.cache)
     return w
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No network, empty weight caches: a download attempt fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError('network access attempted')
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', refuse)
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path.parent / 'empty_torch_home'))
 
 
 def copy_tree(src, dst):
@@ -524,7 +513,8 @@ def cache_nan_scores(w, tmp):
 
 
 def cache_missing(w, tmp):
-    return Bad('train', sma(w, tmp, tmp / 'none.json'), tmp / 'none.json', 'not found; build it with: python nriqa_sr.py score')
+    return Bad('train', sma(w, tmp, tmp / 'none.json'), tmp / 'none.json',
+               'not found; build it with: python nriqa_sr.py score')
 
 
 # flags
@@ -750,6 +740,173 @@ def evaluate_agreement_without_labels(w, tmp):
 
 CASES += [evaluate_out_is_a_file, evaluate_out_under_a_file, evaluate_sr_png_and_jpg, evaluate_ckpt_is_lora_adapters,
           evaluate_agreement_without_labels]
+# upscale / score cases (issue 11)
+def bomb_png(path, width=30_000, height=30_000):
+    """A PNG header that claims width x height pixels (over Pillow's limit), and no pixels."""
+    import zlib
+    ihdr = b'IHDR' + width.to_bytes(4, 'big') + height.to_bytes(4, 'big') + bytes([8, 2, 0, 0, 0])
+    chunk = len(ihdr[4:]).to_bytes(4, 'big') + ihdr + zlib.crc32(ihdr).to_bytes(4, 'big')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk + b'\x00\x00\x00\x00IEND\xaeB`\x82')
+    return path
+
+
+def upscale_output_is_the_input_file(w, tmp):
+    images = copy_tree(w.images, tmp / 'in')
+    argv = upscale(w, tmp, images=images / 'a.png')
+    argv[argv.index('-o') + 1] = images / 'a.png'
+    return Bad('nriqa_sr', argv, images / 'a.png', 'is the input')
+
+
+def upscale_output_folder_is_the_input_folder(w, tmp):
+    images = copy_tree(w.images, tmp / 'in')
+    argv = upscale(w, tmp, images=images)
+    argv[argv.index('-o') + 1] = images
+    return Bad('nriqa_sr', argv, images / 'a.png', 'is the input')
+
+
+def upscale_output_reaches_the_input_through_dot_dot(w, tmp):
+    images = copy_tree(w.images, tmp / 'in')
+    (tmp / 'other').mkdir()
+    argv = upscale(w, tmp, images=images)
+    argv[argv.index('-o') + 1] = tmp / 'other' / '..' / 'in'
+    return Bad('nriqa_sr', argv, '-o', 'is the input')
+
+
+def upscale_output_reaches_the_input_through_a_symlink(w, tmp):
+    images = copy_tree(w.images, tmp / 'in')
+    (tmp / 'link').symlink_to(images, target_is_directory=True)
+    argv = upscale(w, tmp, images=images)
+    argv[argv.index('-o') + 1] = tmp / 'link'
+    return Bad('nriqa_sr', argv, '-o', 'is the input')
+
+
+def upscale_output_is_a_hard_link_of_an_input(w, tmp):
+    images = copy_tree(w.images, tmp / 'in')
+    (tmp / 'out').mkdir()
+    os.link(images / 'b.png', tmp / 'out' / 'b.png')
+    return Bad('nriqa_sr', upscale(w, tmp, images=images), tmp / 'out' / 'b.png', 'is the input')
+
+
+def upscale_two_inputs_one_output(w, tmp):
+    images = copy_tree(w.images, tmp / 'in')
+    files.save_image(torch.rand(3, 8, 8), images / 'a.jpg')
+    return Bad('nriqa_sr', upscale(w, tmp, images=images), 'a.jpg and a.png', f'would both be written to {tmp}')
+
+
+def upscale_folder_into_one_file(w, tmp):
+    argv = upscale(w, tmp)
+    argv[argv.index('-o') + 1] = tmp / 'out.png'
+    return Bad('nriqa_sr', argv, '-o', 'is one image file, but -i')
+
+
+def upscale_output_folder_is_a_file(w, tmp):
+    (tmp / 'out').write_text('notes, not a folder')
+    return Bad('nriqa_sr', upscale(w, tmp), tmp / 'out', 'is a file, not a folder')
+
+
+def upscale_output_under_a_file(w, tmp):
+    (tmp / 'notes').write_text('a file')
+    argv = upscale(w, tmp)
+    argv[argv.index('-o') + 1] = tmp / 'notes' / 'out'
+    return Bad('nriqa_sr', argv, tmp / 'notes', 'is not a folder')
+
+
+def upscale_alpha_into_jpeg(w, tmp):
+    files.save_image(torch.rand(4, 8, 8), tmp / 'rgba.png')
+    argv = upscale(w, tmp, images=tmp / 'rgba.png')
+    argv[argv.index('-o') + 1] = tmp / 'out.jpg'
+    return Bad('nriqa_sr', argv, tmp / 'out.jpg', 'JPEG has no alpha channel')
+
+
+def upscale_decompression_bomb(w, tmp):
+    images = copy_tree(w.images, tmp / 'in')
+    bomb = bomb_png(images / 'c.png')
+    return Bad('nriqa_sr', upscale(w, tmp, images=images), bomb, "over Pillow's decompression-bomb limit of 89,478,485")
+
+
+def train_gt_decompression_bomb(w, tmp):
+    root = copy_tree(w.train, tmp / 'train')
+    gt = bomb_png(data.gt_paths(root, 'b')[1])
+    return Bad('train', train_args(w, tmp, root=root), gt, 'decompression-bomb limit')
+
+
+def upscale_suffix_for_one_file(w, tmp):
+    argv = upscale(w, tmp, '--suffix', 'x4', images=w.images / 'a.png')
+    argv[argv.index('-o') + 1] = tmp / 'a_x4.png'
+    return Bad('nriqa_sr', argv, '--suffix', 'is one file')
+
+
+def upscale_zero_outscale(w, tmp):
+    return Bad('nriqa_sr', upscale(w, tmp, '--outscale', '0'), '--outscale', 'must be a positive number')
+
+
+def upscale_outscale_below_one_pixel(w, tmp):
+    return Bad('nriqa_sr', upscale(w, tmp, '--outscale', '0.1'), '--outscale', 'smaller than one pixel')
+
+
+def upscale_ckpt_of_another_scale(w, tmp):
+    ckpt = files.load_checkpoint(w.rrdb)
+    files.save_checkpoint({**ckpt, 'scale': 2}, tmp / 'x2.pth')
+    return Bad('nriqa_sr', upscale(w, tmp, ckpt=tmp / 'x2.pth'), tmp / 'x2.pth', 'holds an x2 generator')
+
+
+def upscale_ckpt_config_heads_do_not_divide(w, tmp):
+    ckpt = files.load_checkpoint(w.swinir)
+    files.save_checkpoint({**ckpt, 'config': {**TINY_G, 'num_heads': [5]}}, tmp / 'g.pth')
+    return Bad('nriqa_sr', upscale(w, tmp, ckpt=tmp / 'g.pth'), tmp / 'g.pth', "'embed_dim' 12 is not divisible")
+
+
+def score_cache_is_a_folder(w, tmp):
+    (tmp / 'cache').mkdir()
+    return Bad('nriqa_sr', ['score', '--data', w.train, '--iqa', 'piqe', '--cache', tmp / 'cache', '--device', 'cpu'],
+               '--cache', 'is a folder, not a file')
+
+
+def score_cache_under_a_file(w, tmp):
+    (tmp / 'notes').write_text('a file')
+    return Bad('nriqa_sr', ['score', '--data', w.train, '--iqa', 'piqe', '--cache', tmp / 'notes' / 's.json',
+                            '--device', 'cpu'], tmp / 'notes', 'is not a folder')
+
+
+def score_iqa_opts_unknown_option(w, tmp):
+    opts = json.dumps({'musiq': {**TINY_Q['musiq'], 'num_layer': 1}})
+    return Bad('nriqa_sr', ['score', '-i', w.images, '--iqa', 'musiq', '--random-iqa', '--iqa-opts', opts, '--device',
+                            'cpu'], '--iqa-opts', "musiq has no option 'num_layer'")
+
+
+def train_iqa_opts_unknown_option(w, tmp):
+    opts = json.dumps({'musiq': {**TINY_Q['musiq'], 'hidden': 32}})
+    return Bad('train', train_args(w, tmp, '--sampler', 'amo', '--iqa-opts', opts), '--iqa-opts',
+               "musiq has no option 'hidden'")
+
+
+def train_generator(w, tmp, **config):
+    return train_args(w, tmp, '--generator', json.dumps({**TINY_G, **config}))
+
+
+def train_generator_heads_do_not_divide(w, tmp):
+    return Bad('train', train_generator(w, tmp, num_heads=[5]), 'embed_dim', 'is not divisible by num_heads entry 5')
+
+
+def train_generator_x2(w, tmp):
+    return Bad('train', train_generator(w, tmp, upscale=2), "'upscale'", 'the setup is x4')
+
+
+def train_generator_depths_and_heads_differ(w, tmp):
+    return Bad('train', train_generator(w, tmp, depths=[1, 1]), "'num_heads'", "but 'depths' has 2")
+
+
+def train_generator_unknown_key(w, tmp):
+    return Bad('train', train_generator(w, tmp, embed_dm=12), "'embed_dm'", 'unknown key')
+
+
+def train_generator_wrong_type(w, tmp):
+    return Bad('train', train_generator(w, tmp, embed_dim='12'), "'embed_dim'", 'must be an integer >= 1')
+
+
+CASES += [upscale_output_is_the_input_file, upscale_output_folder_is_the_input_folder, upscale_output_reaches_the_input_through_dot_dot, upscale_output_reaches_the_input_through_a_symlink, upscale_output_is_a_hard_link_of_an_input, upscale_two_inputs_one_output, upscale_folder_into_one_file, upscale_output_folder_is_a_file, upscale_output_under_a_file, upscale_alpha_into_jpeg, upscale_decompression_bomb, train_gt_decompression_bomb, upscale_suffix_for_one_file, upscale_zero_outscale, upscale_outscale_below_one_pixel, upscale_ckpt_of_another_scale, upscale_ckpt_config_heads_do_not_divide, score_cache_is_a_folder, score_cache_under_a_file, score_iqa_opts_unknown_option, train_iqa_opts_unknown_option, train_generator_heads_do_not_divide, train_generator_x2, train_generator_depths_and_heads_differ, train_generator_unknown_key, train_generator_wrong_type]  # noqa: E501
+
 PROGRESS = re.compile(r'\d+%\|')  # a tqdm bar
 MAINS = {'train': train.main, 'evaluate': evaluate.main, 'nriqa_sr': nriqa_sr.main}
 
@@ -840,18 +997,6 @@ def wait_for(proc, ready, timeout=60):
     return False
 
 
-def assert_equal(a, b, where=''):
-    """Bitwise equality of nested checkpoint content (tensors with torch.equal)."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, (dict, list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for k in (a if isinstance(a, dict) else range(len(a))):
-            assert_equal(a[k], b[k], f'{where}/{k}')
-    else:
-        assert a == b, where
-
-
 def kill_after(proc, ready, delay):
     """SIGKILL `delay` seconds after ready() first holds (nothing when the run ends first)."""
     if wait_for(proc, ready):
@@ -894,6 +1039,6 @@ def test_kill_9_at_random_points_then_resume_equals_uninterrupted_run(world, tmp
     assert straight.returncode == 0, output[-3000:]
     a, b = (files.load_checkpoint(run / 'ckpt_0000008.pth') for run in (tmp_path / 'straight', out))
     for key in RESULT_KEYS:
-        assert_equal(a[key], b[key], key)
-    assert_equal(files.load_checkpoint(tmp_path / 'straight' / 'generator.pth'),
+        assert_states_equal(a[key], b[key], key)
+    assert_states_equal(files.load_checkpoint(tmp_path / 'straight' / 'generator.pth'),
                  files.load_checkpoint(out / 'generator.pth'))

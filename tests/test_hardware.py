@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_G, TINY_Q
 
 import files
 import train
-from conftest import TINY_G, TINY_Q
-from demo import make_demo_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')
 REPO = Path(__file__).resolve().parents[1]
@@ -31,16 +30,10 @@ def tiny_args(data_root, out, *extra):
 
 
 @pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    train_root, _ = make_demo_dataset(tmp_path_factory.getbasetemp() / 'demo')
-    return train_root
-
-
-@pytest.fixture(scope='module')
-def stage1(demo, tmp_path_factory):
+def stage1(demo_train, tmp_path_factory):
     """A stage-1 export with its discriminator, to fine-tune from."""
     out = tmp_path_factory.mktemp('stage1')
-    train.main(tiny_args(demo, out, '--sampler', 'upos', '--total-iters', '1'))
+    train.main(tiny_args(demo_train, out, '--sampler', 'upos', '--total-iters', '1'))
     return out / 'generator.pth'
 
 
@@ -63,25 +56,26 @@ def assert_trained(out, init_state):
 
 @pytest.mark.parametrize('flags', [['--amp', 'bf16'], ['--amp', 'fp16'], ['--channels-last']],
                          ids=['bf16', 'fp16', 'channels_last'])
-def test_gpu_branches_train_on_the_cpu_in_both_stages(demo, stage1, tmp_path, flags):
+def test_gpu_branches_train_on_the_cpu_in_both_stages(demo_train, stage1, tmp_path, flags):
     init = files.load_checkpoint(stage1)
-    ckpt = assert_trained(_run(demo, tmp_path / 's1', flags, '--sampler', 'amo', '--total-iters', '2', '--init', stage1),
+    ckpt = assert_trained(_run(demo_train, tmp_path / 's1', flags, '--sampler', 'amo', '--total-iters', '2',
+                               '--init', stage1),
                           init['params_ema'])
     if flags[-1] == 'fp16':
         assert ckpt['scaler']['scale'] > 0  # the GradScaler ran (and backed off where fp16 overflowed)
-    assert_trained(_run(demo, tmp_path / 'ft', flags, '--finetune', '--init', stage1, '--sampler', 'upos',
+    assert_trained(_run(demo_train, tmp_path / 'ft', flags, '--finetune', '--init', stage1, '--sampler', 'upos',
                         '--gan-weight', '0.1', '--total-iters', '2', '--lr', '1e-3', '--monitor-every', '0'),
                    init['params_ema'])
 
 
-def _run(demo, out, flags, *extra):
-    train.main(tiny_args(demo, out, *flags, *extra))
+def _run(demo_train, out, flags, *extra):
+    train.main(tiny_args(demo_train, out, *flags, *extra))
     return out
 
 
-def test_a_bf16_step_matches_the_fp32_step(demo, stage1, tmp_path):
+def test_a_bf16_step_matches_the_fp32_step(demo_train, stage1, tmp_path):
     common = ['--sampler', 'origins', '--total-iters', '1', '--init', stage1]
-    fp32, bf16 = (files.load_checkpoint(_run(demo, tmp_path / name, flags, *common) / 'ckpt_0000001.pth')
+    fp32, bf16 = (files.load_checkpoint(_run(demo_train, tmp_path / name, flags, *common) / 'ckpt_0000001.pth')
                   for name, flags in (('fp32', []), ('bf16', ['--amp', 'bf16'])))
     for which in ('optimizer_g', 'optimizer_d'):
         a, b = gradients(fp32, which), gradients(bf16, which)
@@ -90,11 +84,11 @@ def test_a_bf16_step_matches_the_fp32_step(demo, stage1, tmp_path):
 
 @pytest.mark.skipif(shutil.which('cc') is None and shutil.which('gcc') is None,
                     reason='torch.compile on the CPU needs a C compiler, and this machine has none')
-def test_compiled_models_train_in_both_stages(demo, stage1, tmp_path):
+def test_compiled_models_train_in_both_stages(demo_train, stage1, tmp_path):
     init = files.load_checkpoint(stage1)
-    assert_trained(_run(demo, tmp_path / 's1', ['--compile'], '--sampler', 'upos', '--total-iters', '2',
+    assert_trained(_run(demo_train, tmp_path / 's1', ['--compile'], '--sampler', 'upos', '--total-iters', '2',
                         '--init', stage1), init['params_ema'])
-    assert_trained(_run(demo, tmp_path / 'ft', ['--compile'], '--finetune', '--init', stage1, '--sampler', 'upos',
+    assert_trained(_run(demo_train, tmp_path / 'ft', ['--compile'], '--finetune', '--init', stage1, '--sampler', 'upos',
                         '--total-iters', '2', '--lr', '1e-3', '--monitor-every', '0'), init['params_ema'])
 
 
@@ -104,18 +98,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_nodes_equal_one_process_with_the_same_global_batch(demo, tmp_path):
+def test_two_nodes_equal_one_process_with_the_same_global_batch(demo_train, tmp_path):
     """Two torchrun agents (two "machines", one process each) meet at a c10d rendezvous on 127.0.0.1."""
     port, args = free_port(), ['--sampler', 'amo', '--total-iters', '1']
     node = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1',
             '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'127.0.0.1:{port}', '--rdzv-id', 'two-nodes', 'train.py',
-            *tiny_args(demo, tmp_path / 'two', *args, '--batch-size', '4')]
+            *tiny_args(demo_train, tmp_path / 'two', *args, '--batch-size', '4')]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
     procs = [subprocess.Popen(node, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    train.main(tiny_args(demo, tmp_path / 'one', *args, '--batch-size', '8'))
+    train.main(tiny_args(demo_train, tmp_path / 'one', *args, '--batch-size', '8'))
     two, one = (files.load_checkpoint(tmp_path / name / 'ckpt_0000001.pth') for name in ('two', 'one'))
     assert two['world_size'] == 2 and one['world_size'] == 1
     for which in ('optimizer_g', 'optimizer_d'):

@@ -147,7 +147,7 @@ def test_inject_preset_wraps_the_paper_layers_and_freezes_the_rest(arch):
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())  # the base gets no grad
 
 
-# Trainable parameters of the paper presets (DESIGN §3), counted by hand:
+# Trainable parameters of the paper presets (supp. §8.3: SwinIR MLPs rank 48, RRDB convs rank 24), counted by hand:
 #   SwinIR: 36 blocks x (fc1 48*(180+360) + fc2 48*(360+180)) = 36 x 51,840 = 1,866,240.
 #   RRDBNet: per RDB, A = 3*3*24 * (64+96+128+160+192) = 138,240 and B = 24 * (4*32 + 64) = 4,608;
 #            23 RRDBs x 3 RDBs x 142,848 = 9,856,512.

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_G, TINY_RRDB
 
 import files
 import models
@@ -16,7 +17,6 @@ import weights
 
 REFERENCE = Path(__file__).resolve().parent / 'reference'  # copies of shared/reference (released checkpoints' names)
 TINY_SWINIR = dict(img_size=16, window_size=4, depths=(2, 2), embed_dim=12, num_heads=(2, 3), mlp_ratio=2.0)
-TINY_RRDB = dict(num_feat=8, num_block=1, num_grow_ch=4)
 
 
 def reference_names_shapes(filename):
@@ -130,6 +130,18 @@ def test_shift_mask_is_cached_per_size_and_blocks_cross_region_attention():
     assert (mask[-1] == -100).any()  # the bottom-right window mixes wrapped-around regions
 
 
+@pytest.mark.parametrize('h, w, ws, shift', [(8, 12, 4, 2), (16, 16, 8, 4), (24, 8, 8, 4), (12, 20, 4, 1)])
+def test_shift_mask_equals_an_independent_construction(h, w, ws, shift):
+    """After the cyclic shift by -shift, a token at row i came from the far side of the image iff i >= h - shift
+    (likewise for columns). Two tokens of one window may attend to each other iff both or neither wrapped, per axis."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    wrapped = torch.stack([rows >= h - shift, cols >= w - shift], dim=-1)  # (h, w, 2)
+    windows = wrapped.view(h // ws, ws, w // ws, ws, 2).permute(0, 2, 1, 3, 4).reshape(-1, ws * ws, 2)  # (nW, N, 2)
+    differ = (windows[:, :, None] != windows[:, None, :]).any(-1)  # (nW, N, N)
+    expected = torch.where(differ, -100.0, 0.0)
+    assert torch.equal(models.shift_mask(h, w, ws, shift), expected)
+
+
 def test_perceptual_loss_random_vgg_is_zero_for_identical_and_grads_reach_input_only():
     loss_fn = models.PerceptualLoss(weights=None)
     assert len(loss_fn.vgg) == 35  # cut after conv5_4
@@ -232,3 +244,109 @@ def test_build_generator_rejects_unknown_arch_and_kwargs():
         models.build_generator('rrdbnet', window=8)
     with pytest.raises(ValueError, match='upscale'):
         models.SwinIR(upscale=4, upsampler='')
+
+
+# ----------------------------------------------------------------------------- tiny inputs and config checks
+def test_pad_to_multiple_is_the_official_reflect_pad_where_that_works_and_extends_it_below():
+    x = torch.rand(1, 3, 13, 6)
+    for multiple in (4, 8):  # pads 3 / 3 and 3 / 2: smaller than the sides, one F.pad as the official code
+        torch.testing.assert_close(models.pad_to_multiple(x, multiple),
+                                   F.pad(x, (0, -6 % multiple, 0, -13 % multiple), mode='reflect'), rtol=0, atol=0)
+    small = torch.rand(1, 3, 2, 3)
+    padded = models.pad_to_multiple(small, 8)  # reflect in steps: 2 -> 3 -> 5 -> 8 rows, 3 -> 5 -> 8 columns
+    assert padded.shape == (1, 3, 8, 8) and torch.equal(padded[:, :, :2, :3], small)
+    step = F.pad(F.pad(small, (0, 2, 0, 1), mode='reflect'), (0, 3, 0, 2), mode='reflect')
+    torch.testing.assert_close(padded, F.pad(step, (0, 0, 0, 3), mode='reflect'), rtol=0, atol=0)
+    one = torch.rand(1, 3, 1, 5)  # one row: nothing to mirror, the row repeats
+    assert torch.equal(models.pad_to_multiple(one, 4), F.pad(F.pad(one, (0, 0, 0, 3), mode='replicate'),
+                                                             (0, 3, 0, 0), mode='reflect'))
+
+
+@pytest.mark.parametrize('size', [(1, 1), (4, 40), (40, 4), (2, 3), (8, 40), (1, 65)])
+def test_swinir_on_tiny_and_one_window_row_inputs(size):
+    """Sides of 1..4 px (where reflect padding by up to 7 px is impossible) and a single row of
+    windows (whose partition is a strided view) run and give the exact scale."""
+    torch.manual_seed(0)
+    model = models.SwinIR(**{**TINY_SWINIR, 'window_size': 8, 'depths': (2,), 'num_heads': (2,)},
+                          upsampler='pixelshuffle').eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, *size))
+        assert out.shape == (1, 3, 4 * size[0], 4 * size[1]) and torch.isfinite(out).all()
+        pixel = torch.rand(1, 3, 1, 1)  # a 1x1 input is the constant image it repeats into, cropped
+        torch.testing.assert_close(model(pixel), model(pixel.expand(1, 3, 8, 8))[:, :, :4, :4])
+
+
+@pytest.mark.parametrize('scale', [1, 2])
+def test_rrdbnet_folds_tiny_inputs(scale):
+    torch.manual_seed(0)
+    model = models.RRDBNet(scale=scale, **TINY_RRDB).eval()
+    with torch.no_grad():
+        for size in ((1, 1), (1, 6), (2, 3), (3, 2)):
+            assert model(torch.rand(1, 3, *size)).shape == (1, 3, scale * size[0], scale * size[1])
+        x = torch.rand(1, 3, 7, 5)  # pads below the side: unchanged from a single reflect pad
+        fold = 4 // scale
+        folded = F.pixel_unshuffle(F.pad(x, (0, -5 % fold, 0, -7 % fold), mode='reflect'), fold)
+        feat = model.conv_first(folded)
+        feat = feat + model.conv_body(model.body(feat))
+        feat = model.lrelu(model.conv_up1(F.interpolate(feat, scale_factor=2, mode='nearest')))
+        feat = model.lrelu(model.conv_up2(F.interpolate(feat, scale_factor=2, mode='nearest')))
+        expected = model.conv_last(model.lrelu(model.conv_hr(feat)))[:, :, :7 * scale, :5 * scale]
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('arch, config, key, words', [
+    ('swinir', {'embed_dim': 12, 'depths': [1], 'num_heads': [5]}, 'embed_dim', 'not divisible by num_heads entry 5'),
+    ('swinir', {'depths': [2, 2], 'num_heads': [6]}, 'num_heads', "has 1 entries but 'depths' has 2"),
+    ('swinir', {'upscale': 2}, 'upscale', 'the setup is x4'),
+    ('rrdbnet', {'scale': 1}, 'scale', 'the setup is x4'),
+    ('rrdbnet', {'num_fet': 8}, 'num_fet', 'unknown key'),
+    ('rrdbnet', {'num_feat': '64'}, 'num_feat', 'must be an integer >= 1'),
+    ('rrdbnet', {'num_block': 2.0}, 'num_block', 'must be an integer >= 1'),
+    ('swinir', {'depths': 6}, 'depths', 'must be a non-empty list'),
+    ('swinir', {'ape': 'no'}, 'ape', 'must be true or false'),
+    ('swinir', {'mlp_ratio': None}, 'mlp_ratio', 'must be a number'),
+    ('swinir', {'img_size': [64]}, 'img_size', 'an integer or [H, W]'),
+])
+def test_generator_config_that_does_not_fit_is_one_line_naming_the_key(monkeypatch, arch, config, key, words):
+    def refuse(*args, **kwargs):
+        raise AssertionError('a module was built before the config was checked')
+    monkeypatch.setattr(torch.nn.Module, '__init__', refuse)
+    with pytest.raises(ValueError) as err:
+        models.build_generator(arch, **config)
+    monkeypatch.undo()
+    message = str(err.value)
+    assert message.startswith('generator config: ') and repr(key) in message and words in message
+    assert '\n' not in message
+
+
+def test_checkpoint_config_and_scale_are_checked(tmp_path):
+    state = models.RRDBNet(**TINY_RRDB).state_dict()
+    for extra, words in (({'config': {**TINY_RRDB, 'num_heads': 2}}, "config: unknown key 'num_heads'"),
+                         ({'config': [8, 1]}, "'config' is a list"),
+                         ({'config': TINY_RRDB, 'scale': 2}, 'holds an x2 generator, not x4')):
+        path = tmp_path / 'g.pth'
+        files.save_checkpoint({'params_ema': state, 'arch': 'rrdbnet', **extra}, path)
+        with pytest.raises(ValueError) as err:
+            models.load_generator(path)
+        assert str(err.value).startswith(f'{path}: ') and words in str(err.value)
+    with pytest.raises(ValueError, match="generator config: key 'scale' is 2"):
+        models.load_generator(path, scale=2)  # the caller's config against the x4 setup
+
+
+# Recorded outputs of fixed-seed networks on a fixed input: a change to a network's computation shows here
+# (tolerances cover floating-point differences between CPUs, not a changed operation).
+GOLDEN_FORWARD = {'swinir': (0.4303790, 0.0607264, [0.45819, 0.450376, 0.488735, 0.446718]),
+                  'rrdbnet': (-0.0540435, 0.0322310, [-0.031117, -0.034927, -0.029821, -0.00813])}
+
+
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_fixed_weight_forward_equals_the_recorded_output(arch):
+    x = torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = models.build_generator(arch, **{'swinir': TINY_G, 'rrdbnet': TINY_RRDB}[arch]).eval()
+    with torch.no_grad():
+        y = model(x)
+    mean, std, values = GOLDEN_FORWARD[arch]
+    assert y.shape == (1, 3, 80, 96)
+    torch.testing.assert_close(torch.stack([y.mean(), y.std()]), torch.tensor([mean, std]), rtol=0, atol=2e-6)
+    torch.testing.assert_close(y.flatten()[[0, 1000, 4000, 7679]], torch.tensor(values), rtol=0, atol=2e-6)

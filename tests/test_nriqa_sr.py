@@ -1,23 +1,30 @@
-"""nriqa_sr.py: samplers (DESIGN §2), Q over pyiqa (§6), score cache, agreement (§5), tiled upscaling, CLI.
+"""nriqa_sr.py, score_cache.py, upscale.py: the samplers, Q over pyiqa, the score cache, agreement, tiled
+upscaling, the CLI.
 
-Random weights only: a tiny random MUSIQ (TINY) where scores must be fast, the paper-size random MUSIQ
+Random weights only: a tiny random MUSIQ (TINY_Q) where scores must be fast, the paper-size random MUSIQ
 where its gradient matters, weight-free PIQE where a real metric must run, and FakeQ (mean brightness)
 where the scores themselves must be known.
 """
 import hashlib
 import importlib.util
 import json
-import socket
+import os
 import warnings
+from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import TINY_Q, TINY_RRDB
 
 import files
 import models
 import nriqa_sr
+import score_cache
+import upscale
 import weights
 from data import gt_paths
 from files import load_image, save_image
@@ -25,31 +32,21 @@ from nriqa_sr import (
     QualityModel,
     agreement,
     argmax_online,
-    load_score_cache,
     quality_reward,
     sample_gt_index,
-    score_dataset,
-    upscale_image,
 )
+from score_cache import load_score_cache, score_dataset
+from upscale import upscale_image
 
-TINY = {'musiq': dict(longer_side_lengths=[32], num_layers=1, hidden_size=32, mlp_dim=64, num_heads=2)}
+pytestmark = pytest.mark.usefixtures('offline')
 DRAWS = 20_000
 TOL = 0.02  # max |empirical - expected| frequency; the std of a frequency over 20k draws is <= 0.0036
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any connection or download attempt fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError('network access attempted')
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', refuse)
 
 
 def random_quality(name='musiq', **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        return QualityModel(name, pretrained=False, metric_opts=TINY, **kwargs)
+        return QualityModel(name, pretrained=False, metric_opts=TINY_Q, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -222,13 +219,13 @@ def test_weight_file_is_loaded_and_fingerprinted(tmp_path, tiny_q):
     path = tmp_path / 'musiq_koniq_ckpt-e95806b9.pth'
     state = {k: v + 0.01 for k, v in tiny_q.nets[0].state_dict().items()}  # not the random init
     torch.save(state, path)
-    q = QualityModel('musiq', weights=tmp_path, metric_opts=TINY)
+    q = QualityModel('musiq', weights=tmp_path, metric_opts=TINY_Q)
     assert q.fingerprint.startswith(hashlib.sha256(path.read_bytes()).hexdigest()[:16] + '+opts=')
     torch.testing.assert_close(q.nets[0].state_dict(), state)
-    assert QualityModel('musiq', weights=path, metric_opts=TINY).fingerprint == q.fingerprint
+    assert QualityModel('musiq', weights=path, metric_opts=TINY_Q).fingerprint == q.fingerprint
     torch.save({'params': state, 'payload': FakeQ()}, path)  # a pickled object: refused before pyiqa unpickles it
     with pytest.raises(ValueError, match='refused to unpickle'):
-        QualityModel('musiq', weights=path, metric_opts=TINY)
+        QualityModel('musiq', weights=path, metric_opts=TINY_Q)
 
 
 # ----------------------------------------------------------------------------- score cache
@@ -298,7 +295,7 @@ def test_cli_score_dataset_and_images(hggt_root, capsys):
     capsys.readouterr()
     assert nriqa_sr.main(['score', '-i', str(images), '--iqa', 'piqe', '--device', 'cpu']) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == 'name,score'
+    assert lines[0] == 'name,100-piqe'
     assert [line.split(',')[0] for line in lines[1:]] == ['a.png', 'b.png', 'c.png', 'gray.png']
     assert nriqa_sr.main(['score', '-i', str(hggt_root / 'nope'), '--iqa', 'piqe']) == 2
     err = capsys.readouterr().err
@@ -315,7 +312,8 @@ def test_agreement_on_hand_made_sets():
               'c': [99, 1, 2, 3, 4]}      # no Negative: no pair, not counted
     assert agreement(scores, labels) == {'pairwise_accuracy': pytest.approx(100 / 3), 'pairs': 3,
                                          'negative_top_rate': 50.0, 'sets_with_negative': 2, 'sets': 3,
-                                         'negative_share': pytest.approx(200 / 3), 'amo_negative_rate': pytest.approx(100 / 3)}
+                                         'negative_share': pytest.approx(200 / 3),
+                                         'amo_negative_rate': pytest.approx(100 / 3)}
     tie = agreement({'a': [0, 5, 5, 5, 1]}, {'a': labels['a']})
     assert tie['pairwise_accuracy'] == 0 and tie['negative_top_rate'] == 0  # tie disagrees; top = lowest index
     with pytest.raises(ValueError, match='no Q scores'):
@@ -374,3 +372,217 @@ def test_qalign_without_icecream_is_one_line_not_a_traceback(monkeypatch):
     with pytest.raises(ValueError, match='icecream') as err:
         nriqa_sr.QualityModel('qalign')
     assert '\n' not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- upscale: output, memory, options
+
+
+def rrdb_checkpoint(path):
+    torch.manual_seed(0)
+    model = models.build_generator('rrdbnet', **TINY_RRDB).eval()
+    files.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet', 'config': TINY_RRDB, 'scale': 4}, path)
+    return model
+
+
+def whole_float_output(model, src, tile, tile_pad):
+    """The pixels of the earlier upscale_file: the whole float output, gray as the channel mean, alpha
+    bicubic over the whole image, rounded at once by save_image."""
+    image = load_image(src)
+    sr = upscale_image(model, files.to_rgb(image)[None], 4, tile, tile_pad)[0].float().clamp(0, 1)
+    if image.shape[0] == 1:
+        sr = sr.mean(0, keepdim=True)
+    elif image.shape[0] == 4:
+        alpha = F.interpolate(image[None, 3:], scale_factor=4, mode='bicubic', align_corners=False)[0]
+        sr = torch.cat([sr, alpha.clamp(0, 1)])
+    return sr
+
+
+@pytest.mark.parametrize('channels, bits', [(3, 8), (1, 8), (4, 8), (3, 16), (4, 16), (1, 16)])
+def test_streamed_tiles_give_the_bytes_of_whole_image_rounding(tmp_path, channels, bits):
+    model = rrdb_checkpoint(tmp_path / 'g.pth')
+    src = tmp_path / 'in.png'
+    save_image(torch.rand(channels, 9, 11, generator=torch.Generator().manual_seed(channels)), src, bits=bits)
+    for tile, pad in ((4, 3), (None, 32)):  # seams of the model tiles and of the alpha tiles (2 px context)
+        upscale.upscale_file(model, src, tmp_path / 'new.png', 4, tile, pad)
+        save_image(whole_float_output(model, src, tile, pad), tmp_path / 'old.png', bits=bits)
+        assert (tmp_path / 'new.png').read_bytes() == (tmp_path / 'old.png').read_bytes()
+    assert files.png_bit_depth(tmp_path / 'new.png') == bits
+
+
+MEMORY_CHILD = '''
+import re, sys, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+import models, upscale
+from files import save_image
+def status(key):
+    return int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024
+torch.manual_seed(0)
+model = models.build_generator('rrdbnet', num_feat=4, num_block=1, num_grow_ch=4).eval()
+save_image(torch.rand(3, 500, 400), sys.argv[2] + '/in.png')
+upscale.upscale_file(model, sys.argv[2] + '/in.png', sys.argv[2] + '/warm.png', 4, 32, 4)
+open('/proc/self/clear_refs', 'w').write('5')  # peak RSS := current RSS
+before = status('VmRSS')
+upscale.upscale_file(model, sys.argv[2] + '/in.png', sys.argv[2] + '/out.png', 4, 32, 4)
+print((status('VmHWM') - before) / (2000 * 1600))
+'''
+
+
+def test_tiled_upscale_memory_grows_with_the_tile_not_the_float_image(tmp_path):
+    """A 500x400 input (3.2 MP out) in 32-px tiles: the earlier code held the float32 output and its
+    copies (~47 bytes per output pixel); now the uint8 output (3), Pillow's copy (4) and the file."""
+    import subprocess
+    import sys
+    try:
+        open('/proc/self/clear_refs', 'w').write('5')
+    except OSError:
+        pytest.skip('needs Linux /proc/self/clear_refs to reset the peak RSS')
+    repo = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, '-c', MEMORY_CHILD, repo, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) < 16, done.stdout  # bytes added per output pixel at the peak
+
+
+def test_outscale_suffix_and_dot_files(tmp_path, capsys):
+    rrdb_checkpoint(tmp_path / 'g.pth')
+    src = tmp_path / 'in'
+    save_image(torch.rand(3, 9, 11), src / 'a.png')
+    save_image(torch.rand(1, 7, 6), src / 'b.jpg')
+    (src / '._a.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble, not a PNG')  # macOS companion file
+    (src / '.hidden.png').write_bytes(b'not an image either')
+    (src / 'folder.png').mkdir()  # a folder named like an image
+    assert upscale.list_images(src) == [src / 'a.png', src / 'b.jpg']
+    out = tmp_path / 'out'
+    argv = ['upscale', '--ckpt', str(tmp_path / 'g.pth'), '-i', str(src), '-o', str(out), '--device', 'cpu']
+    assert nriqa_sr.main(argv + ['--suffix', 'x4', '--outscale', '2.5']) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['a_x4.png', 'b_x4.png']
+    assert nriqa_sr.main(argv + ['--no-channels-last']) == 0  # x4 reference, NAME.png
+    x4 = cv2.imread(str(out / 'a.png'), cv2.IMREAD_UNCHANGED)
+    expected = cv2.resize(x4, (int(11 * 2.5), int(9 * 2.5)), interpolation=cv2.INTER_LANCZOS4)  # Real-ESRGAN's
+    resized = cv2.imread(str(out / 'a_x4.png'), cv2.IMREAD_UNCHANGED)
+    assert resized.shape == (22, 27, 3) and np.abs(resized.astype(int) - expected).max() <= 1  # channels-last
+    assert load_image(out / 'b_x4.png').shape == (1, 17, 15)
+    single = ['upscale', '--ckpt', str(tmp_path / 'g.pth'), '-o', str(tmp_path / 'single.jpg'), '--device', 'cpu']
+    assert nriqa_sr.main(single + ['-i', str(src)]) == 2  # a folder into one file
+    assert nriqa_sr.main(single + ['-i', str(src / 'a.png')]) == 0
+    assert load_image(tmp_path / 'single.jpg').shape == (3, 36, 44)  # a JPEG file, not a folder named so
+
+
+def test_amp_and_channels_last_stay_close_to_fp32():
+    """bf16 autocast on CPU (fp16 on CUDA): within 0.03 of fp32 on [0,1] (mean 0.01) for this random
+    RRDBNet, whose output spans [-0.4, 1.1]; channels-last: fp32 rounding only."""
+    torch.manual_seed(0)
+    model = models.build_generator('rrdbnet', **TINY_RRDB).eval()
+    lq = torch.rand(1, 3, 20, 24)
+    fp32 = upscale_image(model, lq, 4, tile=12, tile_pad=4)
+    half = upscale_image(model, lq, 4, tile=12, tile_pad=4, amp=True)
+    assert half.dtype == torch.float32 and (half - fp32).abs().max() < 0.03 and (half - fp32).abs().mean() < 0.01
+    last = upscale_image(model.to(memory_format=torch.channels_last), lq, 4, tile=12, tile_pad=4)
+    torch.testing.assert_close(last, fp32, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- score: table, note, cache loop
+def test_score_table_decodes_every_image_before_the_first_row(tmp_path, capsys):
+    save_image(torch.rand(3, 32, 32), tmp_path / 'a.png')
+    (tmp_path / 'z.png').write_bytes(b'\x89PNG\r\n\x1a\n cut short')
+    assert nriqa_sr.main(['score', '-i', str(tmp_path), '--iqa', 'piqe', '--device', 'cpu']) == 2
+    out, err = capsys.readouterr()
+    assert out == '' and err.count('\n') == 1 and 'z.png: cannot read image' in err
+
+
+def test_score_names_a_reflected_column_and_says_so(tmp_path, capsys):
+    save_image(torch.rand(3, 64, 64), tmp_path / 'a.png')
+    argv = ['score', '-i', str(tmp_path), '--device', 'cpu']
+    assert nriqa_sr.main(argv + ['--iqa', 'piqe']) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == 'name,100-piqe' and 'piqe is lower-is-better' in err and 'reflected' in err
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert nriqa_sr.main(argv + ['--iqa', 'musiq', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == 'name,musiq' and 'note' not in err
+
+
+@pytest.mark.filterwarnings('ignore:--random-iqa')
+def test_the_suggested_rebuild_command_makes_the_cache_accepted(hggt_root, capsys):
+    import shlex
+    q = random_quality()  # --random-iqa and --iqa-opts both enter the fingerprint
+    path = hggt_root / 'cache.json'
+    score_dataset(hggt_root, QualityModel('piqe'), path)  # a cache of another Q: refused
+    with pytest.raises(ValueError) as err:
+        load_score_cache(path, q.name, q.fingerprint, ['a', 'b', 'c'],
+                         score_cache.score_command(hggt_root, q.flags, path))
+    argv = shlex.split(str(err.value).split('rebuild: ')[1])
+    assert argv[:3] == ['python', 'nriqa_sr.py', 'score'] and '--iqa-opts' in argv and '--random-iqa' in argv
+    assert nriqa_sr.main(argv[2:]) == 0  # exactly the suggested command, once
+    assert list(load_score_cache(path, q.name, q.fingerprint, ['a', 'b', 'c'])) == ['a', 'b', 'c']
+    assert capsys.readouterr().err.count('rescoring') == 1
+
+
+def test_iqa_opts_checked_against_the_pyiqa_network_before_building(monkeypatch):
+    import pyiqa
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('pyiqa built a metric')
+    monkeypatch.setattr(pyiqa, 'create_metric', refuse)
+    for name, opts, words in (('musiq', {'musiq': {'num_layer': 1}}, "musiq has no option 'num_layer'"),
+                              ('musiq+piqe', {'piqe': {'size': 3}}, "piqe has no option 'size'"),
+                              ('musiq', {'musiq': [1]}, 'must be a JSON object'),
+                              ('musiq', {'musiq': {'pretrained_model_path': '/x.pth'}}, '--iqa-weights')):
+        with pytest.raises(ValueError) as err:
+            QualityModel(name, pretrained=False, metric_opts=opts)
+        assert str(err.value).startswith('--iqa-opts: ') and words in str(err.value) and '\n' not in str(err.value)
+    monkeypatch.undo()
+    q = QualityModel('piqe', metric_opts=TINY_Q)  # options of a metric that is not in --iqa: left out
+    assert q.fingerprint == 'weight-free' and q.flags == ['--iqa', 'piqe']
+
+
+@pytest.mark.parametrize('header_only', [False, True])
+def test_images_over_the_decompression_bomb_limit_are_one_line(tmp_path, monkeypatch, header_only):
+    from PIL import Image
+    path = tmp_path / 'big.png'
+    save_image(torch.rand(3, 30, 40), path)
+    for limit in (1000, 500):  # Pillow warns over the limit and raises over twice it: both refused
+        monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', limit)
+        with pytest.raises(ValueError) as err:
+            files.image_size(path) if header_only else load_image(path)
+        assert str(err.value) == (f"{path}: 1,200 pixels is over Pillow's decompression-bomb limit of {limit:,} "
+                                  'pixels (PIL.Image.MAX_IMAGE_PIXELS)')
+
+
+@pytest.mark.filterwarnings('ignore:--random-iqa')
+def test_train_refusal_command_is_the_way_out(hggt_root, tmp_path, capsys):
+    """train.py --sampler sma with a cache of another Q: running the command it prints is enough."""
+    import shlex
+
+    import train
+    cache = tmp_path / 'scores.json'
+    score_dataset(hggt_root, QualityModel('piqe'), cache)
+    argv = ['--data', str(hggt_root), '--out', str(tmp_path / 'run'), '--sampler', 'sma', '--score-cache', str(cache),
+            '--generator', json.dumps({'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4}),
+            '--gt-size', '16', '--batch-size', '2', '--queue-size', '0', '--gan-weight', '0', '--perceptual-weight',
+            '0', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q), '--num-workers', '0', '--sample-every', '0',
+            '--total-iters', '1']
+
+    def run_train():
+        try:
+            return train.main(argv)
+        except SystemExit as exc:  # train.main exits with 2 on a bad input
+            return exc.code
+    assert run_train() == 2
+    command = shlex.split(capsys.readouterr().err.split('rebuild: ')[1])
+    assert command[:3] == ['python', 'nriqa_sr.py', 'score'] and nriqa_sr.main(command[2:]) == 0
+    assert run_train() in (0, None)
+
+
+def test_swinir_tiles_of_one_pixel():
+    """A 65-pixel side in 64-pixel tiles without context: the last tiles are 1 pixel wide or high,
+    which SwinIR pads to a window by repeating the pixel; each tile equals the model on that crop."""
+    torch.manual_seed(0)
+    model = models.build_generator('swinir', embed_dim=12, depths=[1], num_heads=[2], window_size=8).eval()
+    lq = torch.rand(1, 3, 65, 66)
+    out = upscale_image(model, lq, 4, tile=64, tile_pad=0)
+    assert out.shape == (1, 3, 260, 264)
+    with torch.no_grad():
+        torch.testing.assert_close(out[:, :, 256:, 256:], model(lq[:, :, 64:, 64:]))
+        torch.testing.assert_close(out[:, :, :256, 256:], model(lq[:, :, :64, 64:]))

@@ -35,17 +35,18 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import TINY_G
 
 import data
 import evaluate
 import files
+import metrics
 import models
 import nriqa_sr
 import train
 import weights
 
 REGISTRY = {w.name: w for w in weights.REGISTRY}
-TINY_G = {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4}
 SMALL_TRAINING = ['--gt-size', '32', '--batch-size', '2', '--total-iters', '1', '--num-workers', '0',
                   '--log-every', '1', '--sample-every', '0', '--save-every', '1', '--monitor-every', '0']
 P, S, N = 'Positive', 'Similar', 'Negative'
@@ -219,7 +220,7 @@ def test_every_file_of_the_table_is_found(real, capsys):
     out = capsys.readouterr().out
     status = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[0] in REGISTRY}
     assert status == {**{name: 'present' for name in real.paths}, 'one-align': 'MISSING'}
-    assert all(weights.missing_weights(m) == [] for m in evaluate.METRICS if m != 'qalign')
+    assert all(weights.missing_weights(m) == [] for m in metrics.METRICS if m != 'qalign')
     assert weights.missing_weights('qalign') == [weights.location(REGISTRY['one-align'])]
 
 
@@ -280,7 +281,7 @@ def test_evaluate_fills_every_column_but_qalign(real, musiq_of_test_gts, capsys)
     capsys.readouterr()
     result = json.loads((out / 'results.json').read_text())
     tiny, gold = result['table']
-    computed = [m for m in evaluate.METRICS if m != 'qalign']
+    computed = [m for m in metrics.METRICS if m != 'qalign']
     assert all(isinstance(tiny[m], float) and np.isfinite(tiny[m]) for m in computed), tiny
     assert tiny['qalign'] == gold['qalign'] == 'missing (file models--q-future--one-align)'
     assert result['absent_weights'] == {'qalign': [str(weights.location(REGISTRY['one-align']))]}

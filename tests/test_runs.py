@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_G, TINY_Q
 
 import files
 import runs
 import train
-from conftest import TINY_G, TINY_Q
-from demo import make_demo_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')
 REPO = Path(__file__).resolve().parents[1]
@@ -29,12 +28,6 @@ def tiny_args(data_root, out, *extra):
             '0', '--log-every', '1', '--sample-every', '0', *FAST, *extra]]
 
 
-@pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    train_root, _ = make_demo_dataset(tmp_path_factory.getbasetemp() / 'demo')
-    return train_root
-
-
 def error_of(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
@@ -44,14 +37,15 @@ def error_of(capsys, argv):
 
 
 # ----------------------------------------------------------------------------- checkpoints by step
-def test_resume_auto_reads_only_its_own_checkpoints_by_step(demo, tmp_path, capsys):
-    train.main(tiny_args(demo, tmp_path, '--total-iters', '2', '--save-every', '1'))
+def test_resume_auto_reads_only_its_own_checkpoints_by_step(demo_train, tmp_path, capsys):
+    train.main(tiny_args(demo_train, tmp_path, '--total-iters', '2', '--save-every', '1'))
     best = tmp_path / 'ckpt_best.pth'  # a user's file: sorts after ckpt_0000002.pth by name
     content = (tmp_path / 'ckpt_0000001.pth').read_bytes()
     best.write_bytes(content)
     (tmp_path / 'ckpt_10.pth').write_bytes(b'not ours either')
     assert [s for s, _ in runs.saved_checkpoints(tmp_path)] == [1, 2]
-    train.main(tiny_args(demo, tmp_path, '--total-iters', '3', '--save-every', '1', '--resume', 'auto', '--keep', '1'))
+    train.main(tiny_args(demo_train, tmp_path, '--total-iters', '3', '--save-every', '1', '--resume', 'auto',
+                         '--keep', '1'))
     assert 'at step 2' in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.glob('ckpt_*')) == ['ckpt_0000003.pth', 'ckpt_10.pth', 'ckpt_best.pth']
     assert best.read_bytes() == content  # never resumed from, never pruned
@@ -65,29 +59,31 @@ def test_insane_tensors_finds_non_finite_and_exploded_weights():
 
 
 # ----------------------------------------------------------------------------- one run per folder
-def test_out_holding_a_run_or_the_init_is_refused_before_any_work(demo, tmp_path, capsys):
+def test_out_holding_a_run_or_the_init_is_refused_before_any_work(demo_train, tmp_path, capsys):
     run = tmp_path / 'run'
-    train.main(tiny_args(demo, run, '--total-iters', '1'))
+    train.main(tiny_args(demo_train, run, '--total-iters', '1'))
     before = {p: p.stat().st_mtime_ns for p in run.rglob('*')}
-    err = error_of(capsys, tiny_args(demo, run, '--total-iters', '1'))
+    err = error_of(capsys, tiny_args(demo_train, run, '--total-iters', '1'))
     assert f'--out {run}: holds a run (ckpt_0000001.pth, generator.pth, log.csv)' in err and '--resume auto' in err
-    err = error_of(capsys, tiny_args(demo, run, '--finetune', '--init', run / 'generator.pth', '--total-iters', '1'))
+    err = error_of(capsys, tiny_args(demo_train, run, '--finetune', '--init', run / 'generator.pth',
+                                     '--total-iters', '1'))
     assert f'holds --init {run / "generator.pth"}' in err and 'problems stop this run' in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob('*')} == before  # nothing written, nothing pruned
     (tmp_path / 'file').write_text('x')
     for out in (tmp_path / 'file', tmp_path / 'file' / 'below'):
-        assert error_of(capsys, tiny_args(demo, out)) == f'error: --out {out}: {tmp_path / "file"} is a file, not a folder'
+        expected = f'error: --out {out}: {tmp_path / "file"} is a file, not a folder'
+        assert error_of(capsys, tiny_args(demo_train, out)) == expected
 
 
-def test_a_folder_in_use_is_refused_and_a_stale_lock_is_taken_over(demo, tmp_path, capsys):
+def test_a_folder_in_use_is_refused_and_a_stale_lock_is_taken_over(demo_train, tmp_path, capsys):
     lock = tmp_path / '.lock'
     lock.write_text(json.dumps({'pid': os.getppid(), 'host': socket.gethostname(), 'started': 'earlier'}))
-    err = error_of(capsys, tiny_args(demo, tmp_path, '--total-iters', '1'))
+    err = error_of(capsys, tiny_args(demo_train, tmp_path, '--total-iters', '1'))
     assert f'in use by pid {os.getppid()} on host {socket.gethostname()} since earlier' in err and str(lock) in err
     assert not list(tmp_path.glob('ckpt_*')) and not (tmp_path / 'log.csv').exists()
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
     lock.write_text(json.dumps({'pid': int(dead.stdout), 'host': socket.gethostname(), 'started': 'earlier'}))
-    train.main(tiny_args(demo, tmp_path, '--total-iters', '1'))
+    train.main(tiny_args(demo_train, tmp_path, '--total-iters', '1'))
     assert 'removed a stale lock' in capsys.readouterr().out
     assert not lock.exists() and (tmp_path / 'generator.pth').is_file()  # released at the end
 
@@ -111,8 +107,8 @@ def wait_for_rows(log, rows, proc, timeout=120):
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_after_the_step_with_a_checkpoint_and_one_line(demo, tmp_path, sig):
-    proc = start(tiny_args(demo, tmp_path, '--total-iters', '100000', '--save-every', '100000'))
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_one_line(demo_train, tmp_path, sig):
+    proc = start(tiny_args(demo_train, tmp_path, '--total-iters', '100000', '--save-every', '100000'))
     wait_for_rows(tmp_path / 'log.csv', 2, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -122,7 +118,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_one_line(demo, tmp_
     assert f'{tmp_path / f"ckpt_{step:07d}.pth"} saved; continue with --resume auto' in err
     assert files.load_checkpoint(tmp_path / f'ckpt_{step:07d}.pth')['step'] == step
     assert not (tmp_path / '.lock').exists()
-    train.main(tiny_args(demo, tmp_path, '--total-iters', str(step + 1), '--resume', 'auto'))
+    train.main(tiny_args(demo_train, tmp_path, '--total-iters', str(step + 1), '--resume', 'auto'))
     assert (tmp_path / 'generator.pth').is_file()
 
 
@@ -139,8 +135,8 @@ def children(pid):
     return found
 
 
-def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_saved_step(demo, tmp_path):
-    proc = start(tiny_args(demo, tmp_path, '--total-iters', '100000', '--save-every', '100000'), nproc=2)
+def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_saved_step(demo_train, tmp_path):
+    proc = start(tiny_args(demo_train, tmp_path, '--total-iters', '100000', '--save-every', '100000'), nproc=2)
     wait_for_rows(tmp_path / 'log.csv', 2, proc)
     workers = children(proc.pid)
     assert sorted(workers) == [0, 1]

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_G, TINY_Q, assert_states_equal, write_random_set
 
+import config
 import data
 import files
 import lora
@@ -19,8 +21,6 @@ import models
 import nriqa_sr
 import runs
 import train
-from conftest import TINY_G, TINY_Q, assert_states_equal, write_random_set
-from demo import make_demo_dataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:--random-iqa')
 REPO = Path(__file__).resolve().parents[1]
@@ -60,12 +60,6 @@ def assert_close_lists(a, b, atol):
 
 
 @pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    train_root, _ = make_demo_dataset(tmp_path_factory.getbasetemp() / 'demo')
-    return train_root
-
-
-@pytest.fixture(scope='module')
 def tiny_init(tmp_path_factory):
     """A tiny stage-1 result in the exported format (what --finetune --init reads), without a discriminator."""
     torch.manual_seed(0)
@@ -80,7 +74,8 @@ def tiny_init(tmp_path_factory):
 # train_RealESRGAN_PosNegGT_Blind_Pos_x4.yml (HGGT): batch_size_per_gpu, queue_size, the degradation,
 # scheduler milestones / gamma, total_iter, optimiser lr, ema_decay, loss weights, gt_size.
 HGGT_FILES = {
-    'swinir': dict(batch_size=8, queue_size=160, degradation='one-stage', milestones=(200_000, 250_000, 275_000, 287_500),
+    'swinir': dict(batch_size=8, queue_size=160, degradation='one-stage',
+                   milestones=(200_000, 250_000, 275_000, 287_500),
                    gamma=0.5, total_iters=300_000, lr=1e-4, ema_decay=0.999, l1_weight=1.0, perceptual_weight=1.0,
                    gan_weight=0.1, gt_size=256),
     'rrdbnet': dict(batch_size=12, queue_size=180, degradation='two-stage', milestones=(300_000,), gamma=0.5,
@@ -96,28 +91,28 @@ PAPER_FT = {'swinir': dict(total_iters=20_000, lr=5e-6, milestones=(5_000,), lam
 @pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
 def test_paper_preset_is_hggt_option_file_per_arch(arch):
     for argv in (['--arch', arch], ['--arch', arch, '--preset', 'paper']):
-        cfg = train.parse_config(argv + ['--data', 'x'])
+        cfg = config.parse_config(argv + ['--data', 'x'])
         assert {k: getattr(cfg, k) for k in HGGT_FILES[arch]} == HGGT_FILES[arch]
-    cfg = train.parse_config(['--arch', arch, '--finetune', '--init', 'absent.pth', '--data', 'x'])
+    cfg = config.parse_config(['--arch', arch, '--finetune', '--init', 'absent.pth', '--data', 'x'])
     assert {k: getattr(cfg, k) for k in PAPER_FT[arch]} == PAPER_FT[arch]
     kept = {k: v for k, v in HGGT_FILES[arch].items() if k not in PAPER_FT[arch]}
     assert {k: getattr(cfg, k) for k in kept} == kept  # batch, queue, degradation, EMA 0.999 as in stage 1
-    assert train.parse_config(['--arch', arch, '--batch-size', '3', '--data', 'x']).batch_size == 3  # flags win
+    assert config.parse_config(['--arch', arch, '--batch-size', '3', '--data', 'x']).batch_size == 3  # flags win
 
 
 def test_finetune_reads_the_architecture_its_numbers_and_its_critic_width_from_init(tmp_path):
     path = tmp_path / 'rrdb.pth'
-    config = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
-    files.save_checkpoint({'params_ema': models.RRDBNet(**config).state_dict(), 'arch': 'rrdbnet', 'config': config,
+    small = {'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}
+    files.save_checkpoint({'params_ema': models.RRDBNet(**small).state_dict(), 'arch': 'rrdbnet', 'config': small,
                            'net_d': models.UNetDiscriminatorSN(num_feat=16).state_dict()}, path)
-    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused'])
+    cfg = config.parse_config(['--finetune', '--init', str(path), '--data', 'unused'])
     assert (cfg.arch, cfg.lr, cfg.milestones, cfg.d_num_feat, cfg.ema_decay) == ('rrdbnet', 5e-5, (), 16, 0.999)
-    cfg = train.parse_config(['--finetune', '--init', str(path), '--data', 'unused', '--arch', 'swinir'])
+    cfg = config.parse_config(['--finetune', '--init', str(path), '--data', 'unused', '--arch', 'swinir'])
     assert (cfg.arch, cfg.lr) == ('swinir', 5e-6)  # an explicit --arch wins
 
 
 def test_sampling_q_and_reward_q_are_separate_flags():
-    cfg = train.parse_config(['--finetune', '--init', 'x.pth', '--data', 'x', '--sampler', 'amo', '--iqa', 'musiq',
+    cfg = config.parse_config(['--finetune', '--init', 'x.pth', '--data', 'x', '--sampler', 'amo', '--iqa', 'musiq',
                               '--sample-iqa', 'piqe', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q)])
     sampling, reward = train.build_quality(cfg, torch.device('cpu'))
     assert (sampling.name, sampling.as_loss, reward.name, reward.as_loss) == ('piqe', False, 'musiq', True)
@@ -143,11 +138,11 @@ def test_label_free_samplers_train_on_sets_without_a_positive(tmp_path, sampler,
 
 
 # ----------------------------------------------------------------------------- DDP equals one process
-def test_two_ranks_ft_equals_one_rank_with_the_same_global_batch(demo, tiny_init, tmp_path):
+def test_two_ranks_ft_equals_one_rank_with_the_same_global_batch(demo_train, tiny_init, tmp_path):
     common = ['--finetune', '--init', tiny_init, '--sampler', 'origins', '--total-iters', '2', '--lr', '1e-3',
               '--monitor-every', '0', '--save-every', '1', '--keep', '2', '--ema-decay', '0.5']
-    run(tiny_args(demo, tmp_path / 'two', *common, '--batch-size', '2'), nproc=2)
-    train.main(tiny_args(demo, tmp_path / 'one', *common, '--batch-size', '4'))
+    run(tiny_args(demo_train, tmp_path / 'two', *common, '--batch-size', '2'), nproc=2)
+    train.main(tiny_args(demo_train, tmp_path / 'one', *common, '--batch-size', '4'))
     two, one = (load(tmp_path / run_dir / 'ckpt_0000001.pth') for run_dir in ('two', 'one'))
     assert_close_lists(adam_gradients(two), adam_gradients(one), atol=1e-6)  # the all-reduced gradient
     two, one = (load(tmp_path / run_dir / 'ckpt_0000002.pth') for run_dir in ('two', 'one'))
@@ -173,16 +168,16 @@ runpy.run_path('train.py', run_name='__main__')
 
 
 @pytest.fixture(scope='module')
-def killed_run(demo, tmp_path_factory):
+def killed_run(demo_train, tmp_path_factory):
     """4 steps with the sample queue, upos and drop-path (every kind of randomness); killed by SIGKILL
     while writing the step-4 checkpoint. Also the uninterrupted 4 steps."""
     args = ['--sampler', 'upos', '--queue-size', '4', '--save-every', '2', '--total-iters', '4',
             '--perceptual-weight', '0',  # the frozen VGG holds no state: left out to save time
             '--generator', json.dumps({**TINY_G, 'depths': [2]})]  # drop-path rates linspace(0, 0.1, 2)
     straight, killed = tmp_path_factory.mktemp('straight'), tmp_path_factory.mktemp('killed')
-    run(tiny_args(demo, straight, *args))
+    run(tiny_args(demo_train, straight, *args))
     env = {**os.environ, 'PYTHONWARNINGS': 'ignore'}
-    proc = subprocess.run([sys.executable, '-c', KILLER, *tiny_args(demo, killed, *args)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, '-c', KILLER, *tiny_args(demo_train, killed, *args)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return straight, killed, args
@@ -196,11 +191,11 @@ def test_kill_while_saving_leaves_previous_checkpoint_loadable(killed_run):
     assert ckpt['step'] == 2 and len(ckpt['queue'][0]['pool']['lq']) == 4
 
 
-def test_resume_after_kill_equals_uninterrupted_run_bitwise_and_logs_each_step_once(killed_run, demo):
+def test_resume_after_kill_equals_uninterrupted_run_bitwise_and_logs_each_step_once(killed_run, demo_train):
     straight, killed, args = killed_run
     logged = [line.split(',')[0] for line in (killed / 'log.csv').read_text().splitlines()[1:]]
     assert logged == ['1', '2', '3', '4']  # steps 3 and 4 were logged before the kill at the step-4 save
-    proc = run(tiny_args(demo, killed, *args, '--resume', 'auto'))
+    proc = run(tiny_args(demo_train, killed, *args, '--resume', 'auto'))
     assert 'resumed' in proc.stdout and 'at step 2' in proc.stdout
     a, b = load(straight / 'ckpt_0000004.pth'), load(killed / 'ckpt_0000004.pth')
     for key in ('params', 'params_ema', 'net_d', 'optimizer_g', 'optimizer_d', 'scheduler_g', 'queue', 'step'):
@@ -212,10 +207,11 @@ def test_resume_after_kill_equals_uninterrupted_run_bitwise_and_logs_each_step_o
 
 # ----------------------------------------------------------------------------- stage 2: LoRA on Eq. 2
 @pytest.fixture(scope='module')
-def finetuned(demo, tiny_init, tmp_path_factory):
+def finetuned(demo_train, tiny_init, tmp_path_factory):
     """LoRA FT driven by Q alone with a high lr, so that Q's rise is clear after a few steps; alpha != rank."""
     out = tmp_path_factory.mktemp('ft')
-    train.main(tiny_args(demo, out, '--finetune', '--init', tiny_init, '--sampler', 'origins', '--total-iters', '6',
+    train.main(tiny_args(demo_train, out, '--finetune', '--init', tiny_init, '--sampler', 'origins',
+                         '--total-iters', '6',
                          '--lr', '1e-2', '--lambda-q', '1', '--l1-weight', '0', '--perceptual-weight', '0',
                          '--monitor-every', '3', '--monitor-size', '2', '--lora-rank', '48', '--lora-alpha', '96',
                          '--ema-decay', '0.5'))
@@ -229,7 +225,7 @@ def lora_model(init, params, rank=48, alpha=96):
     return model.eval()
 
 
-def test_finetune_changes_only_lora_and_raises_q(finetuned, tiny_init, demo):
+def test_finetune_changes_only_lora_and_raises_q(finetuned, tiny_init, demo_train):
     base = models.generator_state(load(tiny_init))
     params = load(finetuned / 'ckpt_0000006.pth')['params']
     assert set(params) - set(base) == {k for k in params if k.endswith(('lora_A', 'lora_B'))}
@@ -239,7 +235,7 @@ def test_finetune_changes_only_lora_and_raises_q(finetuned, tiny_init, demo):
     with warnings.catch_warnings():  # mean Q over every set, before and after the 6 steps
         warnings.simplefilter('ignore')
         quality = nriqa_sr.QualityModel('musiq', pretrained=False, metric_opts=TINY_Q)
-    dataset = data.MultiGTDataset(demo, gt_size=32)
+    dataset = data.MultiGTDataset(demo_train, gt_size=32)
     lq = train.images(torch.stack([dataset[i]['lq'] for i in range(len(dataset))]), 'cpu')
     with torch.no_grad():
         before = quality(models.load_generator(tiny_init)(lq).clamp(0, 1)).mean()
@@ -264,8 +260,8 @@ def test_export_is_the_merged_ema_and_alpha_round_trips(finetuned, tiny_init, tm
     assert_states_equal(load(tmp_path / 'merged.pth')['params_ema'], load(finetuned / 'generator.pth')['params_ema'])
 
 
-def test_full_finetune_without_lora_changes_base_weights(demo, tiny_init, tmp_path):
-    train.main(tiny_args(demo, tmp_path, '--finetune', '--no-lora', '--init', tiny_init, '--sampler', 'origins',
+def test_full_finetune_without_lora_changes_base_weights(demo_train, tiny_init, tmp_path):
+    train.main(tiny_args(demo_train, tmp_path, '--finetune', '--no-lora', '--init', tiny_init, '--sampler', 'origins',
                          '--total-iters', '2', '--lr', '1e-3', '--monitor-every', '0'))
     base = models.generator_state(load(tiny_init))
     params = load(tmp_path / 'ckpt_0000002.pth')['params']
@@ -274,19 +270,19 @@ def test_full_finetune_without_lora_changes_base_weights(demo, tiny_init, tmp_pa
     assert not (tmp_path / 'lora_adapters.pth').exists()
 
 
-def test_ft_with_a_gan_term_starts_from_the_stage1_critic(demo, tmp_path, capsys):
+def test_ft_with_a_gan_term_starts_from_the_stage1_critic(demo_train, tmp_path, capsys):
     stage1 = tmp_path / 'stage1'
-    train.main(tiny_args(demo, stage1, '--sampler', 'origins', '--total-iters', '2', '--perceptual-weight', '0'))
+    train.main(tiny_args(demo_train, stage1, '--sampler', 'origins', '--total-iters', '2', '--perceptual-weight', '0'))
     export = load(stage1 / 'generator.pth')
     assert 'net_d' in export  # the stage-1 export carries what FT_IG / FT_NNR need
-    cfg = train.parse_config(tiny_args(demo, tmp_path / 'ft', '--finetune', '--init', stage1 / 'generator.pth',
+    cfg = config.parse_config(tiny_args(demo_train, tmp_path / 'ft', '--finetune', '--init', stage1 / 'generator.pth',
                                        '--gan-weight', '0.1'))
     _, _, d, _, _ = train.build_models(cfg, torch.device('cpu'))
     assert_states_equal(d.state_dict(), export['net_d'])  # FT step 0: the stage-1 discriminator
     no_d = tmp_path / 'no_d.pth'
     files.save_checkpoint({k: v for k, v in export.items() if k != 'net_d'}, no_d)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(tiny_args(demo, tmp_path / 'ft2', '--finetune', '--init', no_d, '--gan-weight', '0.1'))
+        train.main(tiny_args(demo_train, tmp_path / 'ft2', '--finetune', '--init', no_d, '--gan-weight', '0.1'))
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert str(no_d) in err and 'no discriminator' in err and 'generator.pth' in err
@@ -296,12 +292,14 @@ def test_ft_with_a_gan_term_starts_from_the_stage1_critic(demo, tmp_path, capsys
 FAST = ('--sampler', 'origins', '--gan-weight', '0', '--perceptual-weight', '0')
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run_and_keep_the_checkpoint(demo, tmp_path, monkeypatch, capsys):
-    train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '2', '--max-bad-steps', '2'))
+def test_non_finite_losses_are_skipped_then_stop_the_run_and_keep_the_checkpoint(demo_train, tmp_path, monkeypatch,
+                                                                                 capsys):
+    train.main(tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '2', '--max-bad-steps', '2'))
     good = load(tmp_path / 'ckpt_0000002.pth')
     monkeypatch.setattr(train.F, 'l1_loss', lambda sr, gt: (sr - gt).abs().mean() * float('nan'))
     with pytest.raises(SystemExit):
-        train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '6', '--resume', 'auto', '--max-bad-steps', '2'))
+        train.main(tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '6', '--resume', 'auto',
+                             '--max-bad-steps', '2'))
     err = capsys.readouterr().err
     assert f'2 non-finite losses in a row up to iteration 4; stopped. the last good checkpoint is ' \
            f'{tmp_path / "ckpt_0000002.pth"} (step 2)' in err
@@ -309,7 +307,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_and_keep_the_checkpoint
     assert_states_equal(load(tmp_path / 'ckpt_0000002.pth')['params'], good['params'])
 
 
-def test_exploded_weights_are_never_saved_and_good_checkpoints_stay(demo, tmp_path, monkeypatch, capsys):
+def test_exploded_weights_are_never_saved_and_good_checkpoints_stay(demo_train, tmp_path, monkeypatch, capsys):
     real_step = train.optimizer_step
     calls = []
 
@@ -322,7 +320,7 @@ def test_exploded_weights_are_never_saved_and_good_checkpoints_stay(demo, tmp_pa
                     p.mul_(1e30)
     monkeypatch.setattr(train, 'optimizer_step', exploding)
     with pytest.raises(SystemExit):
-        train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '8', '--save-every', '2', '--keep', '1',
+        train.main(tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '8', '--save-every', '2', '--keep', '1',
                              '--ema-decay', '0'))
     err = capsys.readouterr().err
     assert 'weights diverged by step 4' in err and f'{tmp_path / "ckpt_0000002.pth"} (step 2)' in err
@@ -332,32 +330,32 @@ def test_exploded_weights_are_never_saved_and_good_checkpoints_stay(demo, tmp_pa
 
 
 # ----------------------------------------------------------------------------- resume refuses what would mix runs
-def test_resume_refuses_changed_math_and_names_allowed_changes(demo, tmp_path, capsys):
-    train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '2'))
+def test_resume_refuses_changed_math_and_names_allowed_changes(demo_train, tmp_path, capsys):
+    train.main(tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '2'))
     for extra, names in ((['--batch-size', '4'], 'batch_size'), (['--sampler', 'upos'], 'sampler'),
                          (['--lr', '1e-3', '--gt-size', '48'], 'gt_size, lr')):
-        args = tiny_args(demo, tmp_path, *FAST, '--total-iters', '3', '--resume', 'auto')
+        args = tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '3', '--resume', 'auto')
         with pytest.raises(SystemExit):
             train.main(args + extra)
         err = capsys.readouterr().err
         assert f'cannot resume with changed {names} (saved: ' in err and len(err.strip().splitlines()) == 1, err
-    train.main(tiny_args(demo, tmp_path, *FAST, '--total-iters', '3', '--resume', 'auto', '--keep', '5'))
+    train.main(tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '3', '--resume', 'auto', '--keep', '5'))
     out = capsys.readouterr().out
     assert 'with changed settings: keep 3 -> 5; total_iters 2 -> 3' in out and 'resumed' in out
 
 
-def test_resume_with_fewer_processes_goes_on_with_the_queue(demo, tmp_path):
+def test_resume_with_fewer_processes_goes_on_with_the_queue(demo_train, tmp_path):
     args = ['--sampler', 'upos', '--queue-size', '4', '--save-every', '2', '--gan-weight', '0',
             '--perceptual-weight', '0']
-    run(tiny_args(demo, tmp_path, *args, '--total-iters', '2'), nproc=2)
+    run(tiny_args(demo_train, tmp_path, *args, '--total-iters', '2'), nproc=2)
     assert len(load(tmp_path / 'ckpt_0000002.pth')['queue']) == 2
-    proc = run(tiny_args(demo, tmp_path, *args, '--total-iters', '4', '--resume', 'auto'))
+    proc = run(tiny_args(demo_train, tmp_path, *args, '--total-iters', '4', '--resume', 'auto'))
     assert '2 -> 1 processes' in proc.stdout and 'resumed' in proc.stdout
     assert load(tmp_path / 'ckpt_0000004.pth')['world_size'] == 1
 
 
-def test_progress_lines_when_output_is_not_a_terminal(demo, tmp_path):
-    proc = run(tiny_args(demo, tmp_path, *FAST, '--total-iters', '4', '--log-every', '2'))
+def test_progress_lines_when_output_is_not_a_terminal(demo_train, tmp_path):
+    proc = run(tiny_args(demo_train, tmp_path, *FAST, '--total-iters', '4', '--log-every', '2'))
     lines = [line for line in proc.stdout.splitlines() if line.startswith('step ')]
     assert [line.split()[1] for line in lines] == ['2/4', '4/4']
     assert all(' it/s | ETA ' in line and 'l1 ' in line for line in lines)

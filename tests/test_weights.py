@@ -15,10 +15,10 @@ import huggingface_hub.constants
 import pytest
 import torch
 import torchvision
+from test_rehearsal import write_hf_snapshot
 
 import nriqa_sr
 import weights
-from test_rehearsal import write_hf_snapshot
 
 REGISTRY = {w.name: w for w in weights.REGISTRY}
 
