@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import config  # noqa: E402
 import models  # noqa: E402
 import nriqa_sr  # noqa: E402
 import train  # noqa: E402
@@ -46,11 +47,11 @@ from common import clock_name, per_run, ratio, spread, timed  # noqa: E402
 BF16_PATCHES = 1  # of the 5 GTs per sample: bf16 Q is timed on these and scaled to 5
 
 
-def config(arch, paper, device, *flags):
+def bench_config(arch, paper, device, *flags):
     """train.py's config for these flags, random weights, upos; demo preset sizes unless paper."""
     size = ['--gt-size', '256', '--batch-size', '1'] if paper else \
-        ['--preset', 'demo', '--generator', json.dumps(train.DEMO['generator'][arch])]  # FT takes no preset G
-    return train.parse_config(['--arch', arch, '--sampler', 'upos', '--random-vgg', '--random-iqa', '--device',
+        ['--preset', 'demo', '--generator', json.dumps(config.DEMO['generator'][arch])]  # FT takes no preset G
+    return config.parse_config(['--arch', arch, '--sampler', 'upos', '--random-vgg', '--random-iqa', '--device',
                                device.type, *size, *flags])
 
 
@@ -175,7 +176,7 @@ def build_cases(args, device):
     Q's variants and the contiguous D are timed once: every generator's config has the same Q, batch and D."""
     cases, warm, info = {}, [], {'cfg': {}, 'diffs': {}, 'trained': {}}
     for arch in args.arch:
-        cfg = info['cfg'][arch] = config(arch, args.paper, device)
+        cfg = info['cfg'][arch] = bench_config(arch, args.paper, device)
         stage1 = Trainer(cfg, device)
         cases[f'{arch} step upos'] = stage1.step
         warm.append(f'{arch} step upos')  # the parts reuse its models
@@ -196,9 +197,9 @@ def build_cases(args, device):
         if device.type == 'cuda':
             cases.update({f'{arch} step upos --amp {amp}': partial(stage1.step, amp=amp) for amp in ('bf16', 'fp16')})
             warm += [f'{arch} step upos --amp {amp}' for amp in ('bf16', 'fp16')]
-        lora_ft = Trainer(config(arch, args.paper, device, '--finetune'), device)
+        lora_ft = Trainer(bench_config(arch, args.paper, device, '--finetune'), device)
         lora_ft.quality = (None, train.build_quality(lora_ft.cfg, device)[1], None)  # Eq. 2's Q, with gradient
-        full_ft = Trainer(config(arch, args.paper, device, '--finetune', '--no-lora'), device, lora_ft.quality)
+        full_ft = Trainer(bench_config(arch, args.paper, device, '--finetune', '--no-lora'), device, lora_ft.quality)
         cases.update({f'{arch} FT LoRA': lora_ft.step, f'{arch} FT full': full_ft.step})
         warm += [f'{arch} FT LoRA', f'{arch} FT full']
         info['trained'][arch] = [sum(p.numel() for p in t.g.parameters() if p.requires_grad)
