@@ -82,8 +82,8 @@ class TrainConfig:
     device: str = arg('auto', 'device', choices=('auto', 'cpu', 'cuda'))
     amp: str = arg('off', 'autocast dtype (fp16 uses a GradScaler; Q always runs in fp32)',
                    choices=('off', 'bf16', 'fp16'))
-    channels_last: bool = arg(False, 'channels-last memory format for G (D always is)')
-    compile: bool = arg(False, 'torch.compile G and D')
+    channels_last: bool = arg(False, 'channels-last memory format for G (D is on CUDA, not on CPU)')
+    compile: bool = arg(False, "torch.compile G and D, and amo's Q")
     seed: int = arg(0, 'seed of initialisation, data order, degradations and GT choices')
     # what the user sees
     log_every: int = arg(50, 'iterations between log lines (CSV, TensorBoard, progress)')

@@ -125,7 +125,9 @@ def build_models(cfg, device):
             raise ValueError(f'--init {cfg.init}: holds no discriminator (net_d), and --gan-weight > 0 fine-tunes '
                              "against the stage-1 one: pass that run's generator.pth (train.py exports net_d beside "
                              'the generator) or one of its ckpt_*.pth')
-        d.to(device, memory_format=torch.channels_last)  # measured faster, same results
+        # channels-last, the usual format for convolutions on CUDA; on CPU its backward is slower (the D step
+        # measured 1.7x contiguous's at the paper size, bench/bench_train.py). Same results either way.
+        d.to(device, memory_format=torch.channels_last if device.type == 'cuda' else torch.contiguous_format)
     perceptual = None
     if cfg.perceptual_weight > 0:
         perceptual = models.PerceptualLoss(weights=None if cfg.random_vgg else 'DEFAULT',
@@ -305,6 +307,8 @@ def train(cfg, dist_info):
         print(f'no checkpoint in {out}: starting at step 0')
     net_g = torch.compile(g) if cfg.compile else g
     net_d = torch.compile(raw_d) if cfg.compile and raw_d is not None else raw_d
+    if cfg.compile and cfg.sampler in nriqa_sr.SCORES_ONLINE:  # amo's no-grad Q over 5 patches a sample
+        sampling_q = torch.compile(sampling_q)
     if dist_info.ddp:
         ids = [dist_info.local_rank] if device.type == 'cuda' else None
         net_g = DDP(net_g, device_ids=ids)

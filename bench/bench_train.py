@@ -11,7 +11,8 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      forward+backward on GT and SR); D's forward+backward into SR for G's GAN term; the VGG19 perceptual loss
      (SR forward+backward, GT forward); Adam of G and D plus the EMA. "rest" = step - parts (L1, the GT
      gather, autograd bookkeeping). The D and VGG parts are the same for every generator (same D, VGG and
-     patch size): timed once. Also D's parts with a contiguous D instead of train.py's channels-last one.
+     patch size): timed once. Also D's parts in the other memory format than train.py's (which is channels-last
+     on CUDA, contiguous on CPU).
   2. amo / upos: the amo step differs from upos only by Q's no-grad forward over the batch's 5 x B GT patches
      (nriqa_sr.sample_gt_index), so ratio = (upos step + that Q call) / upos step, per variant of Q: eager,
      channels-last (its ResNet stem), torch.compile, and bf16 autocast (timed on 1 of the 5 patches and
@@ -119,7 +120,7 @@ class Trainer:
                 'Adam + EMA': adam_ema}
 
     def d_parts(self, d):
-        """D's two parts of the step with discriminator d (train.py's, or a contiguous copy)."""
+        """D's two parts of the step with discriminator d (train.py's, or a copy in the other memory format)."""
         sr, gt, gan = self.sr, self.gt, models.GANLoss()
 
         def d_step():
@@ -133,6 +134,12 @@ class Trainer:
             (self.cfg.gan_weight * gan(d(sr), True)).backward()
             d.requires_grad_(True)
         return {'D step': d_step, 'D for G GAN loss': d_for_gan_loss}
+
+
+def other_format(d):
+    """The memory format train.py did not give D."""
+    weight = next(p for p in d.parameters() if p.dim() == 4)
+    return torch.contiguous_format if weight.is_contiguous(memory_format=torch.channels_last) else torch.channels_last
 
 
 def quality_variants(cfg, device):
@@ -173,7 +180,7 @@ def amo_cases(variants, batch, device):
 
 def build_cases(args, device):
     """Every timed case (see the module docstring), the labels the warm-up round needs, and what the report needs.
-    Q's variants and the contiguous D are timed once: every generator's config has the same Q, batch and D."""
+    Q's variants and the other-format D are timed once: every generator's config has the same Q, batch and D."""
     cases, warm, info = {}, [], {'cfg': {}, 'diffs': {}, 'trained': {}}
     for arch in args.arch:
         cfg = info['cfg'][arch] = bench_config(arch, args.paper, device)
@@ -188,9 +195,10 @@ def build_cases(args, device):
             q_cases, info['diffs'] = amo_cases(variants, stage1.batch, device)
             cases.update(q_cases)
             warm += list(q_cases)
-            contiguous = stage1.d_parts(copy.deepcopy(stage1.d).to(memory_format=torch.contiguous_format))
-            cases.update({f'{label}, contiguous D': fn for label, fn in contiguous.items()})
-            warm += [f'{label}, contiguous D' for label in contiguous]
+            info['d_format'] = other_format(stage1.d)
+            other = stage1.d_parts(copy.deepcopy(stage1.d).to(memory_format=info['d_format']))
+            cases.update({f'{label}, other D': fn for label, fn in other.items()})
+            warm += [f'{label}, other D' for label in other]
         if args.whole_amo:
             amo = dataclasses.replace(cfg, sampler='amo')
             cases[f'{arch} step amo'] = partial(stage1.step, amo, (next(iter(variants.values())), None, None))
@@ -229,12 +237,13 @@ def report(times, info):
               f'{spread(step)} s; parts timed alone, s and % of the step:')
         for label, t in [*((p, times[part_label(arch, p)]) for p in PARTS), ('rest (step - parts)', rest)]:
             print(f'   {label:22s} {spread(t):26s} {spread(per_run(lambda a, s: 100 * a / s, t, step))} %')
-    d_cl, d_c = times['D step'], times['D step, contiguous D']
-    gan_cl, gan_c = times['D for G GAN loss'], times['D for G GAN loss, contiguous D']
-    print(f'   with a contiguous D (train.py: channels-last): D step {spread(d_c)} s = {ratio(d_c, d_cl)}x, D for G '
-          f'GAN loss {spread(gan_c)} s = {ratio(gan_c, gan_cl)}x; the step would take ' + ', '.join(
+    d_ours, d_other = times['D step'], times['D step, other D']
+    gan_ours, gan_other = times['D for G GAN loss'], times['D for G GAN loss, other D']
+    fmt = str(info['d_format']).removeprefix('torch.')
+    print(f"   with a {fmt} D instead of train.py's: D step {spread(d_other)} s = {ratio(d_other, d_ours)}x, D for G "
+          f'GAN loss {spread(gan_other)} s = {ratio(gan_other, gan_ours)}x; the step would take ' + ', '.join(
               f'{arch} ' + spread(per_run(lambda s, a, b, c, d: (s - a - b + c + d) / s, times[f'{arch} step upos'],
-                                          d_cl, gan_cl, d_c, gan_c)) + 'x' for arch in archs))
+                                          d_ours, gan_ours, d_other, gan_other)) + 'x' for arch in archs))
     print(f'\n2. amo / upos step time = (upos step + Q over {nriqa_sr.NUM_GTS} x {cfg.batch_size} GT patches of '
           f'{cfg.gt_size}^2) / upos step:')
     print(f'   {"Q":26s} {"Q seconds":26s} ' + ''.join(f'{a:26s} ' for a in archs) + 'max |score - eager|')

@@ -86,7 +86,7 @@ def test_a_bf16_step_matches_the_fp32_step(demo_train, stage1, tmp_path):
                     reason='torch.compile on the CPU needs a C compiler, and this machine has none')
 def test_compiled_models_train_in_both_stages(demo_train, stage1, tmp_path):
     init = files.load_checkpoint(stage1)
-    assert_trained(_run(demo_train, tmp_path / 's1', ['--compile'], '--sampler', 'upos', '--total-iters', '2',
+    assert_trained(_run(demo_train, tmp_path / 's1', ['--compile'], '--sampler', 'amo', '--total-iters', '2',
                         '--init', stage1), init['params_ema'])
     assert_trained(_run(demo_train, tmp_path / 'ft', ['--compile'], '--finetune', '--init', stage1, '--sampler', 'upos',
                         '--total-iters', '2', '--lr', '1e-3', '--monitor-every', '0'), init['params_ema'])
