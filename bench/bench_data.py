@@ -1,13 +1,13 @@
 """Training-data throughput: samples/s per worker core of MultiGTDataset at gt_size 256 from 512x512 PNG sets.
 
 Pipelines, timed in interleaved rounds (best-of and spread) through a DataLoader with 0 and 2 workers:
-  today      the data.py / degradations.py / files.py of commit ceadaf4 (float32 items, torch blur)
+  before     the data.py / degradations.py / files.py of commit ceadaf4 (float32 items, torch blur)
   png        this checkout, decoding the PNGs per sample (uint8 items, OpenCV blur)
   packed     this checkout, reading `python data.py pack` output (no PNG decode)
   2stage-*   the same two with TwoStageDegradation (HGGT's RealESRGAN file; whole-image degradation)
 Per worker core: samples/s divided by max(1, workers). The sets are synthetic, photo-like (smooth colour
 fields plus grain, saved by Pillow at its default PNG compression) and made in a temp folder. Before timing,
-it checks that png and packed give identical samples and compares them with today's (same seeds).
+it checks that png and packed give identical samples and compares them with before's (same seeds).
 Optionally (--selection) the cost of choosing the GT per batch: amo (random-weight MUSIQ over 5 x batch
 training patches) vs upos (a uniform draw among positives).
 
@@ -80,10 +80,10 @@ def samples_per_second(dataset, workers: int, batch_size: int, batches: int, see
 
 
 def compare_samples(old, png, packed, count: int) -> str:
-    """png == packed bit for bit; against today (same seeds): GT crops and LQs.
+    """png == packed bit for bit; against before (same seeds): GT crops and LQs.
 
     Flipped samples are cropped in the flipped image now (HGGT flips before cropping), so their crop and
-    LQ differ from today's; the unflipped ones are compared."""
+    LQ differ from before's; the unflipped ones are compared."""
     same_gts = same_lq = 0
     for i in range(count):
         a, b, c = old[i % len(old)], png[i % len(png)], packed[i % len(packed)]
@@ -131,10 +131,10 @@ def main():
         tmp = Path(tmp)
         make_sets(tmp / 'sets', args.sets)
         data.pack(tmp / 'sets', tmp / 'packed')
-        today = import_baseline(tmp)
+        before = import_baseline(tmp)
         kw = dict(gt_size=args.gt_size)
         pipelines = {
-            'today': today.MultiGTDataset(tmp / 'sets', **kw),
+            'before': before.MultiGTDataset(tmp / 'sets', **kw),
             'png': data.MultiGTDataset(tmp / 'sets', **kw),
             'packed': data.MultiGTDataset(tmp / 'sets', packed=tmp / 'packed', **kw),
             '2stage-png': data.MultiGTDataset(tmp / 'sets', degradation=degradations.TwoStageDegradation(), **kw),
@@ -142,16 +142,16 @@ def main():
                                                  packed=tmp / 'packed', **kw)}
         print(f'torch {torch.__version__}; {args.sets} sets of 512x512 PNGs, gt_size {args.gt_size}, batch '
               f'{args.batch_size}, {args.batches} timed batches x {args.rounds} interleaved rounds')
-        print(compare_samples(pipelines['today'], pipelines['png'], pipelines['packed'], 4 * args.sets))
+        print(compare_samples(pipelines['before'], pipelines['png'], pipelines['packed'], 4 * args.sets))
         rates = {(w, name): [] for w in args.workers for name in pipelines}
         for r in range(args.rounds):
             for w in args.workers:
                 for name, dataset in pipelines.items():
                     rate = samples_per_second(dataset, w, args.batch_size, args.batches, seed=r)
                     rates[(w, name)].append(rate / max(1, w))
-        print(f'\n{"samples/s per worker core":28s} {"best":>7s} {"median":>7s} {"min..max":>13s} {"best/today":>10s}')
+        print(f'\n{"samples/s per worker core":28s} {"best":>7s} {"median":>7s} {"min..max":>13s} {"best/before":>10s}')
         for w in args.workers:
-            base = max(rates[(w, 'today')])
+            base = max(rates[(w, 'before')])
             for name in pipelines:
                 values = rates[(w, name)]
                 print(f'num_workers={w}  {name:13s} {max(values):7.2f} {statistics.median(values):7.2f} '

@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -43,34 +42,10 @@ import metrics
 import models
 import nriqa_sr
 import upscale
+from common import spread, sync, timed
 
 SMALL_RRDB = {'num_feat': 16, 'num_block': 2, 'num_grow_ch': 8}  # the memory test: a paper RRDBNet takes minutes
 LQ_SIZE, TILE, TILE_PAD = 512, 128, 16
-
-
-def sync(device):
-    if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def timed(cases, runs, device):
-    """{label: [seconds per call, one per run]}: one warm-up round, then `runs` rounds of every case in turn."""
-    clock = time.perf_counter if torch.device(device).type == 'cuda' else time.process_time
-    times = {label: [] for label in cases}
-    with torch.inference_mode():
-        for round_ in range(runs + 1):
-            for label, fn in cases.items():
-                sync(device)
-                start = clock()
-                fn()
-                sync(device)
-                if round_:
-                    times[label].append(clock() - start)
-    return times
-
-
-def spread(values):
-    return f'{statistics.median(values):.3g} [{min(values):.3g}-{max(values):.3g}]'
 
 
 def channels_last_cases(device, lq_size):
@@ -160,7 +135,8 @@ def main():
           'seconds; median [min-max]')
     cases, diff = channels_last_cases(args.device, args.lq)
     metrics = metric_cases(args.device, args.size)
-    times = timed({**cases, **metrics}, args.runs, args.device)  # all in turn: one load for every ratio
+    with torch.inference_mode():
+        times = timed({**cases, **metrics}, args.runs, args.device)  # all in turn: one load for every ratio
     unit = times['contiguous']
     print(f'1. RRDBNet x4 (paper size) on 1x3x{args.lq}x{args.lq}, fp32, s per forward (max |out diff| {diff:.1e}):')
     for label in cases:

@@ -1,4 +1,4 @@
-"""Timing helpers shared by bench_train.py and bench_models.py.
+"""Timing helpers shared by bench_train.py, bench_models.py and bench_eval.py.
 
 On a shared 2-core machine wall time varies several-fold between runs (OpenMP threads spin while another job
 holds the cores), so on CPU a case is timed in process CPU time (time.process_time) with one torch thread: the
