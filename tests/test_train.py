@@ -61,7 +61,8 @@ def assert_close_lists(a, b, atol):
 
 @pytest.fixture(scope='module')
 def tiny_init(tmp_path_factory):
-    """A tiny stage-1 result in the exported format (what --finetune --init reads), without a discriminator."""
+    """A tiny stage-1 result in the exported format (what --finetune --init reads), without a discriminator: the
+    format train.py exported before it saved net_d, so the FT tests also show that such files still load."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp('init') / 'generator.pth'
     g = models.build_generator('swinir', **TINY_G)
