@@ -62,8 +62,8 @@ class TestSet:
 
 
 def visible(folder, pattern):
-    """Files of `folder` matching `pattern`, without dot files (macOS '._x.png' companions)."""
-    return sorted(p for p in folder.glob(pattern) if not p.name.startswith('.'))
+    """Files of `folder` matching `pattern`, without dot files (macOS '._x.png' companions) and folders."""
+    return sorted(p for p in folder.glob(pattern) if not p.name.startswith('.') and p.is_file())
 
 
 def hggt_sets(root, lq_dir):

@@ -13,6 +13,7 @@ from PIL import Image
 
 import data
 import degradations
+import evaluate
 import files
 
 POS, SIM, NEG = 'Positive', 'Similar', 'Negative'
@@ -390,10 +391,9 @@ def test_dot_files_and_png_folders_are_never_sets_or_images(tmp_path):
     (originals / '.hidden.png').write_bytes(b'')
     (originals / 'folder.png').mkdir()
     (tmp_path / 'images' / '01' / '._a_01.png').write_bytes(b'junk')
-    files.save_image(torch.rand(3, 24, 24), tmp_path / 'Blind_LR' / 'a.png')
     ds = data.MultiGTDataset(tmp_path, gt_size=32)
     assert ds.names == ['a'] and ds[0]['gts'].shape == (5, 3, 32, 32)
-    assert data.PairedTestDataset(tmp_path).names == data.list_sets(tmp_path) == ['a']
+    assert [s.name for s in evaluate.hggt_sets(tmp_path, None)[0]] == data.list_sets(tmp_path) == ['a']
     data.pack(tmp_path)
     assert data.MultiGTDataset(tmp_path, gt_size=32).names == ['a']
 
