@@ -5,7 +5,7 @@ enhanced) and three annotators' Positive/Similar/Negative labels of GT 1..4. Tra
 the fly from the original GT (degradations.py); the samplers of arXiv 2504.18524 (nriqa_sr.py) then pick
 the GT a step trains on.
 
-Layout read by `MultiGTDataset` / `PairedTestDataset`:
+Layout read by `MultiGTDataset` (and by evaluate.py's HGGT test sets):
     <root>/images/original/NAME.png, <root>/images/0k/NAME_0k.png (k = 1..4),
     <root>/labels/{A,B,C}/NAME.json = {"Picture_2": {"Label": "Positive"}, ..., "Picture_5": {...}}
     <root>/packed/{gts.u8,index.json}   optional: `python data.py pack --data ROOT` (no PNG decode per sample)
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from degradations import JPEG_MCU, OneStageDegradation, crop_context, degrade
-from files import atomic_open, image_size, load_image, read_rgb8, to_rgb
+from files import atomic_open, image_size, read_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ def effective_label(votes: list[str]) -> str:
     return label if count >= 2 else 'Similar'
 
 
+def effective_labels(votes: list[list[str]]) -> list[str]:
+    """Effective labels of GT 1..4 from three annotators' votes (3 x 4 labels)."""
+    return [effective_label([v[k] for v in votes]) for k in range(NUM_GTS - 1)]
+
+
 def read_effective_labels(root) -> dict[str, list[str]]:
     """{name: ['Original', l1, l2, l3, l4]} for every set with label files under root/labels, sets without
     a Positive included (the agreement analysis of paper §3 counts them); images are not looked at.
@@ -59,7 +64,7 @@ def read_effective_labels(root) -> dict[str, list[str]]:
     labels = {}
     for name in names:
         votes = [_read_votes(label_dir / a / f'{name}.json') for a in ANNOTATORS]  # 3 x 4 labels
-        labels[name] = ['Original'] + [effective_label([v[k] for v in votes]) for k in range(4)]
+        labels[name] = ['Original'] + effective_labels(votes)
     return labels
 
 
@@ -116,7 +121,7 @@ def _read_labels(root: Path, names: list[str]) -> dict[str, list[str]]:
         if not any(p.is_file() for p in paths):
             continue
         votes = [_read_votes(p) for p in paths]  # 3 x 4 labels
-        labels[name] = ['Original'] + [effective_label([v[k] for v in votes]) for k in range(4)]
+        labels[name] = ['Original'] + effective_labels(votes)
     return labels
 
 
@@ -128,10 +133,10 @@ class SetList:
     Positive), num_dropped (left out: the last two when positives_only, else 0).
     """
 
-    def __init__(self, root, require_labels: bool = False, positives_only: bool = False):
+    def __init__(self, root, positives_only: bool = False):
         root = Path(root)
         names = list_sets(root)
-        if (require_labels or positives_only) and not (root / 'labels').is_dir():
+        if positives_only and not (root / 'labels').is_dir():
             raise ValueError(f'{root / "labels"}: missing; the upos/smp samplers need labels/A|B|C/NAME.json')
         labels = _read_labels(root, names) if (root / 'labels').is_dir() else {}
         self.num_sets = len(names)
@@ -161,7 +166,7 @@ def _set_size(root: Path, name: str) -> tuple[int, int]:
 
 def _positive(labels: list[str] | None) -> torch.Tensor:
     """Bool(5): effective positives (GT 0 'Original' is never one; all False when unlabelled)."""
-    return torch.tensor([lab == 'Positive' for lab in labels] if labels else [False] * 5)
+    return torch.tensor([lab == 'Positive' for lab in labels] if labels else [False] * NUM_GTS)
 
 
 # ----------------------------------------------------------------------------- packed cache
@@ -171,7 +176,8 @@ def _file_stamps(root: Path, name: str) -> list[list[int]]:
     for path in gt_paths(root, name):
         if not path.is_file():
             raise FileNotFoundError(f'{path}: missing image')
-        stamps.append([path.stat().st_size, path.stat().st_mtime_ns])
+        st = path.stat()
+        stamps.append([st.st_size, st.st_mtime_ns])
     return stamps
 
 
@@ -248,7 +254,7 @@ class PackedImages:
         if self._data is None:
             self._data = np.memmap(self.data_path, dtype=np.uint8, mode='r')
         entry = self.sets[name]
-        shape = (5, entry['height'], entry['width'], 3)
+        shape = (NUM_GTS, entry['height'], entry['width'], 3)
         return self._data[entry['offset']:entry['offset'] + int(np.prod(shape))].reshape(shape)
 
     def __getstate__(self):
@@ -284,22 +290,22 @@ class MultiGTDataset(torch.utils.data.Dataset):
     the image does. Poisson noise counts the window's distinct values (256 for natural images, as for
     whole ones). Two stages: the whole image is degraded, then cropped (crop_context explains why).
 
-    Labels (when labels/ exists) give the `positive` mask; require_labels refuses a root without labels/;
-    positives_only (upos, smp) also drops the sets without an effective Positive; counts in num_sets,
+    Labels (when labels/ exists) give the `positive` mask; positives_only (upos, smp) refuses a root without
+    labels/ and drops the sets without an effective Positive; counts in num_sets,
     num_without_positive, num_unlabelled, num_dropped, and one line in `summary`.
     Decoded images come from `packed` (a `pack` folder; default <root>/packed when it exists), else from
     the PNGs. Workers see `set_epoch` when the DataLoader iterator is created (not with persistent_workers).
     """
 
     def __init__(self, root, gt_size: int = 256, scale: int = 4, degradation=OneStageDegradation(), seed: int = 0,
-                 require_labels: bool = False, positives_only: bool = False, flip: bool = True, packed=None):
+                 positives_only: bool = False, flip: bool = True, packed=None):
         if gt_size % scale:
             raise ValueError(f'gt_size: {gt_size} must be a multiple of scale {scale}')
         self.root = Path(root)
         self.gt_size, self.scale, self.degradation = gt_size, scale, degradation
         self.seed, self.flip, self.epoch = seed, flip, 0
         self.context = crop_context(degradation, scale)
-        sets = SetList(self.root, require_labels, positives_only)
+        sets = SetList(self.root, positives_only)
         self.names, self.labels = sets.names, sets.labels
         self.num_sets, self.num_unlabelled = sets.num_sets, sets.num_unlabelled
         self.num_without_positive, self.num_dropped = sets.num_without_positive, sets.num_dropped
@@ -407,38 +413,6 @@ class SampleQueue:
         self.filled, self.batch_size, self.pool = state['filled'], state['batch_size'], state['pool']
         if self.generator is not None and state['generator'] is not None:
             self.generator.set_state(state['generator'])
-
-
-class PairedTestDataset(torch.utils.data.Dataset):
-    """Test-100 style sets: full-size five GTs, effective labels, and a pre-degraded LQ per set.
-
-    The LQ is `<lq_dir>/NAME.png` (default `<root>/Blind_LR`) and must be exactly (H//scale, W//scale)
-    of its GTs. Items are float32 in [0,1] (16-bit PNGs at full precision). Labels are required:
-    full-reference metrics average over a set's effective positives (arXiv 2504.18524, Tables 5 and 7),
-    so sets without one are dropped and counted in `num_dropped`.
-    """
-
-    def __init__(self, root, lq_dir=None, scale: int = 4):
-        self.root = Path(root)
-        self.lq_dir = Path(lq_dir) if lq_dir is not None else self.root / 'Blind_LR'
-        self.scale = scale
-        sets = SetList(self.root, positives_only=True)
-        self.names, self.labels, self.num_dropped = sets.names, sets.labels, sets.num_dropped
-        for name in self.names:
-            w, h = _set_size(self.root, name)
-            lq_path = self.lq_dir / f'{name}.png'
-            if image_size(lq_path) != (w // scale, h // scale):
-                raise ValueError(f'{lq_path}: size {image_size(lq_path)} is not 1/{scale} of its GT size {(w, h)}')
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int) -> dict:
-        name = self.names[index]
-        gts = torch.stack([to_rgb(load_image(p)) for p in gt_paths(self.root, name)])  # (5,3,H,W)
-        return {'lq': to_rgb(load_image(self.lq_dir / f'{name}.png')), 'gts': gts,
-                'positive': _positive(self.labels[name]), 'labels': self.labels[name], 'name': name}
-
 
 
 def main(argv=None):

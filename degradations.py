@@ -215,14 +215,20 @@ def _random_jpeg(x, cfg: OneStageDegradation, g, draws, key):
     return _jpeg(x.clamp(0, 1), quality)
 
 
-def _one_stage(hr, cfg: OneStageDegradation, g, scale, draws):
-    h, w = hr.shape[1:]
-    draws['kernel1'] = kernel = random_kernel(cfg, g)
+def _stage1(hr, kernel: Kernel, cfg: OneStageDegradation, g, draws):
+    """blur with the drawn `kernel` -> random resize -> noise -> clamp -> JPEG: (1,3,H',W') and the resize mode.
+    The kernel is drawn by the caller: two stages draw all their kernels first, as HGGT does."""
     x = blur(hr, kernel.weights)[None]  # (1,3,H,W)
     factor, mode = _draw_resize(cfg, g, draws, 'resize1')
     x = x if factor == 1.0 else F.interpolate(x, scale_factor=factor, mode=mode)  # f = 1: the identity
     x = _add_noise(x, cfg, g, draws, 'noise1')
-    x = _random_jpeg(x, cfg, g, draws, 'jpeg1')
+    return _random_jpeg(x, cfg, g, draws, 'jpeg1'), mode
+
+
+def _one_stage(hr, cfg: OneStageDegradation, g, scale, draws):
+    h, w = hr.shape[1:]
+    draws['kernel1'] = kernel = random_kernel(cfg, g)
+    x, mode = _stage1(hr, kernel, cfg, g, draws)
     return F.interpolate(x, size=(h // scale, w // scale), mode=mode)  # HGGT reuses the first resize's mode
 
 
@@ -242,12 +248,7 @@ def _two_stage(hr, cfg: TwoStageDegradation, g, scale, draws):
         wc = _uniform(g, math.pi / 3, math.pi)
         sinc = Kernel(circular_lowpass_kernel(wc, size), 'sinc', omega_c=wc)
     draws['final_sinc'] = sinc
-    # stage 1
-    x = blur(hr, kernel1.weights)[None]  # (1,3,H,W)
-    factor, mode = _draw_resize(cfg.first, g, draws, 'resize1')
-    x = x if factor == 1.0 else F.interpolate(x, scale_factor=factor, mode=mode)
-    x = _add_noise(x, cfg.first, g, draws, 'noise1')
-    x = _random_jpeg(x, cfg.first, g, draws, 'jpeg1')
+    x, _ = _stage1(hr, kernel1, cfg.first, g, draws)
     # stage 2: the resize targets a size relative to the LQ size, (H/scale * f2, W/scale * f2)
     draws['blur2'] = torch.rand((), generator=g).item() < cfg.second_blur_prob
     if draws['blur2']:

@@ -34,7 +34,7 @@ import metrics
 import models
 import score_cache
 import weights
-from data import ANNOTATORS, LABELS, effective_label, gt_paths
+from data import ANNOTATORS, LABELS, effective_labels, gt_paths
 from degradations import OneStageDegradation, degrade
 from files import atomic_open, load_image, save_image
 
@@ -121,7 +121,7 @@ def _write_demo_set(root: Path, name: str, original: Image.Image, g: torch.Gener
 
 def _demo_stats(votes: dict) -> dict:
     """Counts of effective labels over enhanced GTs, non-unanimous GTs and sets without a positive."""
-    effective = {n: [effective_label([v[k] for v in vs]) for k in range(4)] for n, vs in votes.items()}
+    effective = {n: effective_labels(vs) for n, vs in votes.items()}
     counts = Counter(lab for labs in effective.values() for lab in labs)
     return {'sets': len(votes), **{lab: counts[lab] for lab in LABELS},
             'disagreements': sum(len({v[k] for v in vs}) > 1 for vs in votes.values() for k in range(4)),
@@ -218,7 +218,7 @@ def weight_choices():
                            'and the FT reward is a RANDOM MUSIQ, so AMO+FT and every MUSIQ column are meaningless')
     else:
         rank_q = reward_q = ['--iqa', 'musiq', '--no-random-iqa', '--iqa-opts', '{}']
-    vgg_file = Path(torch.hub.get_dir()) / 'checkpoints' / weights.VGG19_FILE
+    vgg_file = weights.backbone_path('perceptual')  # torchvision's VGG19 file
     if vgg_file.is_file():
         vgg = ['--no-random-vgg']
     else:
@@ -232,12 +232,16 @@ README_START = '<!-- demo results: written by `python demo.py --readme README.md
 README_END = '<!-- end of demo results -->'
 
 
+def wall_times(timings, total):
+    """'step 6 s, ...; total 346 s': the wall time of each demo step and of the whole run."""
+    return ', '.join(f'{k} {v:.0f} s' for k, v in timings.items()) + f'; total {total:.0f} s'
+
+
 def results_block(results_md, timings, total):
     """The README block: evaluate.py's table (and its warnings), the machine, and the wall time of each step."""
     table = results_md.split('\n## ')[0].splitlines()[1:]  # without the title, up to the agreement section
     machine = f'{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}'
-    steps = ', '.join(f'{k} {v:.0f} s' for k, v in timings.items())
-    return '\n'.join([README_START, *table, '', f'Machine: {machine}. Wall time: {steps}; total {total:.0f} s.',
+    return '\n'.join([README_START, *table, '', f'Machine: {machine}. Wall time: {wall_times(timings, total)}.',
                       README_END])
 
 
@@ -307,15 +311,14 @@ def main():
         evaluation.append('--random-iqa')
     run(evaluation, timings, 'evaluate')
 
-    print('\n' + (args.out / 'eval' / 'results.md').read_text())
-    print('wall time per step: ' + ', '.join(f'{k} {v:.0f} s' for k, v in timings.items())
-          + f'; total {time.perf_counter() - start:.0f} s')
+    results_md, total = (args.out / 'eval' / 'results.md').read_text(), time.perf_counter() - start
+    print('\n' + results_md)
+    print('wall time per step: ' + wall_times(timings, total))
     print(f'report: {args.out / "eval" / "report.html"}')
     for line in meaningless:
         print(f'WARNING: {line}')
     if args.readme is not None:
-        update_readme(args.readme, results_block((args.out / 'eval' / 'results.md').read_text(), timings,
-                                                 time.perf_counter() - start))
+        update_readme(args.readme, results_block(results_md, timings, total))
         print(f'{args.readme}: demo results updated')
 
 

@@ -142,9 +142,9 @@ def save_image(tensor: torch.Tensor, path, bits: int = 8) -> None:
     path = Path(path)
     if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
         raise ValueError(f'{path}: expected a (C,H,W) tensor with C in 1/3/4, got {tuple(tensor.shape)}')
-    if bits not in (8, 16) or (bits == 16 and path.suffix.lower() != '.png'):
+    if bits not in (8, 16):
         raise ValueError(f'{path}: bits={bits} is not supported (8, or 16 for .png)')
-    save_pixels(quantize(tensor, bits), path)
+    save_pixels(quantize(tensor, bits), path)  # refuses 16 bits for anything but .png
 
 
 def save_pixels(pixels: np.ndarray, path) -> None:

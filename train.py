@@ -86,7 +86,6 @@ def build_data(cfg, world):
     degradation = degradations.TwoStageDegradation() if cfg.degradation == 'two-stage' else \
         degradations.OneStageDegradation()
     dataset = data.MultiGTDataset(cfg.data, gt_size=cfg.gt_size, seed=cfg.seed, degradation=degradation,
-                                  require_labels=cfg.sampler in nriqa_sr.NEEDS_LABELS,
                                   positives_only=cfg.positives_only or cfg.sampler in nriqa_sr.NEEDS_LABELS)
     held = cfg.monitor_size if cfg.finetune and cfg.monitor_every else 0
     if held >= len(dataset):

@@ -65,13 +65,12 @@ def test_only_positives_only_drops_sets_without_an_effective_positive(tmp_path):
     write_set(tmp_path, 'lone_vote', [[POS, SIM, SIM, SIM], [SIM] * 4, [NEG] * 4])  # 1 of 3 is not enough
     write_set(tmp_path, 'split', [[POS, SIM, NEG, NEG], [SIM, NEG, NEG, NEG], [NEG, POS, SIM, NEG]])  # 1-1-1
     write_set(tmp_path, 'bare')  # no label files: unlabelled
-    for kw in ({}, {'require_labels': True}):  # origins / sma / amo: every set, labels only for the mask
-        ds = data.MultiGTDataset(tmp_path, gt_size=32, **kw)
-        assert ds.names == ['bare', 'keep', 'lone_vote', 'split'] and ds.num_dropped == 0
-        assert (ds.num_sets, ds.num_without_positive, ds.num_unlabelled) == (4, 2, 1)
-        assert [ds[i]['positive'].tolist() for i in range(4)] == [[False] * 5, [False, True, False, False, False],
-                                                                 [False] * 5, [False] * 5]
-        assert ds.labels['split'] == ['Original', SIM, SIM, NEG, NEG] and 'bare' not in ds.labels
+    ds = data.MultiGTDataset(tmp_path, gt_size=32)  # origins / sma / amo: every set, labels only for the mask
+    assert ds.names == ['bare', 'keep', 'lone_vote', 'split'] and ds.num_dropped == 0
+    assert (ds.num_sets, ds.num_without_positive, ds.num_unlabelled) == (4, 2, 1)
+    assert [ds[i]['positive'].tolist() for i in range(4)] == [[False] * 5, [False, True, False, False, False],
+                                                             [False] * 5, [False] * 5]
+    assert ds.labels['split'] == ['Original', SIM, SIM, NEG, NEG] and 'bare' not in ds.labels
     ds = data.MultiGTDataset(tmp_path, gt_size=32, positives_only=True)  # upos / smp
     assert ds.names == ['keep'] and (ds.num_sets, ds.num_dropped, ds.num_without_positive) == (4, 3, 2)
     assert ds.labels == {'keep': ['Original', POS, SIM, NEG, NEG]}
@@ -452,10 +451,9 @@ def test_missing_labels_folder(tmp_path):
     write_set(tmp_path, 'a', votes=None)
     ds = data.MultiGTDataset(tmp_path, gt_size=32)  # label-free samplers (origins, sma, amo) work
     assert ds.labels == {} and ds.num_dropped == 0 and ds.num_unlabelled == 1 and not ds[0]['positive'].any()
-    for kw in ({'require_labels': True}, {'positives_only': True}):
-        with pytest.raises(ValueError) as excinfo:
-            data.MultiGTDataset(tmp_path, gt_size=32, **kw)
-        assert_one_line_error(excinfo, tmp_path / 'labels')
+    with pytest.raises(ValueError) as excinfo:  # upos / smp
+        data.MultiGTDataset(tmp_path, gt_size=32, positives_only=True)
+    assert_one_line_error(excinfo, tmp_path / 'labels')
 
 
 def test_empty_or_missing_root(tmp_path):
@@ -467,14 +465,15 @@ def test_empty_or_missing_root(tmp_path):
     assert_one_line_error(excinfo, tmp_path / 'nope')
 
 
-def test_paired_test_dataset_and_lq_size_check(tmp_path):
+def test_hggt_test_sets_and_lq_size_check(tmp_path):
     write_set(tmp_path, 'a', GOOD)
     lq = tmp_path / 'Blind_LR' / 'a.png'
     files.save_image(torch.rand(3, 24, 24), lq)
-    item = data.PairedTestDataset(tmp_path)[0]
-    assert item['lq'].shape == (3, 24, 24) and item['gts'].shape == (5, 3, 96, 96)
-    assert item['labels'] == ['Original', POS, SIM, NEG, NEG] and item['positive'].tolist()[1] is True
+    sets, labels = evaluate.hggt_sets(tmp_path, None)
+    assert [s.name for s in sets] == ['a'] and sets[0].lq == lq and evaluate.check_sets(sets, [4], need_lq=True)
+    assert files.image_size(lq) == (24, 24) and [files.image_size(p) for p in sets[0].refs] == [(96, 96)] * 5
+    assert labels['a'] == ['Original', POS, SIM, NEG, NEG] and sets[0].positive[1] is True
     files.save_image(torch.rand(3, 24, 25), lq)
     with pytest.raises(ValueError) as excinfo:
-        data.PairedTestDataset(tmp_path)
+        evaluate.check_sets(*evaluate.hggt_sets(tmp_path, None)[:1], [4], need_lq=True)
     assert_one_line_error(excinfo, lq)

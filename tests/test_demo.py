@@ -8,6 +8,8 @@ from conftest import assert_one_line_error
 
 import data
 import demo
+import evaluate
+import files
 
 POS, NEG = 'Positive', 'Negative'
 
@@ -42,13 +44,14 @@ def demo_set(tmp_path_factory):
 
 def test_demo_builds_and_loads(demo_set):
     dest, (train_root, test_root) = demo_set
-    train = data.MultiGTDataset(train_root, gt_size=64, require_labels=True)
+    train = data.MultiGTDataset(train_root, gt_size=64, positives_only=True)
     item = train[0]
     assert len(train) + train.num_dropped == 24 and item['gts'].shape == (5, 3, 64, 64)
     assert item['lq'].shape == (3, 16, 16)
-    test = data.PairedTestDataset(test_root)
-    item = test[0]
-    assert len(test) >= 1 and item['lq'].shape[1:] == tuple(s // 4 for s in item['gts'].shape[2:])
+    test, _ = evaluate.hggt_sets(test_root, None)  # what evaluate.py reads of the test split
+    w, h = files.image_size(test[0].refs[0])
+    assert len(test) >= 1 and files.image_size(test[0].lq) == (w // 4, h // 4)
+    assert evaluate.check_sets(test, [4], need_lq=True)
     effective = [lab for labs in train.labels.values() for lab in labs]
     assert NEG in effective and POS in effective
     votes = [json.loads((train_root / 'labels' / a / 'train_000.json').read_text()) for a in data.ANNOTATORS]
