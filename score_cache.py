@@ -143,15 +143,16 @@ def labelled_scores(root, quality, names, known=None):
     path = score_cache_path(root, quality.name)
     if len(scores) < len(names) and path.is_file():
         try:
-            cached = load_score_cache(path, quality.name, quality.fingerprint)
+            cached = load_score_cache(path, quality.name, quality.fingerprint,
+                                      command=score_command(root, quality.flags))
         except ValueError as err:
             print(f'not used: {err}', file=sys.stderr)
             cached = {}
         scores.update({name: cached[name] for name in names if name in cached and name not in scores})
     todo = [name for name in names if name not in scores]
     if todo:
-        print(f'{quality.name}: scoring the GTs of {len(todo)} sets now; python nriqa_sr.py score --data {root} '
-              f'--iqa {quality.name} would cache them (resumable)', file=sys.stderr)
+        print(f'{quality.name}: scoring the GTs of {len(todo)} sets now; {score_command(root, quality.flags)} '
+              'would cache them (resumable)', file=sys.stderr)
     for name in tqdm(todo, desc=f'score {quality.name}', unit='set', disable=not todo):
         scores[name] = score_set(root, name, quality)
     return {name: scores[name] for name in names}

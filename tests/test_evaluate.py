@@ -62,7 +62,7 @@ class FakeQ(torch.nn.Module):
 
     def __init__(self, name, *args, **options):  # QualityModel's signature; nothing to load
         super().__init__()
-        self.name = name
+        self.name, self.flags = name, ['--iqa', name, '--iqa-opts', '{"fake": {}}']  # as a tuned Q's flags
 
     def forward(self, x):
         return 100 * x.mean(dim=(1, 2, 3))
@@ -253,7 +253,11 @@ def test_agreement_reuses_a_complete_score_cache_and_scores_the_rest(tmp_path, m
     assert (result['pairwise_accuracy'], result['negative_top_rate']) == (75.0, pytest.approx(100 / 3))
     path.write_text(json.dumps({**cache, 'fingerprint': 'other'}))
     assert score_cache.labelled_scores(root, FakeQ('musiq'), list(labels))['s1'] != cached['s1']
-    assert 'not used: ' in capsys.readouterr().err and json.loads(path.read_text())['fingerprint'] == 'other'
+    err = capsys.readouterr().err
+    assert 'not used: ' in err and json.loads(path.read_text())['fingerprint'] == 'other'
+    # the commands it suggests build the cache this Q accepts: every flag of its fingerprint, not just --iqa
+    command = score_cache.score_command(root, FakeQ('musiq').flags)
+    assert f'rebuild: {command}' in err and f'{command} would cache them' in err
 
 
 def test_agreement_command_passes_iqa_opts_and_gives_one_line_errors(tmp_path, monkeypatch, capsys):
