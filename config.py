@@ -8,7 +8,6 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-import torch
 
 import files
 import models
@@ -247,7 +246,7 @@ def check_files(cfg):
                 absent = [p for p in absent if p.name != weights.weight_file(member)]
             problems += [f'{p}: weights of {member} ({why}) not found; fetch them with: python nriqa_sr.py weights '
                          f'--download {member} (or --random-iqa for meaningless random scores)' for p in absent]
-    vgg = Path(cfg.vgg_weights) if cfg.vgg_weights else Path(torch.hub.get_dir()) / 'checkpoints' / weights.VGG19_FILE
+    vgg = Path(cfg.vgg_weights) if cfg.vgg_weights else weights.backbone_path('perceptual')
     if cfg.perceptual_weight > 0 and not cfg.random_vgg and not vgg.is_file():
         problems.append(f'{vgg}: VGG19 weights of the perceptual loss not found; fetch them with: python nriqa_sr.py '
                         'weights --download vgg19 (or --vgg-weights FILE, or --random-vgg for a meaningless loss)')

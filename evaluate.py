@@ -48,7 +48,6 @@ from metrics import FULL_REFERENCE, METRICS, build_metric, parse_metric_list
 from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
 
 SR_DIR_SCALE = 4  # the paper's x4: the scale assumed for SR folders, whose generator is unknown
-SR_SUFFIXES = ('.png', '.jpg', '.jpeg')
 
 
 # ----------------------------------------------------------------------------- test sets
@@ -198,7 +197,7 @@ def index_sr_dir(folder, sets, scale=SR_DIR_SCALE):
         raise FileNotFoundError(f'{folder}: no such SR folder')
     found = {}
     for path in visible(folder, '*'):
-        if path.suffix.lower() in SR_SUFFIXES:
+        if path.suffix.lower() in upscale.IMAGE_SUFFIXES:
             if path.stem in found:
                 raise ValueError(f'{folder}: both {found[path.stem].name} and {path.name}; keep one SR image per name')
             found[path.stem] = path
@@ -230,10 +229,7 @@ def load_method_generator(path, arch, device, channels_last):
                          f'base: python lora.py merge --base BASE.pth --adapters {path} --out MERGED.pth, or evaluate '
                          + (f'{export}' if export.is_file() else "the run's generator.pth")
                          + ' (train.py exports it merged)')
-    model = models.load_generator(path, arch).to(device)
-    if channels_last and isinstance(model, models.RRDBNet):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return upscale.inference_model(ckpt, device, channels_last, arch, source=str(path))
 
 
 def super_resolve(method, source, test_set, lq, args):
@@ -244,9 +240,7 @@ def super_resolve(method, source, test_set, lq, args):
         sr = to_rgb(load_image(path))
     else:
         path, scale = method.ckpt, models.generator_scale(source)
-        amp_dtype = torch.float16 if args.device.type == 'cuda' else torch.bfloat16
-        with torch.autocast(args.device.type, dtype=amp_dtype, enabled=args.amp):
-            sr = upscale.upscale_image(source, lq[None], scale, args.tile, args.tile_pad)[0]
+        sr = upscale.upscale_image(source, lq[None], scale, args.tile, args.tile_pad, args.amp)[0]
     check_sr_size(path, test_set, (sr.shape[-1], sr.shape[-2]), scale)
     return torch.round(sr.float().clamp(0, 1) * 255) / 255
 
@@ -260,8 +254,7 @@ def check_flags(args, methods):
         raise ValueError('--agreement: needs the human labels of a multi-GT --data root; --hr pairs have none')
     if args.compare and not set(args.compare) <= {m.name for m in methods} | {'GT'}:
         raise ValueError(f"--compare {' '.join(args.compare)}: choose from {', '.join(m.name for m in methods)}, GT")
-    if args.tile is not None and (args.tile < 1 or args.tile_pad < 0):
-        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {args.tile} and {args.tile_pad}')
+    upscale.check_tile(args.tile, args.tile_pad)
 
 
 def score_sr(sr, positives, metrics, metric_names):

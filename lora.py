@@ -229,14 +229,14 @@ def merge_adapter_file(base_path, adapters_path, out_path):
     adapters = load_checkpoint(adapters_path)
     if 'params_lora' not in adapters:
         raise ValueError(f'{adapters_path}: not a LoRA adapter file (no params_lora); train.py --finetune writes one')
-    model = models.load_generator(base_path, arch=adapters.get('arch'))
+    base = load_checkpoint(base_path)
+    model = models.load_generator(base, arch=adapters.get('arch'), source=str(base_path))
     inject_lora(model, models.generator_arch(model), rank=adapters.get('lora_rank'),
                 alpha=adapters.get('lora_alpha'))
     try:
         load_lora_state_dict(model, adapters['params_lora'])
     except ValueError as err:
         raise ValueError(f'{adapters_path}: {err} (adapters of another base generator?)') from None
-    base = load_checkpoint(base_path)
     save_checkpoint({'params_ema': merge_lora(model).state_dict(), 'arch': adapters.get('arch'),
                      'config': base.get('config', adapters.get('config', {})), 'scale': base.get('scale', 4)}, out_path)
 

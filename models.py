@@ -19,7 +19,7 @@ from torchvision.models.vgg import cfgs as VGG_CFGS
 from torchvision.models.vgg import make_layers as make_vgg_layers
 
 from files import load_checkpoint
-from weights import VGG19_FILE, download_command
+from weights import VGG19_FILE, backbone_path, download_command
 
 # ----------------------------------------------------------------------------- SwinIR
 
@@ -459,7 +459,7 @@ class PerceptualLoss(nn.Module):
             if isinstance(layer, nn.ReLU):
                 layer.inplace = False  # an in-place ReLU would overwrite the pre-ReLU features we keep
         if weights == 'DEFAULT':
-            path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / 'checkpoints' / VGG19_FILE
+            path = Path(weights_path) if weights_path else backbone_path('perceptual')
             if not path.is_file():
                 raise FileNotFoundError(f'{path}: VGG19 weights not found (no download is attempted); run '
                                         f'`{download_command("vgg19")}`, put {VGG19_FILE} into {path.parent} '

@@ -29,8 +29,9 @@ import score_cache
 import upscale
 from data import NUM_GTS, read_effective_labels
 from files import check_writable, load_checkpoint, load_image, to_rgb
-from models import RRDBNet, generator_scale, load_generator
-from weights import WEIGHT_FILES, backbone_path, download_command, hub_offline, missing_weights, weight_path
+from models import generator_scale
+from weights import (BACKBONES, WEIGHT_FILES, backbone_path, download_command, file_sha256, hub_offline,
+                     missing_weights, snapshot, weight_path)
 from weights import run as run_weights
 
 TAU = 10.0  # softmax temperature of sma / smp (paper: 10)
@@ -286,13 +287,13 @@ def pyiqa_network(metric, device, weights, pretrained, opts):
                 f'{WEIGHT_FILES[metric]} in {path.parent} or pass --iqa-weights PATH '
                 '(or --random-iqa for meaningless random scores)')
         load_checkpoint(path)  # weights_only=True check: pyiqa itself unpickles with weights_only=False
-        fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        fingerprint = file_sha256(path)[:16]
         opts['pretrained_model_path'] = str(path)
     elif metric in WEIGHT_FILES:
         fingerprint, opts['pretrained'] = 'random-weights', False
     elif backbone is not None:  # qalign: the whole model is a Hugging Face repo; name its revision
-        revision = backbone / 'refs' / 'main'
-        fingerprint = 'hf-' + (revision.read_text().strip()[:16] if revision.is_file() else 'unknown')
+        revision = snapshot(BACKBONES[metric])
+        fingerprint = 'hf-' + (revision.name[:16] if revision is not None else 'unknown')
     else:
         fingerprint = 'weight-free'
     if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
@@ -478,13 +479,10 @@ def run_agreement(args):
 
 def run_upscale(args):
     """Flags, output paths and every input are checked before the model is built."""
-    if args.tile is not None and (args.tile < 1 or args.tile_pad < 0):
-        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {args.tile} and {args.tile_pad}')
+    upscale.check_tile(args.tile, args.tile_pad)
     pairs = upscale.output_paths(upscale.list_images(args.input), args.input, args.output, args.suffix)
     upscale.check_inputs(pairs, args.outscale)
-    model = load_generator(args.ckpt).to(args.device)
-    if args.channels_last and isinstance(model, RRDBNet):  # a conv net: faster so on CPU (bench_upscale.py)
-        model = model.to(memory_format=torch.channels_last)
+    model = upscale.inference_model(args.ckpt, args.device, args.channels_last)
     scale = generator_scale(model)
     for src, dst in tqdm(pairs, desc='upscale', unit='image'):
         upscale.upscale_file(model, src, dst, scale, args.tile, args.tile_pad, args.outscale, args.amp)

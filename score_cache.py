@@ -91,12 +91,7 @@ def score_dataset(root, quality, cache_path=None, flush_every=50):
     todo = [name for name in names if name not in scores]
     for done, name in enumerate(tqdm(todo, desc=f'score {quality.name}', unit='set',
                                      total=len(names), initial=len(names) - len(todo)), 1):
-        gts = torch.stack([to_rgb(load_image(path)) for path in gt_paths(root, name)])  # (5,3,H,W)
-        with torch.no_grad():
-            set_scores = quality(gts).cpu()
-        if not torch.isfinite(set_scores).all():
-            raise ValueError(f'{gt_paths(root, name)[0]}: {quality.name} gave a NaN or infinite score')
-        scores[name] = set_scores.tolist()
+        scores[name] = score_set(root, name, quality)
         if done % flush_every == 0:
             _write_cache({**header, 'scores': scores, 'complete': False}, cache_path)
     if todo or not complete:

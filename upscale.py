@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import models
 from files import check_writable, load_image, png_bit_depth, quantize, save_pixels, to_rgb
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
@@ -37,13 +38,26 @@ def tiled(fn, x, scale, tile=None, pad=0):
 
 
 
+def check_tile(tile, tile_pad):
+    if tile is not None and (tile < 1 or tile_pad < 0):
+        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {tile} and {tile_pad}')
+
+
+def inference_model(ckpt, device, channels_last, arch=None, source=None):
+    """The generator of a checkpoint file or dict (models.load_generator), on `device`, in eval mode; RRDBNet in
+    channels-last when asked (same outputs within fp32 rounding, faster convolutions on CPU: bench/bench_eval.py)."""
+    model = models.load_generator(ckpt, arch, source=source).to(device)
+    if channels_last and isinstance(model, models.RRDBNet):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def sr_tiles(model, lq, scale, tile=None, tile_pad=32, amp=False):
     """tiled() with the model, under no_grad, on the model's device; amp: autocast to fp16 on CUDA,
     bf16 on CPU (Real-ESRGAN runs in half precision by default)."""
     if lq.dim() != 4 or len(lq) != 1:
         raise ValueError(f'lq: expected one image (1,C,h,w), got shape {tuple(lq.shape)}')
-    if tile is not None and (tile < 1 or tile_pad < 0):
-        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {tile} and {tile_pad}')
+    check_tile(tile, tile_pad)
     param = next(model.parameters(), None)
     device = lq.device if param is None else param.device
     half = torch.float16 if device.type == 'cuda' else torch.bfloat16

@@ -86,7 +86,7 @@ REGISTRY = (
 PYIQA_FILES = {w.name: w for w in REGISTRY if w.folder == 'pyiqa'}  # pyiqa metric -> its checkpoint
 BACKBONES = {m: w for w in REGISTRY if w.folder != 'pyiqa' for m in w.used_by}  # pyiqa metric -> its backbone
 
-VGG19_FILE = 'vgg19-dcbb9e9d.pth'  # torchvision's ImageNet VGG19 weights (perceptual loss)
+VGG19_FILE = BACKBONES['perceptual'].file  # torchvision's ImageNet VGG19 weights (perceptual loss)
 WEIGHT_FILES = {metric: w.file for metric, w in PYIQA_FILES.items()}
 
 
@@ -273,21 +273,21 @@ def check_digest(w, sha256, git_sha1):
         raise ValueError(f'{w.url}: hash mismatch, git blob sha1 {git_sha1} is not {w.git_sha1}; nothing written')
 
 
-def git_blob_sha1(path):
-    """git's object hash of a file: sha1 of 'blob <size>\\0' + content."""
-    digest = hashlib.sha1(f'blob {path.stat().st_size}\0'.encode())
+def file_digest(path, digest):
+    """Hex digest of a file through `digest` (a hashlib object), read in 1 MiB blocks."""
     with open(path, 'rb') as f:
         while block := f.read(2**20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def git_blob_sha1(path):
+    """git's object hash of a file: sha1 of 'blob <size>\\0' + content."""
+    return file_digest(path, hashlib.sha1(f'blob {path.stat().st_size}\0'.encode()))
 
 
 def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while block := f.read(2**20):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, hashlib.sha256())
 
 
 def check_snapshot(w):
