@@ -184,11 +184,17 @@ def run_files(out):
 
 def generator_export(ema, cfg, gen_config, raw_d):
     """What evaluate.py / upscale / FT read: the EMA generator, LoRA merged, and the discriminator beside it."""
-    export = {'params_ema': lora.merge_lora(copy.deepcopy(ema)).state_dict(), 'arch': cfg.arch, 'config': gen_config,
-              'scale': 4}
+    merged = lora.merge_lora(copy.deepcopy(ema)) if cfg.finetune and cfg.lora else ema  # no copy without adapters
+    export = {'params_ema': merged.state_dict(), 'arch': cfg.arch, 'config': gen_config, 'scale': 4}
     if raw_d is not None:
         export['net_d'] = raw_d.state_dict()
     return export
+
+
+def lora_meta(cfg):
+    """The LoRA rank and alpha of an FT run (0 = the paper's rank; alpha = the rank), saved beside its adapters."""
+    rank = cfg.lora_rank or lora.LORA_PRESETS[cfg.arch][1]
+    return {'lora_rank': rank, 'lora_alpha': cfg.lora_alpha or rank}
 
 
 def checkpoint_state(step, bad_steps, cfg, world, gen_config, fingerprints, g, ema, raw_d, opts, scheds, scaler,
@@ -200,9 +206,7 @@ def checkpoint_state(step, bad_steps, cfg, world, gen_config, fingerprints, g, e
             **generator_export(ema, cfg, gen_config, raw_d), 'optimizer_g': opts[0].state_dict(),
             'scheduler_g': scheds[0].state_dict(), 'scaler': scaler.state_dict(), 'queue': queues}
     if cfg.finetune and cfg.lora:
-        ckpt['ema_lora'] = lora.lora_state_dict(ema)
-        ckpt.update(lora_rank=cfg.lora_rank or lora.LORA_PRESETS[cfg.arch][1])
-        ckpt.update(lora_alpha=cfg.lora_alpha or ckpt['lora_rank'])
+        ckpt.update(ema_lora=lora.lora_state_dict(ema), **lora_meta(cfg))
     if raw_d is not None:
         ckpt.update(optimizer_d=opts[1].state_dict(), scheduler_d=scheds[1].state_dict())
     return ckpt
@@ -238,9 +242,8 @@ def export(cfg, ema, raw_d, gen_config, out):
     """generator.pth (the EMA, LoRA merged, with the discriminator beside it) and, in FT, the adapters alone."""
     files.save_checkpoint(generator_export(ema, cfg, gen_config, raw_d), out / 'generator.pth')
     if cfg.finetune and cfg.lora:
-        rank = cfg.lora_rank or lora.LORA_PRESETS[cfg.arch][1]
         files.save_checkpoint({'params_lora': lora.lora_state_dict(ema), 'arch': cfg.arch, 'config': gen_config,
-                               'lora_rank': rank, 'lora_alpha': cfg.lora_alpha or rank}, out / 'lora_adapters.pth')
+                               **lora_meta(cfg)}, out / 'lora_adapters.pth')
 
 
 def last_good(out):
@@ -355,10 +358,10 @@ class CsvLog:
 
 def log_row(step, sched, terms, bad_steps, rate):
     """The log.csv / TensorBoard row of a step (host syncs here, at log steps only)."""
-    row = {'step': step, 'lr': sched.get_last_lr()[0], 'loss_g': sum(v.item() for k, v in terms.items()
-                                                                      if k in ('l1', 'perceptual', 'gan', 'q'))}
-    row.update({k: v.item() for k, v in terms.items()})
-    return {**row, 'bad_steps': bad_steps, 'it_per_s': rate}
+    values = {k: v.item() for k, v in terms.items()}
+    loss_g = sum(v for k, v in values.items() if k in ('l1', 'perceptual', 'gan', 'q'))
+    return {'step': step, 'lr': sched.get_last_lr()[0], 'loss_g': loss_g, **values, 'bad_steps': bad_steps,
+            'it_per_s': rate}
 
 
 def progress_line(row, total):

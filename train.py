@@ -264,11 +264,12 @@ def preflight(cfg, dist_info):
         problems += config.check_files(cfg)
     except ValueError as err:  # e.g. an unknown metric in --iqa, which check_files parses
         problems.append(str(err))
+    out_problems = runs.check_out(cfg) if dist_info.master else []
     if problems:
-        raise runs.StartError(problems + (runs.check_out(cfg) if dist_info.master else []))
+        raise runs.StartError(problems + out_problems)
     if dist_info.ddp:
         dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
-    runs.agree_or_raise(runs.check_out(cfg) if dist_info.master else [], dist_info)
+    runs.agree_or_raise(out_problems, dist_info)
 
 
 def train(cfg, dist_info):
@@ -351,7 +352,7 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
         baseline = monitor(ema, quality[1], second, held_out)
         logs.write(f'monitor at step {step} (held-out sets; all higher is better): '
                    + ', '.join(f'{k} {v:.4g}' for k, v in baseline.items()))
-    side = torch.cuda.Stream(device) if device.type == 'cuda' and cfg.sampler == 'amo' else None
+    side = torch.cuda.Stream(device) if device.type == 'cuda' and cfg.sampler in nriqa_sr.SCORES_ONLINE else None
     bad_in_a_row = 0
     with runs.StopSignals() as signals, closing(batches(train_set, cfg, dist_info.world, rank, step,
                                                         device.type == 'cuda')) as data_iter:
