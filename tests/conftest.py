@@ -3,7 +3,7 @@ configurations; the offline fixture; the demo data set, built once; state equali
 import json
 import socket
 
-import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
 
