@@ -16,7 +16,6 @@ training patches) vs upos (a uniform draw among positives).
 import argparse
 import importlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import degradations  # noqa: E402
+from common import BASELINE, baseline_sources  # noqa: E402
 
-BASELINE = 'ceadaf4'
 MODULES = ('files', 'degradations', 'data')
 
 
@@ -50,10 +49,7 @@ def make_sets(root: Path, count: int, size: int = 512) -> None:
 
 def import_baseline(folder: Path) -> object:
     """The data module of commit BASELINE with its own files/degradations, beside this checkout's modules."""
-    for name in MODULES:
-        source = subprocess.run(['git', '-C', str(REPO), 'show', f'{BASELINE}:{name}.py'], check=True,
-                                capture_output=True, text=True).stdout
-        (folder / f'{name}.py').write_text(source)
+    baseline_sources(folder, MODULES)
     ours = {name: sys.modules.pop(name) for name in MODULES}
     sys.path.insert(0, str(folder))
     try:

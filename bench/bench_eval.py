@@ -25,7 +25,6 @@ the cores are taken). On CUDA it is wall time after a synchronize.
 import argparse
 import copy
 import json
-import re
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ import metrics
 import models
 import nriqa_sr
 import upscale
-from common import spread, sync, timed
+from common import clock_name, ratio, rss_bytes, spread, sync, timed
 
 SMALL_RRDB = {'num_feat': 16, 'num_block': 2, 'num_grow_ch': 8}  # the memory test: a paper RRDBNet takes minutes
 LQ_SIZE, TILE, TILE_PAD = 512, 128, 16
@@ -85,11 +84,6 @@ def metric_cases(device, size):
     return cases
 
 
-def rss_bytes(field):
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc (Linux)."""
-    return int(re.search(rf'{field}:\s+(\d+) kB', Path('/proc/self/status').read_text()).group(1)) * 1024
-
-
 def child(mode, device):
     """One upscaling run (in its own process); prints {'added_mb', 'seconds'} as JSON."""
     torch.manual_seed(0)
@@ -130,9 +124,8 @@ def main():
     if args.child:
         return child(args.child, args.device)
     torch.set_num_threads(args.threads)
-    clock = 'wall' if torch.device(args.device).type == 'cuda' else 'process CPU'
-    print(f'device {args.device}, torch {torch.__version__}, {args.threads} threads, {args.runs} runs, {clock} '
-          'seconds; median [min-max]')
+    print(f'device {args.device}, torch {torch.__version__}, {args.runs} runs, {clock_name(args.device)}; '
+          'median [min-max]')
     cases, diff = channels_last_cases(args.device, args.lq)
     metrics = metric_cases(args.device, args.size)
     with torch.inference_mode():
@@ -140,12 +133,11 @@ def main():
     unit = times['contiguous']
     print(f'1. RRDBNet x4 (paper size) on 1x3x{args.lq}x{args.lq}, fp32, s per forward (max |out diff| {diff:.1e}):')
     for label in cases:
-        ratios = [u / t for u, t in zip(unit, times[label])]
-        print(f'   {label:14s} {spread(times[label])} s   speed vs contiguous: per run {spread(ratios)}x, '
+        print(f'   {label:14s} {spread(times[label])} s   speed vs contiguous: per run {ratio(unit, times[label])}x, '
               f'best vs best {min(unit) / min(times[label]):.3g}x')
     print(f'2. metrics on one {args.size}x{args.size} image (FR: vs one GT), in contiguous generator forwards:')
     for label in metrics:
-        print(f'   {label:8s} {spread([t / u for t, u in zip(times[label], unit)])}   ({spread(times[label])} s)')
+        print(f'   {label:8s} {ratio(times[label], unit)}   ({spread(times[label])} s)')
     if args.no_memory:
         return
     runs = upscale_memory(args.device)

@@ -188,7 +188,7 @@ def build_cases(args, device):
         cases[f'{arch} step upos'] = stage1.step
         warm.append(f'{arch} step upos')  # the parts reuse its models
         parts = stage1.parts()
-        cases.update({label if label in SHARED else f'{arch} {label}': fn for label, fn in parts.items()
+        cases.update({part_label(arch, label): fn for label, fn in parts.items()
                       if label not in SHARED or not info['diffs']})
         if not info['diffs']:
             variants = quality_variants(cfg, device)

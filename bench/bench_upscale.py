@@ -9,14 +9,14 @@
    rounded into a uint8 buffer). Reported: the process's peak RSS (VmHWM) and what the run added to the RSS of the
    process with its modules imported, per output pixel. `before` at the largest size needs ~9 GB, so
    it is extrapolated linearly from the two smaller sizes unless --full-before.
-2. CPU seconds per forward on one 64x64 LQ tile: contiguous vs channels-last (the `upscale` default)
-   for the paper RRDBNet and a small one, and fp32 vs --amp (bf16 autocast) for the small one only
-   (bf16 is emulated, and slow, on CPUs without native bf16 instructions); runs interleaved, median
-   and min-max of --runs.
+2. CPU seconds per forward of a small RRDBNet on one 64x64 LQ tile in channels-last (the `upscale`
+   default): fp32 vs --amp (bf16 autocast; emulated, and slow, on CPUs without native bf16 instructions).
+   Timed as common.py describes: process CPU time with one torch thread, a warm-up, then --runs
+   interleaved rounds; median [min-max], the ratio taken per round. Contiguous vs channels-last for the
+   paper RRDBNet is in bench_eval.py (1.) and bench_models.py.
 """
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,28 +32,31 @@ sys.path.insert(0, str(REPO))  # the repo's flat modules
 
 import files
 import models
+from common import baseline_sources, clock_name, ratio, spread, timed
 
 SMALL_RRDB = {'num_feat': 4, 'num_block': 1, 'num_grow_ch': 4}  # memory is the point: keep the compute small
 AMP_RRDB = {'num_feat': 16, 'num_block': 2, 'num_grow_ch': 8}  # bf16 of the paper model takes minutes per tile here
-BEFORE_COMMIT = 'ceadaf4'
-MODULES = ('nriqa_sr.py', 'files.py', 'models.py', 'data.py', 'weights.py', 'degradations.py')
+MODULES = ('nriqa_sr', 'files', 'models', 'data', 'weights', 'degradations')
+BENCH = Path(__file__).resolve().parent
+# argv: the code's folder, bench/, then nriqa_sr's arguments. bench/ goes last on sys.path: common.py is found
+# there but cannot shadow the modules under test.
 CHILD = '''
-import json, re, sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
+sys.path.append(sys.argv[2])
 import nriqa_sr
-def status(key):
-    return int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024
-base = status('VmRSS')
-code = nriqa_sr.main(sys.argv[2:])
-print(json.dumps({'code': code, 'base': base, 'peak': status('VmHWM')}))
+from common import rss_bytes
+base = rss_bytes('VmRSS')
+code = nriqa_sr.main(sys.argv[3:])
+print(json.dumps({'code': code, 'base': base, 'peak': rss_bytes('VmHWM')}))
 '''
 
 
 def peak_memory(code_dir, ckpt, src, out):
     """{'code', 'base', 'peak'} (bytes) of one `upscale --tile 128 --tile-pad 8` in a fresh process."""
     argv = ['upscale', '--ckpt', ckpt, '-i', src, '-o', out, '--tile', '128', '--tile-pad', '8', '--device', 'cpu']
-    done = subprocess.run([sys.executable, '-c', CHILD, str(code_dir), *map(str, argv)], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run([sys.executable, '-c', CHILD, str(code_dir), str(BENCH), *map(str, argv)],
+                          capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result['code'] == 0, done.stderr[-2000:]
     return result
@@ -64,10 +67,7 @@ def memory_table(sizes, full_before):
         tmp = Path(tmp)
         before = tmp / 'before'
         before.mkdir()
-        for name in MODULES:  # the modules of that commit, side by side, so its imports resolve to them
-            source = subprocess.run(['git', 'show', f'{BEFORE_COMMIT}:{name}'], cwd=REPO, capture_output=True,
-                                    text=True, check=True).stdout
-            (before / name).write_text(source)
+        baseline_sources(before, MODULES)
         torch.manual_seed(0)
         ckpt = tmp / 'g.pth'
         files.save_checkpoint({'params_ema': models.build_generator('rrdbnet', **SMALL_RRDB).state_dict(),
@@ -104,49 +104,29 @@ def memory_table(sizes, full_before):
               f'{added / r["pixels"]:>12.1f}B {r["seconds"]:>6.1f}')
 
 
-def forward_seconds(model, x, runs, amp=False):
-    """Seconds of each of `runs` forwards (runs=0: one untimed warm-up)."""
-    times = []
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
-        if not runs:
-            model(x)
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return times
-
-
 def speed_table(runs):
-    """Interleaved runs (a slow spell of the shared machine hits every variant alike); ratios of medians."""
+    """fp32 vs bf16 autocast forwards of the small RRDBNet in channels-last, as `upscale [--amp]` runs it on CPU."""
+    torch.set_num_threads(1)  # common.timed's CPU time: one thread, so that spinning OpenMP threads add nothing
     torch.manual_seed(0)
     x = torch.rand(1, 3, 64, 64)
-    for label, config, amps in (('paper', {}, (False,)), ('small', AMP_RRDB, (False, True))):
-        model = models.build_generator('rrdbnet', **config).eval()
-        last = models.build_generator('rrdbnet', **config).eval()
-        last.load_state_dict(model.state_dict())
-        last = last.to(memory_format=torch.channels_last)
-        variants = {f'{layout} {"bf16 amp" if amp else "fp32"}': (net, amp)
-                    for amp in amps for layout, net in (('contiguous', model), ('channels-last', last))}
-        times = {name: [] for name in variants}
-        for name, (net, amp) in variants.items():  # warm-up
-            forward_seconds(net, x, 0, amp)
-        for _ in range(runs):
-            for name, (net, amp) in variants.items():
-                times[name] += forward_seconds(net, x, 1, amp)
-        base = statistics.median(times['contiguous fp32'])
-        print(f'\n{label} RRDBNet {config or "(paper)"}, one 64x64 LQ tile, CPU, {torch.get_num_threads()} threads, '
-              f'{len(times["contiguous fp32"])} runs each')
-        for name, t in times.items():
-            print(f'{name:>24}: median {statistics.median(t):.3f} s (min {min(t):.3f}, max {max(t):.3f}), '
-                  f'speed x{base / statistics.median(t):.2f} of contiguous fp32')
+    net = models.build_generator('rrdbnet', **AMP_RRDB).eval().to(memory_format=torch.channels_last)
+
+    def forward(amp):
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            net(x)
+    times = timed({'fp32': lambda: forward(False), 'bf16 amp': lambda: forward(True)}, runs)
+    print(f'\nRRDBNet {AMP_RRDB}, channels-last, one 64x64 LQ tile, CPU, {runs} runs; {clock_name("cpu")}; '
+          'median [min-max]')
+    print(f'     fp32: {spread(times["fp32"])} s per forward')
+    bf16 = times['bf16 amp']
+    print(f' bf16 amp: {spread(bf16)} s per forward, {ratio(bf16, times["fp32"])}x the fp32 time')
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--sizes', nargs='*', default=['1000x750', '2000x1500', '4000x3000'],
                         help='input WxH (none: speed table only)')
-    parser.add_argument('--runs', type=int, default=5, help='forwards per variant in the speed table')
+    parser.add_argument('--runs', type=int, default=5, help='timed rounds of the speed table (after one warm-up)')
     parser.add_argument('--full-before', action='store_true', help='also run `before` at the largest size (~9 GB)')
     args = parser.parse_args()
     if args.sizes:

@@ -1,4 +1,6 @@
-"""Timing helpers shared by bench_train.py, bench_models.py and bench_eval.py.
+"""Helpers shared by the bench scripts: timing (bench_train.py, bench_models.py, bench_eval.py, bench_upscale.py),
+the `before` baseline's sources (bench_data.py, bench_upscale.py) and resident memory (bench_eval.py,
+bench_upscale.py).
 
 On a shared 2-core machine wall time varies several-fold between runs (OpenMP threads spin while another job
 holds the cores), so on CPU a case is timed in process CPU time (time.process_time) with one torch thread: the
@@ -7,12 +9,17 @@ within each round (one untimed warm-up round first), so a change of load hits th
 and the min-max range over the rounds, and a ratio is taken per round, then summarised the same way.
 """
 import os
+import re
 import statistics
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = 'ceadaf4'  # the commit that bench_data.py and bench_upscale.py run as `before`
 
 
 def sync(device):
@@ -57,8 +64,23 @@ def ratio(a, b):
 
 
 def clock_name(device):
+    threads = torch.get_num_threads()  # the scripts' --threads: CPU time counts every thread's work
     return 'wall seconds after a CUDA synchronize' if torch.device(device).type == 'cuda' else \
-        'process CPU seconds, 1 torch thread'
+        f'process CPU seconds, {threads} torch thread{"s" if threads > 1 else ""}'
+
+
+def baseline_sources(folder, modules):
+    """Write commit BASELINE's <module>.py of each module into `folder` (side by side, so their imports of each
+    other resolve to that commit's versions)."""
+    for name in modules:
+        source = subprocess.run(['git', '-C', str(REPO), 'show', f'{BASELINE}:{name}.py'], check=True,
+                                capture_output=True, text=True).stdout
+        (Path(folder) / f'{name}.py').write_text(source)
+
+
+def rss_bytes(field):
+    """VmRSS (now) or VmHWM (peak since the start or the last reset) of this process, from /proc (Linux)."""
+    return int(re.search(rf'{field}:\s+(\d+) kB', Path('/proc/self/status').read_text()).group(1)) * 1024
 
 
 def run_measured(argv, env=None):
