@@ -5,6 +5,7 @@ problem of the flags and input files at once, before a run starts.
 import argparse
 import json
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import models
 import nriqa_sr
 import score_cache
 import weights
+
+
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def arg(default, help, **argparse_kwargs):
@@ -57,7 +61,7 @@ class TrainConfig:
     queue_size: int = arg(160, "sample queue mixing degradations across batches (0 = off)")
     degradation: str = arg('one-stage', "HGGT's one-stage blind degradation (SwinIR file) or Real-ESRGAN's "
                            'two-stage one (RealESRGAN file)', choices=('one-stage', 'two-stage'))
-    num_workers: int = arg(4, 'data loader worker processes per rank')
+    num_workers: int = arg(min(4, CPUS), 'data loader worker processes per rank (at most the CPU count)')
     # optimisation
     total_iters: int = arg(300_000, 'training iterations')
     lr: float = arg(1e-4, 'Adam learning rate of G and D, betas (0.9, 0.99)')
@@ -163,28 +167,46 @@ def parse_config(argv=None):
 
 
 
+MAX_STEP = 9_999_999  # checkpoint names carry 7 digits of the step (runs.CKPT_NAME)
+SEED_RANGE = (0, 2**32 - 1)  # what every generator it seeds takes (torch, NumPy's legacy seed)
+
+
+def int_limits(cfg):
+    """(flag, value, least, most) of every integer flag: the most is what the machine or the file names allow
+    (workers: the CPU count), or far beyond any real run (so that 10^20 is a message, not an overflow)."""
+    return (('--batch-size', cfg.batch_size, 1, 4096), ('--gt-size', cfg.gt_size, 4, 8192),
+            ('--total-iters', cfg.total_iters, 1, MAX_STEP), ('--save-every', cfg.save_every, 1, MAX_STEP),
+            ('--log-every', cfg.log_every, 1, MAX_STEP), ('--keep', cfg.keep, 1, 1000),
+            ('--max-bad-steps', cfg.max_bad_steps, 1, MAX_STEP), ('--num-workers', cfg.num_workers, 0, CPUS),
+            ('--queue-size', cfg.queue_size, 0, 65536), ('--sample-every', cfg.sample_every, 0, MAX_STEP),
+            ('--monitor-every', cfg.monitor_every, 0, MAX_STEP), ('--monitor-size', cfg.monitor_size, 0, 4096),
+            ('--lora-rank', cfg.lora_rank, 0, 4096), ('--d-num-feat', cfg.d_num_feat, 1, 1024),
+            ('--seed', cfg.seed, *SEED_RANGE),
+            *(('--milestones', m, 1, MAX_STEP) for m in cfg.milestones))
+
+
 def check_config(cfg):
-    """Problems that the flags alone show (no file is read): a list of one-line messages."""
+    """Problems that the flags alone show (no file is read): a list of one-line messages. Every numeric flag
+    has a lower and an upper bound."""
     problems = []
-    for flag, value, least in (('--batch-size', cfg.batch_size, 1), ('--gt-size', cfg.gt_size, 4),
-                               ('--total-iters', cfg.total_iters, 1), ('--save-every', cfg.save_every, 1),
-                               ('--log-every', cfg.log_every, 1), ('--keep', cfg.keep, 1),
-                               ('--max-bad-steps', cfg.max_bad_steps, 1), ('--num-workers', cfg.num_workers, 0),
-                               ('--queue-size', cfg.queue_size, 0), ('--sample-every', cfg.sample_every, 0),
-                               ('--monitor-every', cfg.monitor_every, 0), ('--monitor-size', cfg.monitor_size, 0),
-                               ('--lora-rank', cfg.lora_rank, 0), ('--d-num-feat', cfg.d_num_feat, 1)):
+    for flag, value, least, most in int_limits(cfg):
         if value < least:
             problems.append(f'{flag}: must be at least {least}, got {value}')
+        elif value > most:
+            why = ' (the CPU count)' if flag == '--num-workers' else ''
+            problems.append(f'{flag}: must be at most {most}{why}, got {value}')
     if cfg.gt_size % 4 or (cfg.gan_weight > 0 and cfg.gt_size % 8):
         problems.append(f'--gt-size: {cfg.gt_size} must be a multiple of 4 (the LQ is gt_size / 4), and of 8 with '
                         'a discriminator (it halves the patch three times)')
     if cfg.queue_size % max(cfg.batch_size, 1):
         problems.append(f'--queue-size: {cfg.queue_size} must be a multiple of --batch-size {cfg.batch_size}')
     for flag, value, lo, hi, text in (
-            ('--lr', cfg.lr, 0, 1, 'in (0, 1]'), ('--gamma', cfg.gamma, 0, 1, 'in (0, 1]'),
-            ('--tau', cfg.tau, 0, math.inf, 'positive and finite')):
+            ('--lr', cfg.lr, 0, 1, 'in (0, 1]'), ('--gamma', cfg.gamma, 0, 1, 'in (0, 1]')):
         if not (lo < value <= hi and math.isfinite(value)):
             problems.append(f'{flag}: must be {text}, got {value}')
+    if not nriqa_sr.TAU_MIN <= cfg.tau <= nriqa_sr.TAU_MAX:  # also refuses nan
+        problems.append(f'--tau: must be in [{nriqa_sr.TAU_MIN:g}, {nriqa_sr.TAU_MAX:g}] (below, score / tau '
+                        f'overflows the softmax of sma / smp), got {cfg.tau}')
     if not 0 <= cfg.ema_decay < 1:
         problems.append(f'--ema-decay: must be in [0, 1), got {cfg.ema_decay}')
     for flag in ('grad_clip', 'l1_weight', 'perceptual_weight', 'gan_weight', 'lambda_q', 'lora_alpha'):

@@ -2,14 +2,20 @@
 
 Every output of the project goes through `atomic_open` (temp file, fsync, rename: never a half-written
 file, even after kill -9); every checkpoint is read with `torch.load(weights_only=True)`, so a file
-cannot run code. Both data.py and models.py use these without importing each other.
+cannot run code, and the checkpoints the project writes carry a checksum of their content, verified on
+load. Images are read as viewers show them (EXIF orientation applied). Both data.py and models.py use
+these without importing each other.
 """
 import contextlib
+import errno
+import hashlib
 import io
 import os
 import pickle
 import re
+import signal
 import struct
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -50,8 +56,38 @@ def open_image(path) -> Image.Image:
                                 f'{Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS)') from None
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag: how a viewer turns the stored pixels (1 = as stored)
+ORIENT = {  # EXIF orientation -> the (H,W,C) array a viewer shows (Pillow's ImageOps.exif_transpose)
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1 when it has none or an invalid one)."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError, struct.error):  # a broken EXIF block: the pixels as stored
+        return 1
+    return value if value in ORIENT else 1
+
+
+def file_orientation(path) -> int:
+    """orientation() from the file's header (no pixel decode)."""
+    try:
+        with open_image(path) as im:
+            return orientation(im)
+    except (OSError, SyntaxError, ValueError):
+        return 1  # unreadable by Pillow: the decoder that reads the pixels says why
+
+
+def oriented(array: np.ndarray, value: int) -> np.ndarray:
+    """(H,W,C) pixels as stored -> as a viewer shows them under EXIF orientation `value`."""
+    return ORIENT[value](array) if value in ORIENT else array
+
+
 def load_image(path) -> torch.Tensor:
-    """Read an image as a float32 (C,H,W) tensor in [0,1], C = 1 (gray), 3 (RGB) or 4 (RGBA).
+    """Read an image as a float32 (C,H,W) tensor in [0,1], C = 1 (gray), 3 (RGB) or 4 (RGBA), as a viewer
+    shows it (EXIF orientation applied: a phone JPEG stored 40x24 with orientation 6 is 24 wide, 40 high).
 
     8-bit and 16-bit PNGs keep their full precision: Pillow decodes 16-bit *colour* PNGs to 8 bits
     per channel, so those go through OpenCV's decoder instead.
@@ -62,6 +98,7 @@ def load_image(path) -> torch.Tensor:
     try:
         with open_image(path) as im:
             im.load()  # decode now, so a corrupt body fails here and not later
+            turn = orientation(im)
             if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit gray
                 array = np.asarray(im, dtype=np.float32) / 65535.0
             elif im.mode in ('RGB', 'RGBA') and png_bit_depth(path) == 16:
@@ -77,7 +114,7 @@ def load_image(path) -> torch.Tensor:
         raise
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's errors for truncated/corrupt files
         raise ValueError(f'{path}: cannot read image ({err})') from err
-    array = array[:, :, None] if array.ndim == 2 else array
+    array = oriented(array[:, :, None] if array.ndim == 2 else array, turn)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).clamp_(0, 1)  # HWC -> CHW
 
 
@@ -89,6 +126,7 @@ def read_rgb8(path) -> np.ndarray:
     are rounded to the nearest 8-bit level, round(v * 255 / 65535). (HGGT reads GTs with
     cv2.imread(IMREAD_COLOR), which keeps the high byte of a 16-bit value; its GTs are 8-bit.)
     A PNG without its IEND chunk is refused before decoding, so libpng prints nothing of its own.
+    EXIF orientation is applied, as by load_image.
     The array is a view with the channels reversed from OpenCV's BGR order: copy what you keep.
     """
     path = Path(path)
@@ -103,8 +141,8 @@ def read_rgb8(path) -> np.ndarray:
     if array.dtype == np.uint16:
         array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if array.ndim == 2:
-        return np.repeat(array[:, :, None], 3, axis=2)
-    return array[:, :, 2::-1]  # BGR(A) -> RGB, alpha dropped
+        return oriented(np.repeat(array[:, :, None], 3, axis=2), file_orientation(path))
+    return oriented(array[:, :, 2::-1], file_orientation(path))  # BGR(A) -> RGB, alpha dropped
 
 
 
@@ -112,20 +150,65 @@ def read_rgb8(path) -> np.ndarray:
 def atomic_open(path):
     """Open `path` for binary writing, atomically: the bytes go to a temp file in the same folder, which
     is fsync'ed and renamed over `path` only when the block ends without error (never a half-written
-    file, even after kill -9). The project's one way to write an output file."""
+    file, even after kill -9). The project's one way to write an output file. A full disk, a read-only
+    folder or a quota is one ValueError line naming `path` (the temp file removed, `path` as it was)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
         os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         with os.fdopen(fd, 'wb') as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if err.errno in STORAGE_ERRORS:
+            raise ValueError(f'{path}: cannot write ({os.strerror(err.errno)}); nothing written') from None
         raise
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO,
+                  errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)  # the storage's fault, not a bug
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGHUP) while a command runs: raised where the process is, so `finally` blocks and atomic_open
+    remove what it was writing (temp files, a run's lock); a BaseException, so no `except Exception` swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(f'stopped by {signal.Signals(signum).name}')
+        self.signal = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGTERM / SIGHUP raise Interrupted in the main thread for this block (Ctrl-C already raises
+    KeyboardInterrupt): the commands' mains run in it and turn either into one line and exit code 128 + signal."""
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def interrupted_exit(err):
+    """The exit code of an Interrupted / KeyboardInterrupt (128 + signal, as the shell's), its line printed."""
+    signum = getattr(err, 'signal', signal.SIGINT)
+    print(f'error: stopped by {signal.Signals(signum).name}; nothing half-written was left', file=sys.stderr)
+    return 128 + signum
 
 
 
@@ -182,12 +265,13 @@ def to_rgb(img: torch.Tensor) -> torch.Tensor:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(W,H) from the file header only (Pillow does not decode pixels on open)."""
+    """(W,H) as a viewer shows the image (EXIF orientation 5..8 swaps them), from the file header only
+    (Pillow does not decode pixels on open)."""
     if not path.is_file():
         raise FileNotFoundError(f'{path}: missing image')
     try:
         with open_image(path) as im:
-            return im.size
+            return im.size[::-1] if orientation(im) >= 5 else im.size
     except TooManyPixels:
         raise
     except (OSError, SyntaxError, ValueError) as err:
@@ -198,7 +282,32 @@ def image_size(path: Path) -> tuple[int, int]:
 # What torch.load(weights_only=True) raises on empty, truncated or garbage bytes besides UnpicklingError
 # (found by feeding it cut and mutated checkpoints and random bytes): the file's fault, not a bug here.
 CORRUPT_FILE_ERRORS = (EOFError, RuntimeError, ValueError, IndexError, KeyError, AssertionError, AttributeError,
-                       struct.error)
+                       struct.error, OSError, TypeError, OverflowError, MemoryError, NotImplementedError)
+CHECKSUM = 'checksum'  # the key of save_checkpoint's content digest (files of other projects have none)
+
+
+def content_digest(obj) -> str:
+    """BLAKE2b of a checkpoint's content: every key, value, tensor dtype, shape and byte, in order."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def walk(x):
+        if torch.is_tensor(x):
+            t = x.detach().cpu().contiguous()
+            digest.update(f'T{t.dtype}{tuple(t.shape)}'.encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, Mapping):
+            digest.update(f'D{len(x)}'.encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            digest.update(f'{type(x).__name__[0]}{len(x)}'.encode())
+            for v in x:
+                walk(v)
+        else:
+            digest.update(f'{type(x).__name__}:{x!r};'.encode())
+    walk(obj)
+    return digest.hexdigest()
 
 
 
@@ -220,6 +329,13 @@ def load_checkpoint(path):
         raise ValueError(f'{path}: not a PyTorch checkpoint (empty, truncated or corrupt)') from None
     if not isinstance(ckpt, Mapping):
         raise ValueError(f'{path}: expected a dict checkpoint, found {type(ckpt).__name__}')
+    mark = next((k for k in ckpt if isinstance(k, str) and len(k) == len(CHECKSUM)
+                 and sum(a != b for a, b in zip(k, CHECKSUM)) <= 1), None)  # a flipped byte may hit the key too
+    if mark is not None:  # one of ours: its content must be what was written
+        saved = ckpt.pop(mark)
+        if mark != CHECKSUM or saved != content_digest(ckpt):
+            raise ValueError(f'{path}: corrupt, its content does not match the checksum it was written with '
+                             '(changed on disk); use another copy')
     return ckpt
 
 
@@ -243,7 +359,9 @@ def check_writable(path, flag, folder=False):
 
 
 def save_checkpoint(obj, path):
-    """torch.save atomically (data.atomic_open: temp file, fsync, rename; never half-written)."""
+    """torch.save atomically (atomic_open: temp file, fsync, rename; never half-written), with a checksum of
+    the content that load_checkpoint verifies."""
+    obj = {k: v for k, v in obj.items() if k != CHECKSUM}
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        torch.save({**obj, CHECKSUM: content_digest(obj)}, f)
 

@@ -35,6 +35,7 @@ from weights import (BACKBONES, WEIGHT_FILES, backbone_path, download_command, f
 from weights import run as run_weights
 
 TAU = 10.0  # softmax temperature of sma / smp (paper: 10)
+TAU_MIN, TAU_MAX = 1e-6, 1e6  # scores up to 100 (METRIC_RANGES) over TAU_MIN stay far from float64's overflow
 SAMPLERS = ('origins', 'upos', 'sma', 'smp', 'amo')
 NEEDS_LABELS = ('upos', 'smp')  # they draw from the human positives
 NEEDS_SCORES = ('sma', 'smp')  # they read cached image-level scores

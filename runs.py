@@ -57,11 +57,16 @@ def agree_or_raise(problems, dist_info):
 
 
 def check_out(cfg):
-    """Problems with --out: a file, under a file, holding another run, or holding --init."""
+    """Problems with --out: not a writable folder (a file, under a file, a symlink loop, a read-only mount),
+    holding another run, or holding --init."""
     out = Path(cfg.out)
     blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         return [f'--out {out}: {blocker} is a file, not a folder']
+    try:
+        files.check_writable(out, '--out', folder=True)
+    except ValueError as err:
+        return [str(err)]
     problems = []
     if cfg.init and out.resolve() in Path(cfg.init).resolve().parents:
         problems.append(f'--out {out}: holds --init {cfg.init}, which this run would overwrite; choose a new --out '
@@ -73,19 +78,25 @@ def check_out(cfg):
     return problems
 
 
-def take_out(cfg, dist_info):
-    """Rank 0 locks --out (one run per folder) just before the run writes to it."""
-    lock, problems = None, []
-    if dist_info.master:
-        lock = RunLock(cfg.out)
-        try:
-            note = lock.acquire()
-            if note:
-                print(note)
-        except ValueError as err:
-            problems, lock = [str(err)], None
-    agree_or_raise(problems, dist_info)
-    return lock
+def take_out(cfg):
+    """Rank 0's lock on --out, taken atomically before --out is judged and held until the run ends: of two
+    runs started on one folder, in whatever order and however slow their setup, one holds it and the other
+    is refused, or finds the first one's files. -> (the lock, or None with the problems)."""
+    problems = check_out(cfg)  # a file or an unwritable folder in the way: said before anything is created
+    if problems:
+        return None, problems
+    lock = RunLock(cfg.out)
+    try:
+        note = lock.acquire()
+    except ValueError as err:
+        return None, [str(err)]
+    problems = check_out(cfg)  # judged again under the lock: what a run that finished meanwhile left counts
+    if problems:
+        lock.release()
+        return None, problems
+    if note:
+        print(note)
+    return lock, []
 
 
 # ----------------------------------------------------------------------------- one run per folder
@@ -97,9 +108,11 @@ class RunLock:
     def __init__(self, out):
         self.path = Path(out) / '.lock'
         self.mine = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+        self.created = []  # folders acquire() made: a refused run removes them again (when still empty)
 
     def acquire(self):
         """Take the lock; returns a note when a stale lock was replaced; raises ValueError when the folder is in use."""
+        self.created = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         note = None
         for _ in range(2):
@@ -120,13 +133,19 @@ class RunLock:
         raise ValueError(f'{self.path}: could not take the lock')
 
     def release(self):
+        """Drop the lock (only this process's), and the folders acquire() made when nothing else went in."""
         if self._holder().get('pid') == self.mine['pid']:
             self.path.unlink(missing_ok=True)
+        for folder in self.created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run's files are in it
+                break
 
     def _holder(self):
         try:
             return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}  # a lock being written, or unreadable: treated as held by an unknown process
 
 
@@ -177,9 +196,20 @@ def save_and_prune(ckpt, out, keep):
 
 
 def run_files(out):
-    """What in `out` belongs to a run (checkpoints, exports, log): a new run must not write over them."""
+    """What in `out` belongs to a run (checkpoints, exports, a log with rows): a new run must not write over
+    them. A log.csv of its header alone is what a run that stopped before its first step left: no work."""
     out = Path(out)
-    return [p.name for _, p in saved_checkpoints(out)] + [n for n in RUN_FILES if (out / n).exists()]
+    return [p.name for _, p in saved_checkpoints(out)] + [n for n in RUN_FILES if (out / n).exists() and (
+        n != 'log.csv' or logged_rows(out / n))]
+
+
+def logged_rows(path):
+    """Whether a log.csv holds a row besides its header."""
+    try:
+        with open(path, 'rb') as f:
+            return len(f.read(1 << 16).splitlines()) > 1
+    except OSError:
+        return True  # unreadable: treated as a run's
 
 
 def generator_export(ema, cfg, gen_config, raw_d):

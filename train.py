@@ -258,18 +258,25 @@ def monitor(model, quality, second, held_out):
 
 def preflight(cfg, dist_info):
     """Every problem of flags, files and --out at once, before any work. Flags and files look the same from
-    every rank; --out is rank 0's to judge (it may be a node-local folder): every rank gets its verdict."""
+    every rank; --out is rank 0's to judge (it may be a node-local folder), under its lock (runs.take_out):
+    every rank gets its verdict. Returns rank 0's lock on --out (None on other ranks)."""
     problems = config.check_config(cfg)
     try:
         problems += config.check_files(cfg)
     except ValueError as err:  # e.g. an unknown metric in --iqa, which check_files parses
         problems.append(str(err))
-    out_problems = runs.check_out(cfg) if dist_info.master else []
     if problems:
-        raise runs.StartError(problems + out_problems)
-    if dist_info.ddp:
-        dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
-    runs.agree_or_raise(out_problems, dist_info)
+        raise runs.StartError(problems + (runs.check_out(cfg) if dist_info.master else []))
+    lock, out_problems = runs.take_out(cfg) if dist_info.master else (None, [])
+    try:
+        if dist_info.ddp:
+            dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
+        runs.agree_or_raise(out_problems, dist_info)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 def train(cfg, dist_info):
@@ -329,16 +336,11 @@ def train(cfg, dist_info):
                     images(torch.stack([it['gts'] for it in items]), device),
                     torch.stack([it['positive'] for it in items]).to(device)]
     state = (g, ema, raw_d, opts, scheds, scaler, queue)
-    lock = runs.take_out(cfg, dist_info)
-    try:
-        step, bad_steps = loop(cfg, dist_info, train_set, nets, (sampling_q, reward_q, scores), state, step, bad_steps,
-                               held_out, fingerprints, gen_config)
-        if master:
-            runs.export(cfg, ema, raw_d, gen_config, out)
-            print(f'done: {step} steps; generator: {out / "generator.pth"}')
-    finally:
-        if lock is not None:
-            lock.release()
+    step, bad_steps = loop(cfg, dist_info, train_set, nets, (sampling_q, reward_q, scores), state, step, bad_steps,
+                           held_out, fingerprints, gen_config)
+    if master:
+        runs.export(cfg, ema, raw_d, gen_config, out)
+        print(f'done: {step} steps; generator: {out / "generator.pth"}')
 
 
 def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_out, fingerprints, gen_config):
@@ -353,7 +355,7 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
         logs.write(f'monitor at step {step} (held-out sets; all higher is better): '
                    + ', '.join(f'{k} {v:.4g}' for k, v in baseline.items()))
     side = torch.cuda.Stream(device) if device.type == 'cuda' and cfg.sampler in nriqa_sr.SCORES_ONLINE else None
-    bad_in_a_row = 0
+    bad_in_a_row, first = 0, step
     with runs.StopSignals() as signals, closing(batches(train_set, cfg, dist_info.world, rank, step,
                                                         device.type == 'cuda')) as data_iter:
         while step < cfg.total_iters:
@@ -365,7 +367,13 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
             except RuntimeError:
                 if signals.received is None:
                     raise
-                raise runs.stopped(signals, step, out) from None  # the workers got the job's SIGTERM too
+                # the workers got the job's SIGTERM too (at an epoch boundary, before the next batch came):
+                # the last completed step is saved all the same (one process: no other rank to wait for)
+                if step > first and not dist_info.ddp and not runs.checkpoint_path(out, step).is_file():
+                    runs.save(cfg, dist_info, step, bad_steps, gen_config, fingerprints, state)
+                if master:
+                    logs.close()
+                raise runs.stopped(signals, step, out) from None
             torch.manual_seed(step_seed(cfg.seed, rank, step, 'torch'))  # drop-path
             if queue is not None:
                 batch = queue(batch)
@@ -419,33 +427,39 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
 
 
 def main(argv=None):
-    """Errors before training are the same on every rank: rank 0 prints them; every rank exits with 2."""
-    cfg = config.parse_config(argv)
-    dist_info, code = None, 0
-    try:
-        dist_info = setup_distributed(cfg)
-        preflight(cfg, dist_info)
-        train(cfg, dist_info)
-    except runs.StartError as err:
-        if dist_info is None or dist_info.master:
-            head = [f'error: {err.problems[0]}'] if len(err.problems) == 1 else \
-                [f'error: {len(err.problems)} problems stop this run:'] + [f'  - {p}' for p in err.problems]
-            print('\n'.join(head), file=sys.stderr)
-        code = 2
-    except (ValueError, FileNotFoundError) as err:  # the same on every rank (setup, or the weights diverged)
-        if dist_info is None or dist_info.master:
-            print(f'error: {err}', file=sys.stderr)
-        code = 2
-    except runs.DataError as err:  # one rank's sample: that rank says it
-        print(f'error: {err}' if dist_info.world == 1 else f'error (rank {dist_info.rank}): {err}', file=sys.stderr)
-        code = 2
-    except runs.Stopped as stop:
-        if dist_info.master:
-            print(stop, file=sys.stderr)
-        code = 128 + stop.signal
-    finally:
-        if dist_info is not None and dist_info.ddp and dist.is_initialized():
-            dist.destroy_process_group()
+    """Errors before training are the same on every rank: rank 0 prints them; every rank exits with 2. SIGTERM
+    or Ctrl-C before the loop (or after it) ends the run in one line, its lock and temp files removed."""
+    dist_info, lock, code = None, None, 0
+    with files.interruptible():
+        try:
+            cfg = config.parse_config(argv)
+            dist_info = setup_distributed(cfg)
+            lock = preflight(cfg, dist_info)
+            train(cfg, dist_info)
+        except runs.StartError as err:
+            if dist_info is None or dist_info.master:
+                head = [f'error: {err.problems[0]}'] if len(err.problems) == 1 else \
+                    [f'error: {len(err.problems)} problems stop this run:'] + [f'  - {p}' for p in err.problems]
+                print('\n'.join(head), file=sys.stderr)
+            code = 2
+        except (ValueError, FileNotFoundError) as err:  # the same on every rank (setup, or the weights diverged)
+            if dist_info is None or dist_info.master:
+                print(f'error: {err}', file=sys.stderr)
+            code = 2
+        except runs.DataError as err:  # one rank's sample: that rank says it
+            print(f'error: {err}' if dist_info.world == 1 else f'error (rank {dist_info.rank}): {err}', file=sys.stderr)
+            code = 2
+        except runs.Stopped as stop:
+            if dist_info.master:
+                print(stop, file=sys.stderr)
+            code = 128 + stop.signal
+        except (KeyboardInterrupt, files.Interrupted) as err:  # before or after the loop: nothing to save
+            code = files.interrupted_exit(err)
+        finally:
+            if lock is not None:
+                lock.release()
+            if dist_info is not None and dist_info.ddp and dist.is_initialized():
+                dist.destroy_process_group()
     if code:
         sys.exit(code)
 
