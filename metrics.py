@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import nriqa_sr
 from files import load_checkpoint
-from weights import download_command, missing_weights, weight_file, weight_path
+from weights import check_unpickled, download_command, missing_weights, weight_file, weight_path
 
 # Paper column order (Table 5); the first five compare with the GTs, the rest score the image alone.
 METRICS = ('psnr', 'ssim', 'lpips', 'stlpips', 'dists', 'musiq', 'nima', 'qalign', 'topiq_nr', 'paq2piq')
@@ -96,6 +96,7 @@ def pyiqa_full_reference(name, device, weights):
     import pyiqa
     path = weight_path(name, weights)
     state = load_checkpoint(path)  # the weights_only check: pyiqa itself unpickles without it
+    check_unpickled(name)  # and torchvision its backbone
     try:
         metric = pyiqa.create_metric(name, device=device, pretrained_model_path=str(path))
     except RuntimeError as err:  # load_state_dict: shape mismatch

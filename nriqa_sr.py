@@ -30,8 +30,8 @@ import upscale
 from data import NUM_GTS, read_effective_labels
 from files import check_writable, load_checkpoint, load_image, to_rgb
 from models import generator_scale
-from weights import (BACKBONES, WEIGHT_FILES, backbone_path, download_command, file_sha256, hub_offline,
-                     missing_weights, snapshot, weight_path)
+from weights import (BACKBONES, WEIGHT_FILES, backbone_path, check_unpickled, download_command, file_sha256,
+                     hub_offline, missing_weights, snapshot, weight_path)
 from weights import run as run_weights
 
 TAU = 10.0  # softmax temperature of sma / smp (paper: 10)
@@ -280,6 +280,7 @@ def pyiqa_network(metric, device, weights, pretrained, opts):
     pyiqa would download what it does not find."""
     import pyiqa  # takes seconds: imported only when a Q is built, not by `upscale`
     opts, backbone = dict(opts), backbone_path(metric)
+    check_unpickled(metric)  # torchvision would unpickle its backbone file unchecked
     if metric in WEIGHT_FILES and pretrained:
         path = weight_path(metric, weights)
         if not path.is_file():
@@ -369,6 +370,8 @@ def build_parser():
     score.add_argument('--iqa', default='musiq', metavar='NAME',
                        help="Q: a metric (musiq, nima, qalign, topiq_nr, paq2piq, piqe) or 'musiq:1+nima:0.5'")
     score.add_argument('--cache', type=Path, metavar='FILE', help='cache of --data (default ROOT/scores_<NAME>.json)')
+    score.add_argument('--rescore', action='store_true',
+                       help='replace a --cache made with another Q (other weights or options); without it, refused')
     add_quality_flags(score, device)
     up = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
     up.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
@@ -452,7 +455,7 @@ def run_score(args):
     quality = QualityModel(args.iqa, args.device, weights=args.iqa_weights, pretrained=not args.random_iqa,
                            metric_opts=args.iqa_opts)
     if args.data is not None:
-        scores = score_cache.score_dataset(args.data, quality, cache_path)
+        scores = score_cache.score_dataset(args.data, quality, cache_path, rescore=args.rescore)
         print(f'{cache_path}: {len(scores)} sets scored with {quality.name} ({quality.fingerprint})')
         return
     column, note = score_column(quality)

@@ -44,7 +44,7 @@ def _write_cache(cache, path):
 def _read_cache(path):
     try:
         cache = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ValueError(f'{path}: not a score cache (invalid JSON); delete it or choose another --cache') from None
     if not (isinstance(cache, dict) and cache.get('version') == CACHE_VERSION
             and isinstance(cache.get('scores'), dict)):
@@ -69,12 +69,13 @@ def score_set(root, name, quality):
 
 
 
-def score_dataset(root, quality, cache_path=None, flush_every=50):
+def score_dataset(root, quality, cache_path=None, flush_every=50, rescore=False):
     """Image-level Q score of every GT of every set, for sma / smp: {name: [s0..s4]}.
 
     Whole images, the five of a set in one batch. The JSON cache {"version", "metric", "fingerprint",
-    "scores", "complete"} is rewritten atomically every `flush_every` sets, so an interrupted run resumes;
-    a cache made with another metric or other weights is started afresh.
+    "scores", "complete"} is rewritten atomically every `flush_every` sets, so an interrupted run resumes.
+    A cache made with another metric or other weights is another result, which runs may have been started
+    with: it is refused, naming the cache, unless rescore (`score --rescore`) says to replace it.
     """
     cache_path = Path(cache_path) if cache_path is not None else score_cache_path(root, quality.name)
     root = Path(root)
@@ -84,9 +85,13 @@ def score_dataset(root, quality, cache_path=None, flush_every=50):
         cache = _read_cache(cache_path)
         if (cache.get('metric'), cache.get('fingerprint')) == (quality.name, quality.fingerprint):
             scores, complete = cache['scores'], cache.get('complete') is True
+        elif not rescore:
+            raise ValueError(f'{cache_path}: holds scores of {cache.get("metric")} ({cache.get("fingerprint")}), '
+                             f'not of this {quality.name} ({quality.fingerprint}); keep it and write these to another '
+                             '--cache FILE, or replace it with --rescore')
         else:
             print(f'{cache_path}: made with {cache.get("metric")} ({cache.get("fingerprint")}); rescoring with '
-                  f'{quality.name} ({quality.fingerprint})', file=sys.stderr)
+                  f'{quality.name} ({quality.fingerprint}) (--rescore)', file=sys.stderr)
     header = {'version': CACHE_VERSION, 'metric': quality.name, 'fingerprint': quality.fingerprint}
     todo = [name for name in names if name not in scores]
     for done, name in enumerate(tqdm(todo, desc=f'score {quality.name}', unit='set',
@@ -111,11 +116,12 @@ def load_score_cache(path, metric, fingerprint, names=None, command=None):
     if not path.is_file():
         raise FileNotFoundError(f'{path}: score cache not found; {rebuild}')
     cache = _read_cache(path)
+    replace = f'{rebuild} --rescore (it replaces that cache)'
     if cache.get('metric') != metric:
-        raise ValueError(f"{path}: scores are from metric '{cache.get('metric')}', not '{metric}'; {rebuild}")
+        raise ValueError(f"{path}: scores are from metric '{cache.get('metric')}', not '{metric}'; {replace}")
     if cache.get('fingerprint') != fingerprint:
         raise ValueError(f"{path}: scores are from other {metric} weights ({cache.get('fingerprint')}, now "
-                         f'{fingerprint}); {rebuild}')
+                         f'{fingerprint}); {replace}')
     if cache.get('complete') is not True:
         raise ValueError(f"{path}: incomplete ({len(cache['scores'])} sets scored); run again to resume: {command}")
     scores = cache['scores']

@@ -110,6 +110,7 @@ def output_paths(images, source, output, suffix=''):
     silently); an output that cannot be written (a folder, or a path under a file).
     """
     output = Path(output)
+    check_name_part(suffix, '--suffix')
     if output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
         if not Path(source).is_file():
             raise ValueError(f'-o {output}: is one image file, but -i {source} is a folder; give an output folder')
@@ -119,6 +120,9 @@ def output_paths(images, source, output, suffix=''):
     else:
         check_writable(output, '-o', folder=True)
         pairs = [(src, output / f'{src.stem}{"_" + suffix if suffix else ""}.png') for src in images]
+        outside = [dst for _, dst in pairs if dst.parent != output or dst.name in ('.', '..')]
+        if outside:  # a name made from user text that is not a plain name
+            raise ValueError(f'-o {output}: {outside[0]} would be outside the output folder')
     writer = {}
     for src, dst in pairs:
         if dst in writer:
@@ -133,6 +137,14 @@ def output_paths(images, source, output, suffix=''):
                              '(or name the outputs apart with --suffix)')
     return pairs
 
+
+
+def check_name_part(text, flag):
+    """User text that becomes part of a file name (a --suffix, a row name) is a name part, not a path: no
+    separator, no NUL, not '.' or '..', so the file it names stays in its folder."""
+    if text and (any(c in text for c in ('/', '\\', '\0')) or text in ('.', '..')):
+        raise ValueError(f"{flag} {text!r}: a name part, not a path; use letters, digits, '_', '-', '.', "
+                         "without '/' or '\\'")
 
 
 def file_id(path):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from files import atomic_open
+from files import atomic_open, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,16 @@ def weight_path(metric, weights=None):
 def backbone_path(metric):
     """The torchvision file or Hugging Face cache folder of `metric`'s backbone; None when it has none."""
     return location(BACKBONES[metric]) if metric in BACKBONES else None
+
+
+def check_unpickled(metric):
+    """torchvision unpickles the ImageNet backbone pyiqa builds for `metric` (vgg16 for DISTS, alexnet for LPIPS,
+    resnet18 for PaQ-2-PiQ) without weights_only: the file is loaded with weights_only=True first, so one that
+    would run code is refused in one line (files.load_checkpoint) before pyiqa reaches it. Hugging Face
+    backbones are safetensors files, which hold no code."""
+    backbone = BACKBONES.get(metric)
+    if backbone is not None and backbone.folder == 'torchvision' and location(backbone).is_file():
+        load_checkpoint(location(backbone))
 
 
 def missing_weights(metric, weights=None):

@@ -250,7 +250,14 @@ def test_score_cache_built_then_reused(hggt_root):
     assert score_dataset(hggt_root, q) == scores and q.calls == 3  # valid cache: nothing rescored
     assert load_score_cache(path, 'fake', 'fp1', names=['a', 'b', 'c']) == scores
     rescored = FakeQ(fingerprint='fp2')
-    score_dataset(hggt_root, rescored)  # other weights: scored again
+    before = path.read_bytes()
+    for flush_every in (50, 1):  # other weights: refused, the cache as it was, however often it flushes
+        with pytest.raises(ValueError, match=r'holds scores of fake \(fp1\).* --rescore'):
+            score_dataset(hggt_root, rescored, flush_every=flush_every)
+        assert path.read_bytes() == before and rescored.calls == 0
+    with pytest.raises(ValueError, match='--rescore'):  # an explicit --cache of another Q, too
+        score_dataset(hggt_root, rescored, path)
+    score_dataset(hggt_root, rescored, rescore=True)  # asked for: scored again
     assert rescored.calls == 3 and json.loads(path.read_text())['fingerprint'] == 'fp2'
 
 
@@ -512,7 +519,7 @@ def test_the_suggested_rebuild_command_makes_the_cache_accepted(hggt_root, capsy
     with pytest.raises(ValueError) as err:
         load_score_cache(path, q.name, q.fingerprint, ['a', 'b', 'c'],
                          score_cache.score_command(hggt_root, q.flags, path))
-    argv = shlex.split(str(err.value).split('rebuild: ')[1])
+    argv = shlex.split(str(err.value).split('rebuild: ')[1].split(' (it replaces')[0])
     assert argv[:3] == ['python', 'nriqa_sr.py', 'score'] and '--iqa-opts' in argv and '--random-iqa' in argv
     assert nriqa_sr.main(argv[2:]) == 0  # exactly the suggested command, once
     assert list(load_score_cache(path, q.name, q.fingerprint, ['a', 'b', 'c'])) == ['a', 'b', 'c']
