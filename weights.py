@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import http.client
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -238,40 +239,73 @@ def download(entries, progress=True):
     return fetched
 
 
+STALL_S, STALL_BYTES = 60, 2**16  # a transfer that brings fewer bytes in a minute (~1 KiB/s) has stalled
+TOTAL_S = 3 * 3600  # no weight file takes longer at any usable speed
+MAX_BYTES = 2**31  # a body without Content-Length is cut here (the largest file, VGG16, is ~530 MiB)
+
+
+def one_line(text):
+    """An error text on one line (urllib's redirect-loop error, for one, spans three)."""
+    return ' '.join(str(text).split())
+
+
 def fetch_file(w, progress=True, chunk=2**20):
-    """Stream `w.url` into a temp file beside its place; renamed into place only when size and hash check."""
+    """Stream `w.url` into a temp file beside its place; renamed into place only when size and hash check.
+    Bounded: no byte for STALL_S seconds or fewer than STALL_BYTES in any STALL_S (a trickle), more than
+    TOTAL_S seconds in all, or more bytes than the Content-Length (without one, MAX_BYTES) stop it, and the
+    temp file goes on every way out (an error, Ctrl-C, SIGTERM through files.interruptible)."""
     target = location(w)
     by_hand = f'download it by hand from {w.url} and put it at {target}'
     try:
-        response = urllib.request.urlopen(w.url, timeout=60)
+        response = urllib.request.urlopen(w.url, timeout=STALL_S)
     except OSError as err:  # urllib's URLError / HTTPError, DNS, refused connection, timeout
-        raise ValueError(f'{w.url}: cannot download ({getattr(err, "reason", err)}); {by_hand}') from None
+        raise ValueError(f'{w.url}: cannot download ({one_line(getattr(err, "reason", err))}); {by_hand}') from None
     with response:
         expected = response.headers.get('Content-Length')
-        expected = int(expected) if expected is not None else None
+        expected = int(expected) if expected is not None and expected.isdigit() else None
         if w.git_sha1 and expected is None:
             raise ValueError(f'{w.url}: no Content-Length, so its git blob hash cannot be checked; {by_hand}')
+        cap = expected if expected is not None else MAX_BYTES
+        if cap > MAX_BYTES:
+            raise ValueError(f'{w.url}: announces {expected} bytes, over the {MAX_BYTES} a weight file may have; '
+                             f'nothing written; {by_hand}')
         sha256 = hashlib.sha256()
         git_sha1 = hashlib.sha1(f'blob {expected}\0'.encode())  # git hashes a header, then the content
         received = 0
         truncated = f'{w.url}: truncated transfer, {{}} of {expected} bytes; nothing written, try again or {by_hand}'
+        start = window = time.monotonic()
+        window_bytes = 0
         try:
             with atomic_open(target) as out, tqdm(total=expected, unit='B', unit_scale=True, desc=w.file,
                                                   disable=not progress) as bar:
-                while block := response.read(chunk):
+                while block := response.read1(min(chunk, cap + 1 - received)):
+                    received += len(block)
+                    if received > cap:
+                        raise ValueError(f'{w.url}: more than the {cap} bytes '
+                                         f'{"its Content-Length" if expected is not None else "a weight file may"} '
+                                         f'{"announced" if expected is not None else "have"}; nothing written; '
+                                         f'{by_hand}')
                     out.write(block)
                     sha256.update(block)
                     git_sha1.update(block)
-                    received += len(block)
                     bar.update(len(block))
+                    now, window_bytes = time.monotonic(), window_bytes + len(block)
+                    if now - start > TOTAL_S:
+                        raise ValueError(f'{w.url}: not done after {TOTAL_S:g} s ({received} bytes); nothing '
+                                         f'written; {by_hand}')
+                    if now - window > STALL_S:
+                        if window_bytes < STALL_BYTES:
+                            raise ValueError(f'{w.url}: stalled, {window_bytes} bytes in the last {now - window:.0f} '
+                                             f's; nothing written; try again or {by_hand}')
+                        window, window_bytes = now, 0
                 if expected is not None and received != expected:
                     raise ValueError(truncated.format(received))
                 check_digest(w, sha256.hexdigest(), git_sha1.hexdigest())  # raising here removes the temp file
         except http.client.IncompleteRead:  # how some Python versions report a short body themselves
             raise ValueError(truncated.format(received)) from None
-        except (OSError, http.client.HTTPException) as err:  # connection reset, timeout, disk full
-            raise ValueError(f'{w.url}: transfer to {target} failed after {received} bytes ({err}); nothing '
-                             f'written; {by_hand}') from None
+        except (OSError, http.client.HTTPException) as err:  # connection reset, no byte for STALL_S, disk full
+            raise ValueError(f'{w.url}: transfer to {target} failed after {received} bytes ({one_line(err)}); '
+                             f'nothing written; {by_hand}') from None
 
 
 def check_digest(w, sha256, git_sha1):

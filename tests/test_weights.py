@@ -272,3 +272,98 @@ def test_hugging_face_repository_is_fetched_and_every_blob_checked(tmp_path, mon
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     with pytest.raises(ValueError, match='HF_HUB_OFFLINE=1 forbids the download'):
         weights.fetch_repository(REGISTRY['inception_resnet_v2'], progress=False)
+
+
+# ----------------------------------------------------------------------------- bounded downloads
+@pytest.fixture
+def hostile_server():
+    """A 127.0.0.1 server of bad transfers: /trickle sends a byte every 0.05 s, /silent one byte then nothing,
+    /endless an unending body without Content-Length, /huge a Content-Length of 1 TB, /loop redirects
+    to itself. `stop` ends them all."""
+    stop = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = 'HTTP/1.0'
+
+        def do_GET(self):
+            if self.path == '/loop':
+                self.send_response(302)
+                self.send_header('Location', '/loop')
+                self.end_headers()
+                return
+            self.send_response(200)
+            if self.path in ('/trickle', '/silent'):
+                self.send_header('Content-Length', '100000')
+            elif self.path == '/huge':
+                self.send_header('Content-Length', str(10**12))
+            self.end_headers()
+            try:
+                while not stop.is_set():
+                    if self.path == '/trickle':
+                        self.wfile.write(b'x')
+                        self.wfile.flush()
+                        stop.wait(0.05)
+                    elif self.path == '/silent':
+                        self.wfile.write(b'x')
+                        self.wfile.flush()
+                        stop.wait(30)
+                    else:
+                        self.wfile.write(b'y' * 65536)
+            except OSError:  # the client gave up: what is tested
+                pass
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}'
+    stop.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize('path, says', [('/trickle', 'stalled, '), ('/silent', 'timed out'),
+                                        ('/endless', 'more than the 300000 bytes a weight file may have'),
+                                        ('/huge', 'announces 1000000000000 bytes, over the 300000'),
+                                        ('/loop', 'cannot download (The HTTP server returned a redirect error that '
+                                                  'would lead to an infinite loop. The last 30x error')])
+def test_a_hostile_transfer_ends_in_bounded_time_and_leaves_nothing(hostile_server, monkeypatch, path, says):
+    """Stall (a trickle below STALL_BYTES per STALL_S, or nothing for STALL_S), size cap (the Content-Length,
+    else MAX_BYTES) and redirect loops: one line, no temp file, well before the (here 20 s) total timeout."""
+    monkeypatch.setattr(weights, 'STALL_S', 0.5)
+    monkeypatch.setattr(weights, 'STALL_BYTES', 1000)
+    monkeypatch.setattr(weights, 'MAX_BYTES', 300_000)
+    monkeypatch.setattr(weights, 'TOTAL_S', 20)
+    w = dataclasses.replace(REGISTRY['musiq'], url=hostile_server + path)
+    with pytest.raises(ValueError) as err:
+        weights.fetch_file(w, progress=False)
+    message = str(err.value)
+    assert '\n' not in message and message.startswith(w.url) and says in message, message
+    assert folder_listing(w) == []
+
+
+def test_total_timeout_and_a_signal_mid_transfer_leave_no_temp_file(hostile_server, monkeypatch):
+    """A trickle fast enough not to stall still ends at TOTAL_S; SIGTERM mid-transfer (files.interruptible, as
+    the CLI runs) and Ctrl-C remove the temp file too."""
+    monkeypatch.setattr(weights, 'STALL_S', 30)
+    monkeypatch.setattr(weights, 'STALL_BYTES', 1)
+    monkeypatch.setattr(weights, 'TOTAL_S', 0.6)
+    w = dataclasses.replace(REGISTRY['musiq'], url=hostile_server + '/trickle')
+    with pytest.raises(ValueError, match=r'not done after 0.6 s'):
+        weights.fetch_file(w, progress=False)
+    assert folder_listing(w) == []
+    monkeypatch.setattr(weights, 'TOTAL_S', 30)
+    import files
+    import os
+    import signal
+    for signum, raised in ((signal.SIGTERM, files.Interrupted), (signal.SIGINT, KeyboardInterrupt)):
+        def kill_when_writing():
+            while not any(name.endswith('.tmp') for name in folder_listing(w)):
+                threading.Event().wait(0.01)
+            os.kill(os.getpid(), signum)
+        threading.Thread(target=kill_when_writing, daemon=True).start()
+        with files.interruptible(), pytest.raises(raised):
+            weights.fetch_file(w, progress=False)
+        assert folder_listing(w) == []
