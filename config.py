@@ -5,7 +5,6 @@ problem of the flags and input files at once, before a run starts.
 import argparse
 import json
 import math
-import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -15,9 +14,7 @@ import models
 import nriqa_sr
 import score_cache
 import weights
-
-
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+from data import CPUS
 
 
 def arg(default, help, **argparse_kwargs):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from degradations import JPEG_MCU, OneStageDegradation, crop_context, degrade
-from files import atomic_open, image_size, read_rgb8
+from files import Interrupted, atomic_open, image_size, interrupted_exit, interruptible, read_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ ANNOTATORS = ('A', 'B', 'C')
 GT_DIRS = ('original', '01', '02', '03', '04')
 NUM_GTS = len(GT_DIRS)  # HGGT: the original + four enhanced GTs
 PACK_VERSION = 1
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1  # worker limit
 
 
 # ----------------------------------------------------------------------------- labels
@@ -76,6 +77,8 @@ def _read_votes(path: Path) -> list[str]:
         content = json.loads(path.read_text(encoding='utf-8'))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f'{path}: invalid JSON ({err})') from err
+    except RecursionError:
+        raise ValueError(f'{path}: invalid JSON (nested too deep for a label file)') from None
     votes = []
     for k in range(2, 6):
         entry = content.get(f'Picture_{k}') if isinstance(content, dict) else None
@@ -181,35 +184,47 @@ def _file_stamps(root: Path, name: str) -> list[list[int]]:
     return stamps
 
 
-def _decode_set(args) -> tuple[str, list, np.ndarray]:
+def _file_hashes(root: Path, name: str) -> list[str]:
+    """BLAKE2b of the five GT files' bytes: what `pack --verify` compares (an edit that kept size and mtime)."""
+    return [hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest() for path in gt_paths(root, name)]
+
+
+def _decode_set(args) -> tuple[str, list, list, np.ndarray]:
     root, name = args
     stamps = _file_stamps(root, name)  # before reading: a file changed while packing shows up as stale
+    hashes = _file_hashes(root, name)
     images = [read_rgb8(p) for p in gt_paths(root, name)]
     for p, img in zip(gt_paths(root, name)[1:], images[1:]):
         if img.shape != images[0].shape:
             raise ValueError(f'{p}: size {img.shape[1::-1]} differs from its original {images[0].shape[1::-1]}')
-    return name, stamps, np.stack(images)  # (5,H,W,3) uint8 RGB
+    return name, stamps, hashes, np.stack(images)  # (5,H,W,3) uint8 RGB
 
 
-def pack(root, out=None, workers: int = 0) -> Path:
+def pack(root, out=None, workers: int = 0, verify: bool = False) -> Path:
     """Decode every set's five GTs once into <out>/gts.u8 ((5,H,W,3) uint8 RGB per set, back to back) and
-    <out>/index.json (offsets, sizes, and each PNG's bytes and mtime); out defaults to <root>/packed, where
-    MultiGTDataset finds it. Both files are written atomically, the index last; an up-to-date pack is kept."""
+    <out>/index.json (offsets, sizes, and each PNG's bytes, mtime and hash); out defaults to <root>/packed, where
+    MultiGTDataset finds it. Both files are written atomically, the index last; an up-to-date pack is kept.
+    Up to date means: each PNG has the bytes and mtime it had when packed (what a run checks at start);
+    verify: and the same content hash, which reads every PNG (an edit that kept size and mtime, `touch -r`)."""
     root = Path(root)
     out = Path(out) if out is not None else root / 'packed'
     names = list_sets(root)
     try:
-        PackedImages(out, root, names)
+        packed = PackedImages(out, root, names)
+        if verify:
+            packed.verify(root, names)
         return out
-    except (ValueError, FileNotFoundError):
-        pass  # absent or stale: (re)build
+    except (ValueError, FileNotFoundError) as err:
+        if verify:
+            print(f'rebuilding: {err}', file=sys.stderr)  # absent or stale: (re)build
     (out / 'index.json').unlink(missing_ok=True)  # no index ever describes another data file
     index, offset = {}, 0
     with Pool(workers) if workers > 0 else contextlib.nullcontext() as pool, atomic_open(out / 'gts.u8') as f:
         jobs = [(root, name) for name in names]
-        for name, stamps, images in (pool.imap(_decode_set, jobs) if pool else map(_decode_set, jobs)):
+        for name, stamps, hashes, images in (pool.imap(_decode_set, jobs) if pool else map(_decode_set, jobs)):
             f.write(images.tobytes())
-            index[name] = {'offset': offset, 'height': images.shape[1], 'width': images.shape[2], 'files': stamps}
+            index[name] = {'offset': offset, 'height': images.shape[1], 'width': images.shape[2], 'files': stamps,
+                           'hashes': hashes}
             offset += images.nbytes
     with atomic_open(out / 'index.json') as f:
         f.write(json.dumps({'version': PACK_VERSION, 'bytes': offset, 'sets': index}).encode())
@@ -232,7 +247,7 @@ class PackedImages:
         index_path = self.folder / 'index.json'
         try:
             index = json.loads(index_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             raise ValueError(f'{index_path}: missing or unreadable packed index; {rebuild}') from None
         if not isinstance(index, dict) or index.get('version') != PACK_VERSION or not self.data_path.is_file() \
                 or self.data_path.stat().st_size != index.get('bytes'):
@@ -245,6 +260,15 @@ class PackedImages:
                 if stamp != packed:
                     raise ValueError(f'{self.folder}: stale, {path} changed since it was packed; {rebuild}')
         self._data = None
+
+    def verify(self, root, names: list[str]) -> None:
+        """Every PNG's content hash is the one it was packed with (reads every file: `pack --verify`)."""
+        for name in names:
+            for path, now, packed in zip(gt_paths(root, name), _file_hashes(Path(root), name),
+                                         self.sets[name].get('hashes') or [None] * NUM_GTS):
+                if now != packed:
+                    raise ValueError(f'{self.folder}: stale, the content of {path} is not what was packed'
+                                     + (' (edited with its size and mtime kept)' if packed else ' (no hash packed)'))
 
     def size(self, name: str) -> tuple[int, int]:
         return self.sets[name]['width'], self.sets[name]['height']
@@ -423,15 +447,22 @@ def main(argv=None):
     cmd.add_argument('--data', type=Path, required=True, help='dataset root (images/original/NAME.png, ...)')
     cmd.add_argument('--out', type=Path, default=None,
                      help='folder for gts.u8 and index.json (default: DATA/packed, where the dataset looks)')
-    cmd.add_argument('--workers', type=int, default=0, help='processes decoding PNGs (0: this process only)')
+    cmd.add_argument('--workers', type=int, default=0, help='processes decoding PNGs (0: this process only; at most '
+                     'the CPU count)')
+    cmd.add_argument('--verify', action='store_true',
+                     help="compare every PNG's content hash with the pack's, rebuilding when one differs (a run "
+                          'checks only sizes and mtimes at start)')
     args = parser.parse_args(argv)
-    if args.workers < 0:
-        parser.error(f'--workers: {args.workers} must be >= 0')
-    try:
-        out = pack(args.data, args.out, args.workers)
-    except (ValueError, OSError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    if not 0 <= args.workers <= CPUS:
+        parser.error(f'--workers: {args.workers} must be in [0, {CPUS}] (the CPU count)')
+    with interruptible():
+        try:
+            out = pack(args.data, args.out, args.workers, args.verify)
+        except (ValueError, OSError) as err:
+            print(f'error: {err}', file=sys.stderr)
+            sys.exit(2)
+        except (KeyboardInterrupt, Interrupted) as err:
+            sys.exit(interrupted_exit(err))
     print(f'{out}: {os.path.getsize(out / "gts.u8") / 2 ** 30:.2f} GiB of decoded GTs, up to date')
 
 

@@ -36,7 +36,7 @@ import score_cache
 import weights
 from data import ANNOTATORS, LABELS, effective_labels, gt_paths
 from degradations import OneStageDegradation, degrade
-from files import atomic_open, load_image, save_image
+from files import Interrupted, atomic_open, interrupted_exit, interruptible, load_image, save_image
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent  # the scripts run from any working folder
@@ -261,7 +261,7 @@ def update_readme(path, block):
         f.write((text[:start] + block + text[end:]).encode())
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', type=Path, default=Path('demo_data'), help='where the demo data set is built')
     parser.add_argument('--out', type=Path, default=Path('demo_out'), help='runs, evaluation and reports')
@@ -269,7 +269,19 @@ def main():
     parser.add_argument('--data-only', action='store_true', help='only build the demo data set (seconds), then stop')
     parser.add_argument('--readme', type=Path, metavar='README.md',
                         help="write the results table and wall times into this file's demo-results block")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    with interruptible():
+        try:
+            run_demo(args)
+        except (ValueError, OSError) as err:  # a bad --data / --out / --readme, a full disk: one line
+            print(f'error: {err}', file=sys.stderr)
+            sys.exit(2)
+        except (KeyboardInterrupt, Interrupted) as err:
+            sys.exit(interrupted_exit(err))
+
+
+def run_demo(args):
+    """Data, score, the three stage-1 runs and FT, evaluation, each step skipped when its result is there."""
     if args.readme is not None:
         readme_block_bounds(args.readme.read_text() if args.readme.is_file() else '', args.readme)  # fail early
 

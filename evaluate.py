@@ -43,7 +43,8 @@ import nriqa_sr
 import score_cache
 import upscale
 from data import gt_paths, read_effective_labels
-from files import image_size, load_checkpoint, load_image, save_image, to_rgb
+from files import (Interrupted, image_size, interrupted_exit, interruptible, load_checkpoint, load_image, save_image,
+                   to_rgb)
 from metrics import FULL_REFERENCE, METRICS, build_metric, parse_metric_list
 from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
 
@@ -376,8 +377,10 @@ def build_parser():
     p.add_argument('--amp', action='store_true', help='generator under autocast (fp16 on CUDA, bf16 on CPU)')
     p.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
                    help='RRDBNet in channels-last memory format (default; same outputs, faster)')
-    p.add_argument('--tile', type=int, help='tile size in LQ pixels for bounded memory (default: whole image)')
-    p.add_argument('--tile-pad', type=int, default=32, help='LQ pixels of context around each tile')
+    p.add_argument('--tile', type=nriqa_sr.int_in(1, nriqa_sr.MAX_TILE),
+                   help='tile size in LQ pixels for bounded memory (default: whole image)')
+    p.add_argument('--tile-pad', type=nriqa_sr.int_in(0, nriqa_sr.MAX_TILE), default=32,
+                   help='LQ pixels of context around each tile')
     p.add_argument('--compare', nargs=2, metavar=('A', 'B'),
                    help="two methods (or GT) for the report's slider (default: the first two, or first vs GT)")
     p.add_argument('--iqa-weights', type=Path, help='folder of pyiqa weight files (default $TORCH_HOME/hub/pyiqa)')
@@ -391,16 +394,19 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out, staging = args.out, None
-    try:
-        staging = args.out = make_staging(out)
-        write_reports(evaluate(args), staging)
-        publish(staging, out)
-    except (ValueError, FileNotFoundError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+    with interruptible():
+        try:
+            staging = args.out = make_staging(out)
+            write_reports(evaluate(args), staging)
+            publish(staging, out)
+        except (ValueError, FileNotFoundError) as err:
+            print(f'error: {err}', file=sys.stderr)
+            sys.exit(2)
+        except (KeyboardInterrupt, Interrupted) as err:
+            sys.exit(interrupted_exit(err))
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
     print((out / 'results.md').read_text())
 
 

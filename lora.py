@@ -250,14 +250,19 @@ def main(argv=None):
     merge.add_argument('--adapters', type=Path, required=True, help="train.py --finetune's lora_adapters.pth")
     merge.add_argument('--out', type=Path, required=True, help='merged generator file to write')
     args = parser.parse_args(argv)
+    from files import Interrupted, check_writable, interrupted_exit, interruptible
     if args.out.resolve() in (args.base.resolve(), args.adapters.resolve()):
         print(f'error: --out {args.out}: is one of the inputs; choose a new file', file=sys.stderr)
         return 2
-    try:
-        merge_adapter_file(args.base, args.adapters, args.out)
-    except (ValueError, FileNotFoundError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    with interruptible():
+        try:
+            check_writable(args.out, '--out')  # a folder or an unwritable place: said before the merge
+            merge_adapter_file(args.base, args.adapters, args.out)
+        except (ValueError, FileNotFoundError) as err:
+            print(f'error: {err}', file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, Interrupted) as err:
+            return interrupted_exit(err)
     print(f'merged {args.adapters} into {args.base} -> {args.out}')
     return 0
 

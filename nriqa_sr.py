@@ -28,7 +28,8 @@ from tqdm import tqdm
 import score_cache
 import upscale
 from data import NUM_GTS, read_effective_labels
-from files import check_writable, load_checkpoint, load_image, to_rgb
+from files import (Interrupted, check_writable, interrupted_exit, interruptible, load_checkpoint, load_image,
+                   to_rgb)
 from models import generator_scale
 from weights import (BACKBONES, WEIGHT_FILES, backbone_path, check_unpickled, download_command, file_sha256,
                      hub_offline, missing_weights, snapshot, weight_path)
@@ -341,20 +342,41 @@ def json_object(text):
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f'not valid JSON ({err}): {text}') from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f'not valid JSON (nested too deep): {text[:40]}...') from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f'expected a JSON object {{"name": value, ...}}, got {text}')
     return value
 
 
+MAX_OUTSCALE = 64  # --outscale: beyond this a single output image is a memory bomb, not a picture
+MAX_TILE = 2**16  # --tile / --tile-pad in LQ pixels: past any image Pillow opens
+
+
 def positive_float(text):
-    """argparse type of --outscale: a finite number > 0."""
+    """argparse type of --outscale: a finite number in (0, MAX_OUTSCALE]."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
+    if value > MAX_OUTSCALE:
+        raise argparse.ArgumentTypeError(f'must be at most {MAX_OUTSCALE}, got {text}')
     return value
+
+
+def int_in(least, most):
+    """argparse type of an integer flag in [least, most] (--tile, --tile-pad of upscale and evaluate)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f'must be in [{least}, {most}], got {text}')
+        return value
+    return parse
 
 
 def build_parser():
@@ -385,10 +407,10 @@ def build_parser():
     up.add_argument('-s', '--outscale', type=positive_float, metavar='S',
                          help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
                               '(default: the model scale)')
-    up.add_argument('--tile', type=int, metavar='N',
+    up.add_argument('--tile', type=int_in(1, MAX_TILE), metavar='N',
                          help='tile size in LQ pixels: memory grows with the tile, not the image (default: whole '
                               'image)')
-    up.add_argument('--tile-pad', type=int, default=32, metavar='P',
+    up.add_argument('--tile-pad', type=int_in(0, MAX_TILE), default=32, metavar='P',
                          help='LQ pixels of context on each side of a tile (default 32)')
     up.add_argument('--amp', '--fp16', action='store_true',
                          help='half precision: autocast to fp16 on CUDA, bf16 on CPU (about 1e-2 from fp32; slow on '
@@ -495,18 +517,21 @@ def run_upscale(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == 'score':
-            run_score(args)
-        elif args.command == 'agreement':
-            run_agreement(args)
-        elif args.command == 'weights':
-            run_weights(args.download)
-        else:
-            run_upscale(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    with interruptible():
+        try:
+            if args.command == 'score':
+                run_score(args)
+            elif args.command == 'agreement':
+                run_agreement(args)
+            elif args.command == 'weights':
+                run_weights(args.download)
+            else:
+                run_upscale(args)
+        except (ValueError, FileNotFoundError) as err:
+            print(f'error: {err}', file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, Interrupted) as err:
+            return interrupted_exit(err)
     return 0
 
 

@@ -54,6 +54,8 @@ class Results:
 def check_out(out):
     """--out is a folder, or will be one: a file on its way is one line now, not an error after the run."""
     for path in [out, *out.parents]:
+        if path.is_symlink() and not path.exists():  # a link to itself (or in a loop), or to nothing
+            raise ValueError(f'--out {out}: {path} is a symlink that leads nowhere (a loop or a dangling link)')
         if path.exists():
             if not path.is_dir():
                 raise ValueError(f'--out {out}: ' + ('is a file' if path == out else f'{path} is a file') +
