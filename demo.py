@@ -155,7 +155,10 @@ def _build_demo(root: Path, num_train: int, num_test: int) -> dict:
 def _demo_manifest(dest: Path, wanted: dict) -> dict | None:
     """The manifest of a complete demo folder built with `wanted` settings, else None."""
     path = dest / 'manifest.json'
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, RecursionError):  # a broken manifest: a half-built folder, rebuilt
+        manifest = {}
     return manifest if {k: manifest.get(k) for k in wanted} == wanted else None
 
 

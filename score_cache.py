@@ -116,7 +116,7 @@ def load_score_cache(path, metric, fingerprint, names=None, command=None):
     if not path.is_file():
         raise FileNotFoundError(f'{path}: score cache not found; {rebuild}')
     cache = _read_cache(path)
-    replace = f'{rebuild} --rescore (it replaces that cache)'
+    replace = f'{rebuild} --rescore'  # --rescore: replace the cache of another Q
     if cache.get('metric') != metric:
         raise ValueError(f"{path}: scores are from metric '{cache.get('metric')}', not '{metric}'; {replace}")
     if cache.get('fingerprint') != fingerprint:
