@@ -377,10 +377,8 @@ def build_parser():
     p.add_argument('--amp', action='store_true', help='generator under autocast (fp16 on CUDA, bf16 on CPU)')
     p.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
                    help='RRDBNet in channels-last memory format (default; same outputs, faster)')
-    p.add_argument('--tile', type=nriqa_sr.int_in(1, nriqa_sr.MAX_TILE),
-                   help='tile size in LQ pixels for bounded memory (default: whole image)')
-    p.add_argument('--tile-pad', type=nriqa_sr.int_in(0, nriqa_sr.MAX_TILE), default=32,
-                   help='LQ pixels of context around each tile')
+    p.add_argument('--tile', type=int, help='tile size in LQ pixels for bounded memory (default: whole image)')
+    p.add_argument('--tile-pad', type=int, default=32, help='LQ pixels of context around each tile')
     p.add_argument('--compare', nargs=2, metavar=('A', 'B'),
                    help="two methods (or GT) for the report's slider (default: the first two, or first vs GT)")
     p.add_argument('--iqa-weights', type=Path, help='folder of pyiqa weight files (default $TORCH_HOME/hub/pyiqa)')

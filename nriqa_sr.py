@@ -350,7 +350,6 @@ def json_object(text):
 
 
 MAX_OUTSCALE = 64  # --outscale: beyond this a single output image is a memory bomb, not a picture
-MAX_TILE = 2**16  # --tile / --tile-pad in LQ pixels: past any image Pillow opens
 
 
 def positive_float(text):
@@ -365,18 +364,6 @@ def positive_float(text):
         raise argparse.ArgumentTypeError(f'must be at most {MAX_OUTSCALE}, got {text}')
     return value
 
-
-def int_in(least, most):
-    """argparse type of an integer flag in [least, most] (--tile, --tile-pad of upscale and evaluate)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-        if not least <= value <= most:
-            raise argparse.ArgumentTypeError(f'must be in [{least}, {most}], got {text}')
-        return value
-    return parse
 
 
 def build_parser():
@@ -407,10 +394,10 @@ def build_parser():
     up.add_argument('-s', '--outscale', type=positive_float, metavar='S',
                          help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
                               '(default: the model scale)')
-    up.add_argument('--tile', type=int_in(1, MAX_TILE), metavar='N',
+    up.add_argument('--tile', type=int, metavar='N',
                          help='tile size in LQ pixels: memory grows with the tile, not the image (default: whole '
                               'image)')
-    up.add_argument('--tile-pad', type=int_in(0, MAX_TILE), default=32, metavar='P',
+    up.add_argument('--tile-pad', type=int, default=32, metavar='P',
                          help='LQ pixels of context on each side of a tile (default 32)')
     up.add_argument('--amp', '--fp16', action='store_true',
                          help='half precision: autocast to fp16 on CUDA, bf16 on CPU (about 1e-2 from fp32; slow on '

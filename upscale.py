@@ -38,9 +38,13 @@ def tiled(fn, x, scale, tile=None, pad=0):
 
 
 
+MAX_TILE = 2**16  # --tile / --tile-pad in LQ pixels: past any image Pillow opens (a bound, not a choice)
+
+
 def check_tile(tile, tile_pad):
-    if tile is not None and (tile < 1 or tile_pad < 0):
-        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, got {tile} and {tile_pad}')
+    if tile is not None and not (1 <= tile <= MAX_TILE and 0 <= tile_pad <= MAX_TILE):
+        raise ValueError(f'--tile: needs tile >= 1 and --tile-pad >= 0, both at most {MAX_TILE}, got {tile} and '
+                         f'{tile_pad}')
 
 
 def inference_model(ckpt, device, channels_last, arch=None, source=None):

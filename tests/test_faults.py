@@ -557,7 +557,7 @@ def train_zero_save_every(w, tmp):
 
 def train_non_positive_tau(w, tmp):
     return Bad('train', train_args(w, tmp, '--sampler', 'sma', '--score-cache', w.cache, '--tau', '0'), '--tau',
-               'must be positive')
+               'must be in [1e-06, 1e+06]')
 
 
 def train_queue_not_multiple_of_batch(w, tmp):
