@@ -377,14 +377,16 @@ class _Silent(tqdm):
 
 def run(names):
     """`nriqa_sr.py weights [--download [NAME...]]`: names None lists; a list (empty: all) downloads first.
-    A failed download is reported on its own line and the others still run."""
+    A failed download is reported on its own line and the others still run (then one line sums them up)."""
     if names is not None:
-        failed = []
-        for w in select(names):
+        failed, entries = [], select(names)
+        for w in entries:
             try:
                 for path in download([w]):
                     print(f'fetched and checked: {path}')
             except ValueError as err:
+                if len(entries) == 1:  # one file asked for: its error is the one line
+                    raise
                 print(f'error: {err}', file=sys.stderr)
                 failed.append(w.name)
         if failed:
