@@ -247,9 +247,8 @@ def super_resolve(method, source, test_set, lq, args):
 
 # ----------------------------------------------------------------------------- evaluation
 def check_flags(args, methods):
-    unknown = [m for m in args.agreement or [] if m not in nriqa_sr.METRIC_RANGES]
-    if unknown:
-        raise ValueError(f"--agreement: unknown NR metric '{unknown[0]}'; valid: {', '.join(nriqa_sr.METRIC_RANGES)}")
+    for name in args.agreement or ():  # a pyiqa NR metric, an ensemble or a py:FILE.py:NAME Q
+        nriqa_sr.parse_metric(name)
     if args.agreement and args.hr:
         raise ValueError('--agreement: needs the human labels of a multi-GT --data root; --hr pairs have none')
     if args.compare and not set(args.compare) <= {m.name for m in methods} | {'GT'}:
