@@ -10,7 +10,7 @@ Pairs (label_pairs): a set's effective labels order its GTs: Positive over the O
 Negative, Positive over Negative. Similar GTs enter no pair: HGGT's "Similar" is also the label of a three-way
 disagreement, so it is no evidence that two GTs look alike, and the paper's agreement counts no Similar pair.
 Loss (ranking_loss): RankNet's logistic loss on each pair's score difference, softplus(-(Q(w) - Q(l)) / s), with
-s = a tenth of Q's range (MUSIQ: 10, the tau of sma / smp), averaged over the pairs of the batch.
+s = a tenth of Q's range (MUSIQ: 10, the tau of sma / smp) or --scale, averaged over the pairs of the batch.
 Batches: whole sets; the five GTs of a set share one random crop at --gt-size (the training patch size, what amo
 scores) and one horizontal flip, so every pair compares the same content. Crops are seeded by (seed, epoch, set).
 Split: --held-out labelled sets, drawn with --seed, are never fitted; the paper's agreement (nriqa_sr.agreement)
@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import sys
 import time
 import types
@@ -75,6 +76,7 @@ class FitConfig:
     batch_size: int = 4
     total_iters: int = 2000
     lr: float = 1e-4
+    scale: float = 0.0
     seed: int = 0
     num_workers: int = 4
     device: str = 'auto'
@@ -95,7 +97,9 @@ HELP = {
     'lora_rank': 'LoRA rank', 'held_out': 'labelled sets held out of fitting, for the agreement before and after',
     'gt_size': 'crop size of the five GTs of a set (the training patch size)',
     'batch_size': 'sets per batch per process (5 images each)', 'total_iters': 'fitting steps',
-    'lr': 'Adam learning rate', 'seed': 'seed of the split, the crops, the flips and the LoRA init',
+    'lr': 'Adam learning rate',
+    'scale': "the ranking loss's scale s in Q's units (0 = a tenth of Q's range; a random Q's scores span far less)",
+    'seed': 'seed of the split, the crops, the flips and the LoRA init',
     'num_workers': 'data loader worker processes per rank', 'device': 'auto, cpu or cuda',
     'log_every': 'steps between log lines', 'save_every': 'steps between checkpoints', 'keep': 'checkpoints kept',
     'resume': "'auto' = newest ckpt_<step>.pth in --out, or a checkpoint path",
@@ -179,6 +183,8 @@ def check_fit(cfg):
                 if getattr(cfg, f) < least]
     if not (0 < cfg.lr <= 1):
         problems.append(f'--lr: must be in (0, 1], got {cfg.lr}')
+    if not (0 <= cfg.scale < math.inf):
+        problems.append(f'--scale: must be >= 0 and finite, got {cfg.scale}')
     try:
         members = nriqa_sr.parse_metric(cfg.iqa)
         if len(members) > 1:
@@ -281,7 +287,7 @@ def fit(cfg, dist_info):
             if dist_info.ddp else quality
         crops = LabelledCrops(cfg.data, fit_sets, cfg.gt_size, cfg.seed)
         step = loop(cfg, dist_info, model, net, opt, Subset(crops, range(len(crops))), step,
-                    (hi - lo) / SCALE_STEPS, {'before': before, 'iqa_fingerprint': quality.fingerprint})
+                    cfg.scale or (hi - lo) / SCALE_STEPS, {'before': before, 'iqa_fingerprint': quality.fingerprint})
         if master:
             save_checkpoint(fitted_state(net, metric, with_lora), out / FITTED)
             report(cfg, out, before, held, device)
@@ -298,7 +304,8 @@ def loop(cfg, dist_info, model, net, opt, fit_set, step, scale, keep):
     pairs_seen, t0 = [], time.perf_counter()
     with runs.StopSignals() as signals, closing(train.batches(fit_set, cfg, dist_info.world, dist_info.rank, step,
                                                               device.type == 'cuda')) as data_iter:
-        for batch in data_iter:
+        while step < cfg.total_iters:
+            batch = next(data_iter)
             gts = train.images(batch['gts'], device)  # (B,5,3,S,S) in [0,1]
             scores = model(gts.flatten(0, 1)).reshape(gts.shape[:2])  # (B*5,3,S,S) -> (B*5,) -> (B,5)
             loss, right = ranking_loss(scores, batch['pairs'].to(device), scale)
@@ -327,8 +334,6 @@ def loop(cfg, dist_info, model, net, opt, fit_set, step, scale, keep):
                 save(cfg, dist_info, step, net, opt, keep)
             if stop:
                 raise runs.stopped(signals, step, Path(cfg.out))
-            if step == cfg.total_iters:
-                break
     if master:
         log.close()
     return step
@@ -361,7 +366,7 @@ def report(cfg, out, before, held, device):
             accuracy = '–' if math.isnan(res['label_pair_accuracy']) else f"{res['label_pair_accuracy']:.2f}"
             lines.append('| ' + ' | '.join([f'{cfg.iqa} {name}', *nriqa_sr.agreement_cells(res), accuracy]) + ' |')
         print('\n'.join(lines))
-    print('use it with: ' + ' '.join(fitted.flags))
+    print('use it with: ' + shlex.join(fitted.flags))
 
 
 # ----------------------------------------------------------------------------- command line
