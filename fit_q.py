@@ -192,6 +192,8 @@ def check_fit(cfg):
                             "'musiq+py:...' with each member's file)")
         elif members[0][0] in nriqa_sr.NO_GRADIENT:
             problems.append(f'--iqa {cfg.iqa}: gives no gradient; fit a differentiable Q')
+        elif members[0][0].startswith(nriqa_sr.PYTHON_Q) and not nriqa_sr.python_q_file(members[0][0]).is_file():
+            problems.append(f'{nriqa_sr.python_q_file(members[0][0])}: no such file (--iqa {cfg.iqa})')
     except ValueError as err:
         problems.append(str(err))
     if not Path(cfg.data).is_dir():

@@ -293,6 +293,11 @@ def check_metric_opts(members, metric_opts):
     return chosen
 
 
+def python_q_file(member):
+    """The file of a py: member 'py:FILE.py:NAME' (as parse_metric gives it)."""
+    return Path(member.removeprefix(PYTHON_Q).rpartition(':')[0])
+
+
 def python_network(member, device, weights):
     """(the nn.Module that NAME() of the user's file returns, its fingerprint) for member 'py:FILE.py:NAME'.
 
@@ -300,8 +305,7 @@ def python_network(member, device, weights):
     layers are the same every time), then `weights` (a file: its state_dict, loaded weights_only and strict)
     is loaded. The fingerprint covers the file's bytes (not what it imports) and the weight file's. Importing
     the file runs the user's code, which passing it means they chose to do."""
-    path, _, builder = member.removeprefix(PYTHON_Q).rpartition(':')
-    path = Path(path)
+    path, builder = python_q_file(member), member.rpartition(':')[2]
     if not path.is_file():
         raise FileNotFoundError(f'{path}: no such file (--iqa {member})')
     weight_file = Path(weights) if weights is not None and Path(weights).is_file() else None
