@@ -93,9 +93,11 @@ def test_fitting_raises_held_out_agreement_on_a_known_rule(rule_root, tmp_path, 
     result = json.loads((out / 'agreement.json').read_text())
     before, after = result['before'], result['after']
     assert before['pairs'] == after['pairs'] == 16  # 8 held-out sets x 2 positives x 1 negative
-    # measured: pairwise accuracy 0.0 % -> 100.0 %, all label pairs 40.0 % -> 100.0 %
+    # measured: pairwise accuracy 50.0 % -> 100.0 %, all 40 label pairs 60.0 % -> 92.5 %, a negative on top of
+    # 50 % -> 0 % of the held-out sets
     assert before['pairwise_accuracy'] <= 50 and after['pairwise_accuracy'] >= 90
-    assert after['label_pair_accuracy'] >= before['label_pair_accuracy'] + 30
+    assert before['label_pair_accuracy'] <= 65 and after['label_pair_accuracy'] >= 85
+    assert after['negative_top_rate'] < before['negative_top_rate']
     text = capsys.readouterr().out
     assert 'agreement on the 8 held-out sets' in text and f'--iqa-weights {out / "q_fitted.pth"}' in text
 
