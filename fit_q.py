@@ -245,13 +245,15 @@ def fitted_state(net, metric, with_lora):
 
 
 def load_resume(path, cfg, fingerprint):
+    """The checkpoint to go on from, refused when the fit's math (MAY_CHANGE aside) or Q's start differ."""
     ckpt = load_checkpoint(path)
     if 'fit_config' not in ckpt:
         raise ValueError(f'{path}: not a fit-q checkpoint (no fit_config)')
     changed = sorted(k for k, v in asdict(cfg).items() if k not in MAY_CHANGE and ckpt['fit_config'].get(k) != v)
     if changed:
-        raise ValueError(f'{path}: cannot resume with changed {", ".join(changed)} (saved: '
-                         + ', '.join(f'{k}={ckpt["fit_config"].get(k)!r}' for k in changed) + '); or choose a new --out')
+        saved = ', '.join(f'{k}={ckpt["fit_config"].get(k)!r}' for k in changed)
+        raise ValueError(f'{path}: cannot resume with changed {", ".join(changed)} (saved: {saved}); use the saved '
+                         'values or a new --out')
     if ckpt['iqa_fingerprint'] != fingerprint:
         raise ValueError(f'{path}: fitted from other Q weights ({ckpt["iqa_fingerprint"]}, now {fingerprint})')
     return ckpt
@@ -281,9 +283,10 @@ def fit(cfg, dist_info):
             opt.load_state_dict(ckpt['optimizer'])
             step = ckpt['step']
         if master:
-            print(f'fit-q {quality.name} ({quality.fingerprint}): {how}, {sum(p.numel() for p in params):,} parameters; '
-                  f'{len(fit_sets)} sets fitted ({sum(len(label_pairs(l)) for l in fit_sets.values())} label pairs), '
-                  f'{len(held)} held out; {dist_info.world} x batch {cfg.batch_size} sets; {device}'
+            pairs = sum(len(label_pairs(labs)) for labs in fit_sets.values())
+            print(f'fit-q {quality.name} ({quality.fingerprint}): {how}, {sum(p.numel() for p in params):,} '
+                  f'parameters; {len(fit_sets)} sets fitted ({pairs} label pairs), {len(held)} held out; '
+                  f'{dist_info.world} x batch {cfg.batch_size} sets; {device}'
                   + (f'; resumed {path} at step {step}' if ckpt else ''), flush=True)
         model = DDP(quality, device_ids=[dist_info.local_rank] if device.type == 'cuda' else None) \
             if dist_info.ddp else quality
@@ -342,6 +345,7 @@ def loop(cfg, dist_info, model, net, opt, fit_set, step, scale, keep):
 
 
 def save(cfg, dist_info, step, net, opt, keep):
+    """ckpt_<step>.pth of a sane Q (runs.py: atomic, older ones pruned after), written by rank 0."""
     insane = runs.insane_tensors(net.state_dict())
     if insane:
         raise ValueError(f'Q diverged by step {step} (e.g. {insane[0]}): not saved; {runs.last_good(cfg.out)}; '
