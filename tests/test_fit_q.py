@@ -256,3 +256,19 @@ def test_python_q_in_agreement(rule_root, capsys):
                           'cpu']) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| py:')]
     assert len(rows) == 1 and rows[0].split(' | ')[2] == '48'  # 24 sets x 2 positives x 1 negative
+
+
+def test_evaluate_takes_a_python_q_for_agreement_and_one_weight_file_for_one_metric(tmp_path, capsys):
+    from test_evaluate import HAND_AGREEMENT, run_main, write_hand_set
+    write_hand_set(tmp_path / 'set')
+    spec = f'py:{USER_Q}:Brightness'
+    common = ['--sr-dir', tmp_path / 'set' / 'sr', '--name', 'M', '--data', tmp_path / 'set']
+    code, err = run_main(common + ['--out', tmp_path / 'out', '--metrics', 'psnr', '--agreement', spec], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / 'out' / 'results.json').read_text())['agreement'] == \
+        [{'metric': spec, **HAND_AGREEMENT}]  # the numbers test_evaluate.py's FakeQ gives
+    weight_file = tmp_path / 'q_fitted.pth'
+    files.save_checkpoint({}, weight_file)
+    code, err = run_main(common + ['--out', tmp_path / 'out2', '--metrics', 'psnr,musiq,nima', '--iqa-weights',
+                                   weight_file], capsys)
+    assert code == 2 and err.count('\n') == 1 and 'one weight file for 2 metrics (musiq, nima)' in err, err
