@@ -216,8 +216,14 @@ def check_fit(cfg):
         absent = next((p for p in paths if not p.is_file()), None)
         if absent is not None:
             return problems + [f'{absent}: missing image of labelled set {name}']
-        if name in fit and min(image_size(paths[0])) < cfg.gt_size:
-            return problems + [f'{paths[0]}: size {image_size(paths[0])} is smaller than --gt-size {cfg.gt_size}']
+        if name not in fit:
+            continue
+        sizes = [image_size(p) for p in paths]
+        other = next((p for p, size in zip(paths, sizes) if size != sizes[0]), None)
+        if other is not None:
+            return problems + [f'{other}: size {image_size(other)} differs from {paths[0].name} {sizes[0]} in its set']
+        if min(sizes[0]) < cfg.gt_size:
+            return problems + [f'{paths[0]}: size {sizes[0]} is smaller than --gt-size {cfg.gt_size}']
     return problems
 
 

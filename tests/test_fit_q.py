@@ -188,7 +188,9 @@ def test_bad_input_is_one_line_before_any_work(rule_root, tmp_path, capsys):
     cases = [(bare, [], 'labels: missing'), (similar, [], 'no set has an effective Positive or Negative GT'),
              (rule_root, ['--held-out', '24'], '--held-out: 24 of the 24 labelled sets'),
              (rule_root, ['--iqa', 'piqe'], 'gives no gradient'),
-             (rule_root, ['--iqa', 'musiq+piqe'], 'fit one Q at a time')]
+             (rule_root, ['--iqa', 'musiq+piqe'], 'fit one Q at a time'),
+             (rule_root, ['--gt-size', '64'], 'is smaller than --gt-size 64'),
+             (rule_root, ['--iqa', f'py:{tmp_path}/absent.py:TinyQ'], 'absent.py: no such file')]
     for root, extra, expected in cases:
         out = tmp_path / 'out'
         assert fit_q.main(fit_args(root, out, '--iqa', TINY_Q_SPEC, '--held-out', '4', *extra)) == 2
