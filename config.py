@@ -260,6 +260,8 @@ def check_files(cfg):
                         'give a folder of pyiqa files')
     for metric, why in dict(needed).items():  # each metric once
         for member, _ in nriqa_sr.parse_metric(metric):
+            if member.startswith(nriqa_sr.PYTHON_Q) and not nriqa_sr.python_q_file(member).is_file():
+                problems.append(f'{nriqa_sr.python_q_file(member)}: no such file (--iqa {member}, {why})')
             absent = weights.missing_weights(member, iqa_weights)
             if cfg.random_iqa:
                 absent = [p for p in absent if p.name != weights.weight_file(member)]

@@ -2,15 +2,17 @@
 
 1. build the demo HGGT set from scikit-image's bundled photographs (make_demo_dataset);
 2. score every GT once with the NR-IQA model Q (nriqa_sr.py score; the cache sma/smp read);
-3. stage 1 (the paper's Table 5): train the origins and upos baselines and the paper's amo sampler;
-4. stage 2: fine-tune amo with LoRA on Eq. 2, L~ = L - lambda_Q * Q(SR) ("AMO+FT");
-5. evaluate all four on the test split (evaluate.py): results.md, report.html, the plot.
+3. fit MUSIQ to the demo's labels (nriqa_sr.py fit-q), with its agreement before and after on held-out sets;
+4. stage 1 (the paper's Table 5): train the origins and upos baselines and the paper's amo sampler;
+5. stage 2: fine-tune amo with LoRA on Eq. 2, L~ = L - lambda_Q * Q(SR) ("AMO+FT");
+6. evaluate all four on the test split (evaluate.py): results.md, report.html, the plot.
 
 Each step is printed as the command a researcher would type, then run. Steps whose output already
 exists are skipped (training resumes with --resume auto), so an interrupted demo continues.
 With real weights absent (nothing is downloaded unless asked) the demo still runs end to end, and
 says which numbers are then meaningless: Q for ranking falls back to PIQE (weight-free, lower is
-better, no gradient), the FT reward to a random-weight MUSIQ, the perceptual loss to a random VGG19.
+better, no gradient), the FT reward to a small MUSIQ fitted from random weights to the demo's labels
+(step 3), the perceptual loss to a random VGG19.
 Put the files where the messages say and the same command uses them.
 """
 import argparse
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
+import config
 import metrics
 import models
 import score_cache
@@ -212,22 +215,34 @@ def run(cmd, timings, label):
     timings[label] = time.perf_counter() - start
 
 
-def weight_choices():
-    """Flags for Q and the VGG: the real weights where present, else loud, explicit stand-ins."""
+# fit-q on the demo labels: 8 held-out sets, 40 steps of 2 sets at the demo's patch size (seconds)
+DEMO_FIT = ['--held-out', '8', '--gt-size', '64', '--batch-size', '2', '--total-iters', '40', '--num-workers', '0',
+            '--log-every', '10', '--save-every', '40']
+
+
+def weight_choices(fitted):
+    """Flags for Q (ranking, fit-q's start, the FT reward) and the VGG: the real weights where present, else
+    loud, explicit stand-ins. Without MUSIQ's file the FT reward is the small demo MUSIQ fitted from random
+    weights to the demo labels (`fitted`, fit-q's output), not a random one."""
     meaningless = []
     if weights.missing_weights('musiq'):
-        rank_q, reward_q = ['--iqa', 'piqe', '--no-random-iqa'], ['--iqa', 'musiq', '--random-iqa']
-        meaningless.append(f'MUSIQ weights absent ({weights.weight_path("musiq")}): amo ranks GTs with PIQE, '
-                           'and the FT reward is a RANDOM MUSIQ, so AMO+FT and every MUSIQ column are meaningless')
+        rank_q = ['--iqa', 'piqe', '--no-random-iqa']
+        fit_flags = ['--iqa', 'musiq', '--random-iqa', '--iqa-opts', json.dumps(config.DEMO['both']['iqa_opts']),
+                     '--train', 'all', '--lr', '2e-3', '--scale', '0.05']  # a random Q's scores span ~0.5
+        reward_q = ['--iqa', 'musiq', '--no-random-iqa', '--iqa-weights', str(fitted)]  # with the preset's opts
+        meaningless.append(f'MUSIQ weights absent ({weights.weight_path("musiq")}): amo ranks GTs with PIQE, the FT '
+                           'reward is a small MUSIQ fitted from random weights to the demo labels, and every MUSIQ '
+                           'column is a RANDOM MUSIQ, so AMO+FT and the MUSIQ columns say little')
     else:
         rank_q = reward_q = ['--iqa', 'musiq', '--no-random-iqa', '--iqa-opts', '{}']
+        fit_flags = ['--iqa', 'musiq', '--iqa-opts', '{}', '--lr', '1e-3']  # LoRA on the real MUSIQ
     vgg_file = weights.backbone_path('perceptual')  # torchvision's VGG19 file
     if vgg_file.is_file():
         vgg = ['--no-random-vgg']
     else:
         vgg = ['--random-vgg']
         meaningless.append(f'VGG19 weights absent ({vgg_file}): the perceptual loss uses a RANDOM VGG19')
-    return rank_q, reward_q, vgg, meaningless
+    return rank_q, fit_flags, reward_q, vgg, meaningless
 
 
 # ----------------------------------------------------------------------------- the README's demo table
@@ -295,7 +310,8 @@ def run_demo(args):
     if args.data_only:
         print(f'train with: python train.py --preset demo --data {train_root} --out runs/demo_amo')
         return
-    rank_q, reward_q, vgg, meaningless = weight_choices()
+    fitted = args.out / 'q_fit' / 'q_fitted.pth'
+    rank_q, fit_flags, reward_q, vgg, meaningless = weight_choices(fitted)
     for line in meaningless:
         print(f'WARNING: {line}', file=sys.stderr)
 
@@ -303,6 +319,9 @@ def run_demo(args):
     if not cache.is_file():
         run([PY, str(HERE / 'nriqa_sr.py'), 'score', '--data', str(train_root), *rank_q[:2], '--cache', str(cache)],
             timings, 'score')
+    if not fitted.is_file():
+        run([PY, str(HERE / 'nriqa_sr.py'), 'fit-q', '--data', str(train_root), '--out', str(fitted.parent),
+             '--resume', 'auto', *fit_flags, *DEMO_FIT], timings, 'fit Q')
     common = [PY, str(HERE / 'train.py'), '--preset', 'demo', '--arch', args.arch, '--data', str(train_root), *vgg,
               '--resume', 'auto']
     runs = {sampler: args.out / 'runs' / sampler for sampler in STAGE1}
@@ -328,6 +347,11 @@ def run_demo(args):
 
     results_md, total = (args.out / 'eval' / 'results.md').read_text(), time.perf_counter() - start
     print('\n' + results_md)
+    fit = json.loads((fitted.parent / 'agreement.json').read_text())
+    print(f"Q fitted to the demo labels ({fitted}): pairwise accuracy {fit['before']['pairwise_accuracy']:.1f} % -> "
+          f"{fit['after']['pairwise_accuracy']:.1f} %, label pairs ranked right "
+          f"{fit['before']['label_pair_accuracy']:.1f} % -> {fit['after']['label_pair_accuracy']:.1f} % on "
+          f"{len(fit['held_out_sets'])} held-out training sets")
     print('wall time per step: ' + wall_times(timings, total))
     print(f'report: {args.out / "eval" / "report.html"}')
     for line in meaningless:

@@ -47,6 +47,7 @@ from files import (Interrupted, image_size, interrupted_exit, interruptible, loa
                    to_rgb)
 from metrics import FULL_REFERENCE, METRICS, build_metric, parse_metric_list
 from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
+from weights import WEIGHT_FILES
 
 SR_DIR_SCALE = 4  # the paper's x4: the scale assumed for SR folders, whose generator is unknown
 
@@ -248,9 +249,8 @@ def super_resolve(method, source, test_set, lq, args):
 
 # ----------------------------------------------------------------------------- evaluation
 def check_flags(args, methods):
-    unknown = [m for m in args.agreement or [] if m not in nriqa_sr.METRIC_RANGES]
-    if unknown:
-        raise ValueError(f"--agreement: unknown NR metric '{unknown[0]}'; valid: {', '.join(nriqa_sr.METRIC_RANGES)}")
+    for name in args.agreement or ():  # a pyiqa NR metric, an ensemble or a py:FILE.py:NAME Q
+        nriqa_sr.parse_metric(name)
     if args.agreement and args.hr:
         raise ValueError('--agreement: needs the human labels of a multi-GT --data root; --hr pairs have none')
     if args.compare and not set(args.compare) <= {m.name for m in methods} | {'GT'}:
@@ -327,6 +327,10 @@ def evaluate(args):
     metric_names = parse_metric_list(args.metrics)
     methods = resolve_methods(args.sources)
     check_flags(args, methods)
+    weighted = [n for n in dict.fromkeys(metric_names + tuple(args.agreement or ())) if n in WEIGHT_FILES]
+    if args.iqa_weights is not None and args.iqa_weights.is_file() and len(weighted) > 1:
+        raise ValueError(f'--iqa-weights {args.iqa_weights}: one weight file for {len(weighted)} metrics '
+                         f"({', '.join(weighted)}); give --metrics / --agreement the one it is for, or a folder")
     sets, labels = (pair_sets(args.hr, args.lq, args.hr_name, args.lq_name), {}) if args.hr else \
         hggt_sets(args.data, args.lq)
     if not sets:
@@ -381,11 +385,14 @@ def build_parser():
     p.add_argument('--tile-pad', type=int, default=32, help='LQ pixels of context around each tile')
     p.add_argument('--compare', nargs=2, metavar=('A', 'B'),
                    help="two methods (or GT) for the report's slider (default: the first two, or first vs GT)")
-    p.add_argument('--iqa-weights', type=Path, help='folder of pyiqa weight files (default $TORCH_HOME/hub/pyiqa)')
+    p.add_argument('--iqa-weights', type=Path,
+                   help='folder of pyiqa weight files (default $TORCH_HOME/hub/pyiqa), or one file for the one '
+                        "weighted metric of --metrics (e.g. fit-q's q_fitted.pth with --metrics psnr,ssim,musiq)")
     p.add_argument('--random-iqa', action='store_true',
                    help='NR metrics with RANDOM weights: meaningless scores, for offline demos and tests')
     p.add_argument('--agreement', nargs='+', metavar='METRIC',
-                   help='agreement of these NR metrics with the human labels of --data (paper §3)')
+                   help='agreement of these NR metrics (or ensembles, or py:FILE.py:NAME Q) with the human labels '
+                        'of --data (paper §3)')
     return p
 
 

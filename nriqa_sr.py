@@ -6,9 +6,10 @@ decide which one a sample trains on, and fine-tunes on Q itself:
   - sample_gt_index: the five samplers of Table 5 (origins, upos, sma, smp, amo), one entry point.
   - quality_reward: the Q(SR) term of Eq. 2, L~ = L - lambda_Q * Q(SR).
   - agreement: how often Q agrees with HGGT's annotators (paper §3, Table 6, supplementary §7.1).
-Then how Q is built from pyiqa (every weight file looked up first: pyiqa would download what it does not
-find), and the command line: `score` (image-level scores, score_cache.py), `agreement`, `upscale`
-(upscale.py) and `weights` (weights.py).
+Then how Q is built: from pyiqa (every weight file looked up first: pyiqa would download what it does not
+find) or, with `--iqa py:FILE.py:NAME`, from the user's own code; and the command line: `score` (image-level
+scores, score_cache.py), `agreement`, `fit-q` (fit Q to the human labels, fit_q.py), `upscale` (upscale.py)
+and `weights` (weights.py).
 """
 import argparse
 import contextlib
@@ -47,6 +48,9 @@ METRIC_RANGES = {'musiq': (0.0, 100.0), 'nima': (0.0, 10.0), 'qalign': (1.0, 5.0
                  'paq2piq': (0.0, 100.0), 'piqe': (0.0, 100.0)}
 LOWER_BETTER = ('piqe',)
 NO_GRADIENT = ('piqe', 'qalign')  # they can rank GTs but cannot drive fine-tuning (no useful gradient)
+PYTHON_Q = 'py:'  # --iqa py:FILE.py:NAME: the nn.Module that NAME() in the user's file returns
+PYTHON_Q_RANGE = (0.0, 1.0)  # an ensemble's range of a py: Q without a `score_range` attribute
+PROBE_SIZE = 64  # a py: Q is run once on two random images of this size when built: its output shape is checked
 
 
 # ----------------------------------------------------------------------------- Q
@@ -55,10 +59,12 @@ class QualityModel(nn.Module):
 
     One metric gives its raw score (a lower-better metric is reflected in its range, lo + hi - s, so its
     scale, which tau = 10 depends on, is kept). An ensemble 'musiq+nima' or 'musiq:1+nima:0.5' gives
-    the weighted mean of the members' scores normalised to [0,1] by their ranges.
+    the weighted mean of the members' scores normalised to [0,1] by their ranges (`ranges`). A member
+    'py:FILE.py:NAME' is the user's own Q (python_network).
     Frozen and always in eval mode: MUSIQ / NIMA preprocess differently in train mode, so train()
     keeps eval. Differentiable w.r.t. x only when as_loss (and autograd is on).
-    weights: None (pyiqa's folder), a folder of pyiqa files, or one checkpoint file (one metric).
+    weights: None (pyiqa's folder), a folder of pyiqa files, or one checkpoint file (one metric, or a py: Q's
+    state_dict; fit-q writes either).
     pretrained=False: random weights, explicitly, with a warning. metric_opts: {metric: extra pyiqa
     network options} (tests use a tiny MUSIQ), checked before anything is built; those of the members enter
     the fingerprint. `flags` are the command-line flags that build this same Q (every input of the
@@ -74,8 +80,11 @@ class QualityModel(nn.Module):
             warnings.warn(f'--random-iqa: {name} has RANDOM weights: its scores are meaningless', stacklevel=2)
         self.name, self.members, self.as_loss = metric_name(members), members, as_loss
         self.flags = score_flags(self.name, weights, not pretrained, metric_opts)
-        built = [pyiqa_network(m, device, weights, pretrained, metric_opts.get(m, {})) for m, _ in members]
+        built = [python_network(m, device, weights) if m.startswith(PYTHON_Q) else
+                 pyiqa_network(m, device, weights, pretrained, metric_opts.get(m, {})) for m, _ in members]
         self.nets = nn.ModuleList(net for net, _ in built)
+        self.ranges = [METRIC_RANGES[m] if m in METRIC_RANGES else
+                       tuple(getattr(net, 'score_range', PYTHON_Q_RANGE)) for (m, _), (net, _) in zip(members, built)]
         fingerprints = [fp for _, fp in built]
         self.fingerprint = fingerprints[0] if len(members) == 1 else '+'.join(
             f'{m}={fp}' for (m, _), fp in zip(members, fingerprints, strict=True))
@@ -92,11 +101,10 @@ class QualityModel(nn.Module):
             scores = [net(x).reshape(len(x)) for net in self.nets]  # pyiqa nets give (N,) or (N,1)
         if len(scores) == 1:
             (metric, _), = self.members
-            lo, hi = METRIC_RANGES[metric]
+            (lo, hi), = self.ranges
             return lo + hi - scores[0] if metric in LOWER_BETTER else scores[0]
         total = 0.0
-        for score, (metric, weight) in zip(scores, self.members, strict=True):
-            lo, hi = METRIC_RANGES[metric]
+        for score, (metric, weight), (lo, hi) in zip(scores, self.members, self.ranges, strict=True):
             normalised = (score - lo) / (hi - lo)
             total = total + weight * (1 - normalised if metric in LOWER_BETTER else normalised)
         return total / sum(w for _, w in self.members)
@@ -201,12 +209,23 @@ def agreement_cells(result):
 
 # ----------------------------------------------------------------------------- building Q from pyiqa
 def parse_metric(name):
-    """'musiq' -> [('musiq', 1.0)]; 'musiq:1+nima:0.5' -> [('musiq', 1.0), ('nima', 0.5)] (weights > 0)."""
+    """'musiq' -> [('musiq', 1.0)]; 'musiq:1+nima:0.5' -> [('musiq', 1.0), ('nima', 0.5)] (weights > 0);
+    'musiq+py:q.py:make:0.5' -> [('musiq', 1.0), ('py:q.py:make', 0.5)]."""
     members = []
     for part in name.split('+'):
-        metric, _, weight = part.strip().partition(':')
-        if metric not in METRIC_RANGES:
-            raise ValueError(f"--iqa: unknown metric '{metric}' in '{name}'; choose from {', '.join(METRIC_RANGES)}")
+        part = part.strip()
+        if part.startswith(PYTHON_Q):  # py:FILE.py:NAME[:WEIGHT]; the file's path may hold ':'
+            file, dot_py, tail = part.rpartition('.py:')
+            builder, _, weight = tail.partition(':')
+            if not (dot_py and len(file) > len(PYTHON_Q) and builder.isidentifier()):
+                raise ValueError(f"--iqa: '{part}' in '{name}' is not py:FILE.py:NAME (a Python file and the "
+                                 'function or class in it that returns Q)')
+            metric = f'{file}.py:{builder}'
+        else:
+            metric, _, weight = part.partition(':')
+        if metric not in METRIC_RANGES and not metric.startswith(PYTHON_Q):
+            raise ValueError(f"--iqa: unknown metric '{metric}' in '{name}'; choose from {', '.join(METRIC_RANGES)} "
+                             'or py:FILE.py:NAME')
         try:
             weight = float(weight) if weight else 1.0
         except ValueError:
@@ -274,6 +293,55 @@ def check_metric_opts(members, metric_opts):
                              f"{', '.join(sorted(known - {'pretrained', 'pretrained_model_path'})) or 'none'}")
         chosen[metric] = opts
     return chosen
+
+
+def python_q_file(member):
+    """The file of a py: member 'py:FILE.py:NAME' (as parse_metric gives it)."""
+    return Path(member.removeprefix(PYTHON_Q).rpartition(':')[0])
+
+
+def python_network(member, device, weights):
+    """(the nn.Module that NAME() of the user's file returns, its fingerprint) for member 'py:FILE.py:NAME'.
+
+    The module maps (N,3,H,W) in [0,1] to (N,) scores, higher is better; its init runs under seed 0 (random
+    layers are the same every time), then `weights` (a file: its state_dict, loaded weights_only and strict)
+    is loaded. The fingerprint covers the file's bytes (not what it imports) and the weight file's. Importing
+    the file runs the user's code, which passing it means they chose to do."""
+    path, builder = python_q_file(member), member.rpartition(':')[2]
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: no such file (--iqa {member})')
+    weight_file = Path(weights) if weights is not None and Path(weights).is_file() else None
+    if weights is not None and weight_file is None and not Path(weights).is_dir():
+        raise FileNotFoundError(f'{weights}: no such weight file (--iqa-weights of {member})')
+    source = path.read_bytes()
+    fingerprint = 'py-' + hashlib.sha256(source).hexdigest()[:16]
+    spec = importlib.util.spec_from_file_location(f'nriqa_q_{fingerprint[3:]}', path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pickling, dataclasses and typing in the user's file look themselves up here
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, builder, None)):
+        raise ValueError(f'{path}: defines no function or class {builder} (--iqa {member})')
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = getattr(module, builder)()
+    if not isinstance(net, nn.Module):
+        raise ValueError(f'{path}: {builder}() returned a {type(net).__name__}, not a torch.nn.Module (--iqa {member})')
+    if weight_file is not None:
+        try:
+            net.load_state_dict(load_checkpoint(weight_file))
+        except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen keys
+            raise ValueError(f'{weight_file}: does not fit {builder}() of {path}: {str(err).splitlines()[0]}') from None
+        fingerprint += '-w' + file_sha256(weight_file)[:16]
+    net = net.to(device).eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        param = next(net.parameters(), None)
+        probe = torch.rand(2, 3, PROBE_SIZE, PROBE_SIZE, device=param.device if param is not None else device)
+        shape = tuple(net(probe).shape)
+    if shape not in ((2,), (2, 1)):
+        raise ValueError(f'{path}: {builder}() maps 2 images (2,3,{PROBE_SIZE},{PROBE_SIZE}) to shape {shape}; '
+                         f'Q must give one score per image, (N,) (--iqa {member})')
+    return net, fingerprint
 
 
 def pyiqa_network(metric, device, weights, pretrained, opts):
@@ -407,6 +475,8 @@ def build_parser():
                               'rounding)')
     up.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
     add_agreement_command(commands, device)
+    commands.add_parser('fit-q', add_help=False, help='fit Q to the human labels of a labelled root (fit_q.py; '
+                        'its flags: fit-q --help)')
     listing = commands.add_parser('weights', help='list the pretrained weight files: place, present or missing, '
                                   'size, source URL (no network)')
     listing.add_argument('--download', nargs='*', metavar='NAME',
@@ -503,6 +573,10 @@ def run_upscale(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['fit-q']:  # its flags and its loop are fit_q.py's, which builds Q with this module
+        import fit_q
+        return fit_q.main(argv[1:])
     args = build_parser().parse_args(argv)
     with interruptible():
         try:

@@ -8,6 +8,7 @@ refusal prints the command that rebuilds it.
 """
 import json
 import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -23,8 +24,9 @@ CACHE_VERSION = 1
 
 
 def score_cache_path(root, metric):
-    """Default cache file of `python nriqa_sr.py score --data ROOT --iqa METRIC`."""
-    return Path(root) / f'scores_{metric}.json'
+    """Default cache file of `python nriqa_sr.py score --data ROOT --iqa METRIC`; the folders of a py: Q's
+    path become '_' (scores_py:q.py:make.json for 'py:models/q.py:make' is scores_py:models_q.py:make.json)."""
+    return Path(root) / ('scores_' + re.sub(r'[^\w.:+=-]', '_', metric) + '.json')
 
 
 

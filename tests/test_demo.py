@@ -17,8 +17,11 @@ POS, NEG = 'Positive', 'Negative'
 def test_without_weights_the_demo_ranks_with_piqe_and_flags_the_random_models(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path))  # an empty weight cache
     monkeypatch.setattr(torch.hub, '_hub_dir', None)  # torch.hub.get_dir() follows TORCH_HOME again
-    rank_q, reward_q, vgg, meaningless = demo.weight_choices()
-    assert rank_q[:2] == ['--iqa', 'piqe'] and '--random-iqa' in reward_q and vgg == ['--random-vgg']
+    rank_q, fit_flags, reward_q, vgg, meaningless = demo.weight_choices(tmp_path / 'q_fitted.pth')
+    assert rank_q[:2] == ['--iqa', 'piqe'] and vgg == ['--random-vgg']
+    # the FT reward is the MUSIQ fitted from random weights to the demo labels, never a random one
+    assert '--random-iqa' in fit_flags and '--random-iqa' not in reward_q
+    assert reward_q[-2:] == ['--iqa-weights', str(tmp_path / 'q_fitted.pth')]
     assert len(meaningless) == 2 and 'musiq_koniq_ckpt-e95806b9.pth' in meaningless[0]
     assert 'vgg19-dcbb9e9d.pth' in meaningless[1]
 
@@ -30,8 +33,9 @@ def test_with_weights_the_demo_uses_them(tmp_path, monkeypatch):
     (tmp_path / 'hub' / 'pyiqa' / 'musiq_koniq_ckpt-e95806b9.pth').touch()
     (tmp_path / 'hub' / 'checkpoints').mkdir()
     (tmp_path / 'hub' / 'checkpoints' / 'vgg19-dcbb9e9d.pth').touch()
-    rank_q, reward_q, vgg, meaningless = demo.weight_choices()
+    rank_q, fit_flags, reward_q, vgg, meaningless = demo.weight_choices(tmp_path / 'q_fitted.pth')
     assert rank_q == reward_q and rank_q[:3] == ['--iqa', 'musiq', '--no-random-iqa']
+    assert '--random-iqa' not in fit_flags
     assert vgg == ['--no-random-vgg'] and meaningless == []
 
 
