@@ -35,6 +35,9 @@ class TrainConfig:
     arch: str = arg('swinir', 'generator architecture (rrdbnet = the paper\'s RealESRGAN rows)',
                     choices=tuple(models.GENERATORS))
     generator: dict = arg({}, 'generator constructor overrides as JSON, e.g. \'{"embed_dim": 60}\'')
+    swinir_padding: str = arg('', "SwinIR input padding: 'hggt' (HGGT's code and checkpoints, the paper) or "
+                              "'official' (the SwinIR repository's checkpoints); default: --init's, else 'hggt'",
+                              choices=('', *models.PADDINGS))
     init: str = arg('', 'initial generator checkpoint (stage 1: PSNR-oriented model; FT: the stage-1 generator.pth)')
     finetune: bool = arg(False, 'stage 2: freeze the generator and train LoRA on Eq. 2, L - lambda_q * Q(SR)')
     resume: str = arg('', "'auto' = newest ckpt_<step>.pth in --out (fresh start when none), or a checkpoint path")
@@ -191,6 +194,8 @@ def check_config(cfg):
         value = getattr(cfg, flag)
         if not (value >= 0 and math.isfinite(value)):
             problems.append(f'--{flag.replace("_", "-")}: must be >= 0 and finite, got {value}')
+    if cfg.swinir_padding and cfg.arch != 'swinir':
+        problems.append(f'--swinir-padding: only for --arch swinir, got --arch {cfg.arch}')
     if cfg.finetune and not cfg.init:
         problems.append('--finetune: needs --init CKPT (the stage-1 generator.pth to fine-tune)')
     if cfg.sampler in nriqa_sr.NEEDS_SCORES and not cfg.score_cache:

@@ -141,10 +141,15 @@ def argmax_online(patches, quality):
 def quality_reward(quality, sr):
     """Q(SR) per sample, with gradient: the Eq. 2 term of L~ = L - lambda_Q * Q(SR).
 
-    Raw Q, not normalised, as in the paper (lambda_Q = 0.05 is set on MUSIQ's 0-100 scale)."""
+    Raw Q, not normalised, as in the paper (lambda_Q = 0.05 is set on MUSIQ's 0-100 scale).
+    Q scores SR clamped to [0, 1], the image that evaluation and upscale keep: out-of-range pixels cannot
+    raise Q during FT and then be cut away at test time (reward hacking the monitor would not see). The
+    paper does not say how the gradient passes the clamp; ours is the plain clamp's, the true gradient of
+    the reward as evaluated: Q pushes no pixel beyond the range (a straight-through clamp would, with no
+    effect on the score), and the pixel losses of Eq. 2's L pull saturated pixels back."""
     if not quality.as_loss:
         raise ValueError(f'--iqa {quality.name}: quality_reward needs QualityModel(..., as_loss=True)')
-    return quality(sr)
+    return quality(sr.clamp(0, 1))
 
 
 # ----------------------------------------------------------------------------- agreement with human labels (§3)

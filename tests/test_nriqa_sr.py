@@ -152,6 +152,18 @@ def test_random_musiq_gives_per_sample_gradients():
     assert all(p.grad is None for p in q.parameters())
 
 
+def test_reward_scores_the_clamped_image_and_q_pushes_no_pixel_out_of_range():
+    q = random_quality(as_loss=True)
+    x = (torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.3).requires_grad_()
+    inside = (x > 0) & (x < 1)
+    assert not inside.all()  # pixels below 0 and above 1, as a generator gives them
+    reward = quality_reward(q, x)
+    assert torch.equal(reward, quality_reward(q, x.detach().clamp(0, 1)))
+    assert not torch.equal(reward, q(x.detach()))  # unclamped, Q would see another image
+    reward.sum().backward()
+    assert x.grad[~inside].abs().max() == 0 and x.grad[inside].abs().sum() > 0  # the plain clamp's gradient
+
+
 def test_no_gradient_without_as_loss(tiny_q):
     x = torch.rand(2, 3, 32, 32, requires_grad=True)
     assert not tiny_q(x).requires_grad
