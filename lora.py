@@ -268,6 +268,8 @@ def update_ema_deltas(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """EMA delta <- decay * EMA delta + (1 - decay) * scaling * B @ A per adapted layer, and the EMA generator's
     weight <- W_base + EMA delta: the EMA of the merged weight (W_base is constant)."""
     layers = lora_layers(model)
+    if not layers:  # a model without adapters: nothing to do
+        return
     torch._foreach_lerp_([ema.get_submodule(n).get_buffer(EMA_DELTA) for n, _ in layers],
                          [layer.delta_weight() for _, layer in layers], 1.0 - decay)
     set_ema_deltas(ema, model, ema_deltas(ema))

@@ -236,7 +236,8 @@ def update_ema(ema, model, decay):
     equal in both and stay so.)"""
     own = dict(model.named_parameters())
     pairs = [(e, own[name]) for name, e in ema.named_parameters() if own[name].requires_grad]
-    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
+    if pairs:  # none in LoRA FT: its EMA is of the merged weights
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
     lora.update_ema_deltas(ema, model, decay)
     buffers = dict(model.named_buffers())
     for name, b_ema in ema.named_buffers():
