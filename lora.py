@@ -297,7 +297,11 @@ def adapter_file(model: nn.Module, ema: nn.Module, arch: str, config: dict, rank
 def read_adapters(path) -> dict:
     """An adapter file, or a one-line ValueError saying what the file is instead."""
     from files import load_checkpoint
-    adapters = load_checkpoint(path)
+    return check_adapters(load_checkpoint(path), path)
+
+
+def check_adapters(adapters: dict, path) -> dict:
+    """The loaded file `path` if it is an adapter file, else a one-line ValueError saying what it is instead."""
     if ADAPTER_KEY in adapters:
         return adapters
     if 'params_lora' in adapters:
