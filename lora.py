@@ -357,6 +357,11 @@ def dial_generator(base, adapters: dict, scale: float, source: str, base_source:
     """The generator at dial position s (apply_adapters) from a base checkpoint (file or dict), with the FT run's
     config (so that s = 1 is its export); swinir_padding overrides as in models.load_generator."""
     import models
+    from files import load_checkpoint
+    base = base if isinstance(base, dict) else load_checkpoint(base)
+    if base.get('arch', adapters['arch']) != adapters['arch']:
+        raise ValueError(f"{source}: adapters of a {adapters['arch']!r} generator, but {base_source} holds a "
+                         f"{base['arch']!r}")
     model = models.load_generator(base, arch=adapters['arch'], source=base_source, swinir_padding=swinir_padding,
                                   **adapters['config'])
     return apply_adapters(model, adapters, scale, source, base_source)
