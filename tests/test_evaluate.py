@@ -403,9 +403,12 @@ def test_rrdbnet_channels_last_equals_contiguous_and_is_the_default(tmp_path):
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
     files.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet',
                            'config': dict(num_feat=16, num_block=2, num_grow_ch=8)}, tmp_path / 'g.pth')
-    loaded = evaluate.load_method_generator(tmp_path / 'g.pth', None, 'cpu', channels_last=True)
+    method = evaluate.Method('g', tmp_path / 'g.pth')
+    loaded = evaluate.load_method_generator(method, SimpleNamespace(
+        device='cpu', channels_last=True, arch=None, swinir_padding=None), files.load_checkpoint)
     assert loaded.conv_first.weight.is_contiguous(memory_format=torch.channels_last)
-    plain = evaluate.load_method_generator(tmp_path / 'g.pth', None, 'cpu', channels_last=False)
+    plain = evaluate.load_method_generator(method, SimpleNamespace(
+        device='cpu', channels_last=False, arch=None, swinir_padding=None), files.load_checkpoint)
     assert plain.conv_first.weight.is_contiguous()
     assert evaluate.build_parser().parse_args(['--data', 'x', '--out', 'y']).channels_last
 
