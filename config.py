@@ -121,7 +121,9 @@ DEMO = dict(  # a small generator, random VGG19 and a tiny random MUSIQ: every s
               milestones=(), ema_decay=0.95, log_every=10, sample_every=50, save_every=100),  # 0.999 keeps the init
     stage1=dict(total_iters=200),
     finetune=dict(total_iters=100, lr=1e-4, monitor_every=25, monitor_size=2),
-    generator={'swinir': dict(embed_dim=60, depths=(2, 2), num_heads=(6, 6), window_size=8),
+    # 'official' padding: the demo trains from scratch (no HGGT checkpoint to match), and HGGT's would grow its
+    # 16-pixel LQ patches to 24 (2.25x the tokens)
+    generator={'swinir': dict(embed_dim=60, depths=(2, 2), num_heads=(6, 6), window_size=8, padding='official'),
                'rrdbnet': dict(num_block=2, num_feat=32)},
 )
 
