@@ -377,6 +377,36 @@ def test_cli_upscale_gray_rgba_and_16_bit(tmp_path, capsys):
     assert err.startswith('error: ') and 'none.pth' in err and err.count('\n') == 1
 
 
+def test_cli_upscale_with_a_dial_is_the_base_at_0_and_the_export_at_1(tmp_path, capsys):
+    import lora
+    config = dict(num_feat=8, num_block=1, num_grow_ch=4)
+    torch.manual_seed(0)
+    model = models.build_generator('rrdbnet', **config)
+    with torch.no_grad():
+        model.conv_last.bias.fill_(0.5)  # mid-grey outputs: the change survives the rounding to 8 bits
+    files.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet', 'config': config}, tmp_path / 'b.pth')
+    lora.inject_lora(model, 'rrdbnet', rank=2)
+    ema = lora.ema_of_merged(model)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.normal_(0, 0.5)
+    lora.update_ema_deltas(ema, model, 0.0)
+    files.save_checkpoint(lora.adapter_file(model, ema, 'rrdbnet', config, 2, 2.0, 'b.pth'), tmp_path / 'ad.pth')
+    files.save_checkpoint({'params_ema': ema.state_dict(), 'arch': 'rrdbnet', 'config': config}, tmp_path / 'ft.pth')
+    save_image(torch.rand(3, 10, 12), tmp_path / 'in' / 'x.png')
+
+    def upscale_with(name, *flags):
+        assert nriqa_sr.main(['upscale', '-i', str(tmp_path / 'in'), '-o', str(tmp_path / name), '--device', 'cpu',
+                              *map(str, flags)]) == 0
+        return (tmp_path / name / 'x.png').read_bytes()
+    base, export = upscale_with('base', '--ckpt', tmp_path / 'b.pth'), upscale_with('ft', '--ckpt', tmp_path / 'ft.pth')
+    dial = ['--ckpt', tmp_path / 'b.pth', '--adapters', tmp_path / 'ad.pth']
+    assert base != export
+    assert upscale_with('s0', *dial, '--lora-scale', '0') == base
+    assert upscale_with('s1', *dial) == upscale_with('s1b', *dial, '--lora-scale', '1') == export
+    assert upscale_with('half', *dial, '--lora-scale', '0.5') not in (base, export)
+
+
 def test_qalign_without_icecream_is_one_line_not_a_traceback(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec',

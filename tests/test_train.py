@@ -284,6 +284,18 @@ def test_export_is_the_ema_of_each_steps_merged_weights_and_merge_rebuilds_it_ex
         assert err.count('\n') == 1 and words in err, err
 
 
+def test_swinir_padding_flag_overrides_the_init_and_the_paper_config(tiny_init):
+    def padding(*flags):
+        cfg = config.parse_config(['--data', 'x', '--random-vgg', '--generator', json.dumps(TINY_G), *map(str, flags)])
+        return train.build_models(cfg, torch.device('cpu'))[0].padding
+    assert padding() == 'hggt'  # the paper configuration
+    assert padding('--init', tiny_init) == 'official'  # a checkpoint from before the key
+    assert padding('--init', tiny_init, '--swinir-padding', 'hggt') == 'hggt'
+    assert padding('--swinir-padding', 'official') == 'official'
+    cfg = config.parse_config(['--data', 'x', '--arch', 'rrdbnet', '--swinir-padding', 'hggt'])
+    assert '--swinir-padding: only for --arch swinir, got --arch rrdbnet' in config.check_config(cfg)
+
+
 def test_full_finetune_without_lora_changes_base_weights(demo_train, tiny_init, tmp_path):
     train.main(tiny_args(demo_train, tmp_path, '--finetune', '--no-lora', '--init', tiny_init, '--sampler', 'origins',
                          '--total-iters', '2', '--lr', '1e-3', '--monitor-every', '0'))
