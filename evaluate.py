@@ -13,8 +13,9 @@
 
 Rows: --ckpt runs a generator on the LQ inputs; --sr-dir reads SR images made elsewhere (NAME.png, .jpg
 or .jpeg), which need no LQ. --adapters after a --ckpt (its base) applies a fine-tuning run's
-lora_adapters.pth at each --lora-scale s, W_base + s * (W_ft - W_base): one row "NAME xs" per scale. A row is named by --name, else by the checkpoint's file stem, its run folder
-when stems repeat (runs/a/generator.pth, runs/b/generator.pth -> a, b), or the SR folder's name.
+lora_adapters.pth at each --lora-scale s, W_base + s * (W_ft - W_base): one row "NAME xs" per scale.
+A row is named by --name, else by the checkpoint's file stem, its run folder when stems repeat
+(runs/a/generator.pth, runs/b/generator.pth -> a, b), or the SR folder's name.
 One pass over the test sets: a set's references are read once, every row is scored against them.
   - Full-reference metrics (PSNR, SSIM, LPIPS, LPIPS-ST, DISTS) as HGGT's multi-GT scripts compute them
     (PosNegGTSR/scripts/metrics/calculate_multigt_labeled_{psnr_ssim,lpips,dists}.py): crop 4 border

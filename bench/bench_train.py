@@ -223,7 +223,8 @@ def build_cases(args, device):
 
 
 PARTS = ('G forward+backward', 'D step', 'D for G GAN loss', 'VGG perceptual', 'Adam + EMA')
-SHARED = ('D step', 'D for G GAN loss', 'VGG perceptual', 'D step, two forwards (HGGT)')  # same D, VGG and patch size for every generator
+# the same D, VGG and patch size for every generator
+SHARED = ('D step', 'D for G GAN loss', 'VGG perceptual', 'D step, two forwards (HGGT)')
 
 
 def part_label(arch, part):
@@ -244,8 +245,9 @@ def report(times, info):
         for label, t in [*((p, times[part_label(arch, p)]) for p in PARTS), ('rest (step - parts)', rest)]:
             print(f'   {label:22s} {spread(t):26s} {spread(per_run(lambda a, s: 100 * a / s, t, step))} %')
     d_ours, d_other, d_hggt = times['D step'], times['D step, other D'], times['D step, two forwards (HGGT)']
-    print(f"   D step as HGGT runs it (real and fake in two forwards, 3 D forwards a step with G's): {spread(d_hggt)} s "
-          f"= {ratio(d_hggt, d_ours)}x train.py's one concatenated forward; the step would take " + ', '.join(
+    print(f"   D step as HGGT runs it (real and fake in two forwards, 3 D forwards a step with G's): "
+          f"{spread(d_hggt)} s = {ratio(d_hggt, d_ours)}x train.py's one concatenated forward; the step would take "
+          + ', '.join(
               f'{arch} ' + spread(per_run(lambda s, a, b: (s - a + b) / s, times[f'{arch} step upos'], d_ours, d_hggt))
               + 'x' for arch in archs))
     gan_ours, gan_other = times['D for G GAN loss'], times['D for G GAN loss, other D']
