@@ -279,7 +279,7 @@ def base_digest(model: nn.Module) -> str:
     """SHA-256 of a generator's weights (its parameters without the adapters, by name, dtype, shape and bytes):
     what an adapter file records of its base, so that no merge applies it to another generator."""
     digest = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
         if name.rpartition('.')[2] not in LORA_NAMES:
             tensor = p.detach().cpu().contiguous()
             digest.update(f'{name} {tensor.dtype} {tuple(tensor.shape)};'.encode())
