@@ -284,6 +284,26 @@ def test_export_is_the_ema_of_each_steps_merged_weights_and_merge_rebuilds_it_ex
         assert err.count('\n') == 1 and words in err, err
 
 
+def test_an_ft_checkpoint_from_before_resumes_from_its_averaged_factors(finetuned, demo_train, tiny_init, tmp_path):
+    ckpt = load(finetuned / 'ckpt_0000005.pth')
+    del ckpt['ema_delta']  # the older format kept EMA(A), EMA(B) as ema_lora; its export was their product
+    ckpt['ema_lora'] = {k: v for k, v in ckpt['params'].items() if k.endswith(('lora_A', 'lora_B'))}
+    ckpt['train_config']['out'] = str(tmp_path / 'run')
+    files.save_checkpoint(ckpt, tmp_path / 'old.pth')
+    train.main(tiny_args(demo_train, tmp_path / 'run', '--finetune', '--init', tiny_init, '--sampler', 'origins',
+                         '--total-iters', '6', '--lr', '1e-2', '--lambda-q', '1', '--l1-weight', '0',
+                         '--perceptual-weight', '0', '--monitor-every', '3', '--monitor-size', '2', '--lora-rank',
+                         '48', '--lora-alpha', '96', '--ema-decay', '0.5', '--save-every', '1', '--keep', '6',
+                         '--resume', tmp_path / 'old.pth'))
+    step6 = load(tmp_path / 'run' / 'ckpt_0000006.pth')
+    base, decay = models.generator_state(load(tiny_init)), 0.5
+    for name, delta in step6['ema_delta'].items():  # EMA delta at 5 = the old factors' product, then one step
+        old = 2.0 * ckpt['ema_lora'][f'{name}.lora_B'] @ ckpt['ema_lora'][f'{name}.lora_A']
+        now = 2.0 * step6['params'][f'{name}.lora_B'] @ step6['params'][f'{name}.lora_A']
+        torch.testing.assert_close(delta, decay * old + (1 - decay) * now, rtol=0, atol=1e-6)
+        assert torch.equal(step6['params_ema'][f'{name}.weight'], base[f'{name}.weight'] + delta)
+
+
 def test_swinir_padding_flag_overrides_the_init_and_the_paper_config(tiny_init):
     def padding(*flags):
         cfg = config.parse_config(['--data', 'x', '--random-vgg', '--generator', json.dumps(TINY_G), *map(str, flags)])
