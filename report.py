@@ -314,7 +314,8 @@ def perception_distortion_figure(res):
                                                       if fallback else ''))
         ax.set(xlabel=axis_label(x), ylabel=axis_label(y))
         if res.random_iqa and y not in PIXEL + MID_LEVEL:
-            ax.text(0.5, 0.02, 'RANDOM NR weights: meaningless', transform=ax.transAxes, ha='center', color='red')
+            ax.text(0.5, 0.97, 'RANDOM NR weights: meaningless', transform=ax.transAxes, ha='center', va='top',
+                    color='red')
     fig.suptitle('Perception-distortion trade-off')
     fig.tight_layout()
     return fig
