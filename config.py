@@ -36,6 +36,9 @@ class TrainConfig:
     arch: str = arg('swinir', 'generator architecture (rrdbnet = the paper\'s RealESRGAN rows)',
                     choices=tuple(models.GENERATORS))
     generator: dict = arg({}, 'generator constructor overrides as JSON, e.g. \'{"embed_dim": 60}\'')
+    swinir_padding: str = arg('', "SwinIR input padding: 'hggt' (HGGT's code and checkpoints, the paper) or "
+                              "'official' (the SwinIR repository's checkpoints); default: --init's, else 'hggt'",
+                              choices=('', *models.PADDINGS))
     init: str = arg('', 'initial generator checkpoint (stage 1: PSNR-oriented model; FT: the stage-1 generator.pth)')
     finetune: bool = arg(False, 'stage 2: freeze the generator and train LoRA on Eq. 2, L - lambda_q * Q(SR)')
     resume: str = arg('', "'auto' = newest ckpt_<step>.pth in --out (fresh start when none), or a checkpoint path")
@@ -119,7 +122,9 @@ DEMO = dict(  # a small generator, random VGG19 and a tiny random MUSIQ: every s
               milestones=(), ema_decay=0.95, log_every=10, sample_every=50, save_every=100),  # 0.999 keeps the init
     stage1=dict(total_iters=200),
     finetune=dict(total_iters=100, lr=1e-4, monitor_every=25, monitor_size=2),
-    generator={'swinir': dict(embed_dim=60, depths=(2, 2), num_heads=(6, 6), window_size=8),
+    # 'official' padding: the demo trains from scratch (no HGGT checkpoint to match), and HGGT's would grow its
+    # 16-pixel LQ patches to 24 (2.25x the tokens)
+    generator={'swinir': dict(embed_dim=60, depths=(2, 2), num_heads=(6, 6), window_size=8, padding='official'),
                'rrdbnet': dict(num_block=2, num_feat=32)},
 )
 
@@ -210,6 +215,8 @@ def check_config(cfg):
         value = getattr(cfg, flag)
         if not (value >= 0 and math.isfinite(value)):
             problems.append(f'--{flag.replace("_", "-")}: must be >= 0 and finite, got {value}')
+    if cfg.swinir_padding and cfg.arch != 'swinir':
+        problems.append(f'--swinir-padding: only for --arch swinir, got --arch {cfg.arch}')
     if cfg.finetune and not cfg.init:
         problems.append('--finetune: needs --init CKPT (the stage-1 generator.pth to fine-tune)')
     if cfg.sampler in nriqa_sr.NEEDS_SCORES and not cfg.score_cache:

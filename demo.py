@@ -5,7 +5,9 @@
 3. fit MUSIQ to the demo's labels (nriqa_sr.py fit-q), with its agreement before and after on held-out sets;
 4. stage 1 (the paper's Table 5): train the origins and upos baselines and the paper's amo sampler;
 5. stage 2: fine-tune amo with LoRA on Eq. 2, L~ = L - lambda_Q * Q(SR) ("AMO+FT");
-6. evaluate all four on the test split (evaluate.py): results.md, report.html, the plot.
+6. evaluate all four on the test split (evaluate.py): results.md, report.html, the plot;
+7. the perception-distortion dial: AMO + s x its fine-tuning change for s in DIAL (evaluate.py --lora-scale),
+   its table and trade-off curve in demo_out/dial/.
 
 Each step is printed as the command a researcher would type, then run. Steps whose output already
 exists are skipped (training resumes with --resume auto), so an interrupted demo continues.
@@ -44,6 +46,8 @@ from files import Interrupted, atomic_open, interrupted_exit, interruptible, loa
 PY = sys.executable
 HERE = Path(__file__).resolve().parent  # the scripts run from any working folder
 STAGE1 = ('origins', 'upos', 'amo')  # the paper's Table 5 rows the demo reproduces, plus AMO+FT
+DIAL = '0,0.25,0.5,0.75,1'  # --lora-scale of the demo's dial: AMO (0) to AMO+FT (1)
+DIAL_PLOT = Path('docs') / 'demo_dial.png'  # where --readme puts the dial's plot, beside README.md
 
 
 # ----------------------------------------------------------------------------- demo data
@@ -255,12 +259,19 @@ def wall_times(timings, total):
     return ', '.join(f'{k} {v:.0f} s' for k, v in timings.items()) + f'; total {total:.0f} s'
 
 
-def results_block(results_md, timings, total):
-    """The README block: evaluate.py's table (and its warnings), the machine, and the wall time of each step."""
+def results_block(results_md, timings, total, dial_md=None):
+    """The README block: evaluate.py's table (and its warnings), the dial's table and plot when given, the machine,
+    and the wall time of each step."""
     table = results_md.split('\n## ')[0].splitlines()[1:]  # without the title, up to the agreement section
+    dial = []
+    if dial_md is not None:
+        rows = [line for line in dial_md.split('\n## ')[0].splitlines() if line.startswith('|')]
+        dial = ['', f'The dial (`--lora-scale {DIAL}`): AMO + s x the change its fine-tuning made, '
+                    'W_base + s (W_ft - W_base); x0 is AMO, x1 AMO+FT:', '', *rows, '',
+                f'![the dial\'s trade-off curve]({DIAL_PLOT.as_posix()})']
     machine = f'{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}'
-    return '\n'.join([README_START, *table, '', f'Machine: {machine}. Wall time: {wall_times(timings, total)}.',
-                      README_END])
+    return '\n'.join([README_START, *table, *dial, '', f'Machine: {machine}. Wall time: '
+                      f'{wall_times(timings, total)}.', README_END])
 
 
 def readme_block_bounds(text, path):
@@ -344,6 +355,12 @@ def run_demo(args):
     if weights.missing_weights('musiq'):
         evaluation.append('--random-iqa')
     run(evaluation, timings, 'evaluate')
+    dial = [PY, str(HERE / 'evaluate.py'), '--data', str(test_root), '--out', str(args.out / 'dial'),
+            '--ckpt', str(runs['amo'] / 'generator.pth'), '--adapters', str(runs['amo_ft'] / 'lora_adapters.pth'),
+            '--lora-scale', DIAL, '--name', 'AMO+FT', '--metrics', ','.join(columns)]
+    if weights.missing_weights('musiq'):
+        dial.append('--random-iqa')
+    run(dial, timings, 'dial')
 
     results_md, total = (args.out / 'eval' / 'results.md').read_text(), time.perf_counter() - start
     print('\n' + results_md)
@@ -353,12 +370,17 @@ def run_demo(args):
           f"{fit['before']['label_pair_accuracy']:.1f} % -> {fit['after']['label_pair_accuracy']:.1f} % on "
           f"{len(fit['held_out_sets'])} held-out training sets")
     print('wall time per step: ' + wall_times(timings, total))
-    print(f'report: {args.out / "eval" / "report.html"}')
+    dial_md = (args.out / 'dial' / 'results.md').read_text()
+    print('\n' + dial_md)
+    print(f'report: {args.out / "eval" / "report.html"}; the dial: {args.out / "dial" / "report.html"}')
     for line in meaningless:
         print(f'WARNING: {line}')
     if args.readme is not None:
-        update_readme(args.readme, results_block(results_md, timings, total))
-        print(f'{args.readme}: demo results updated')
+        plot = args.readme.parent / DIAL_PLOT
+        with atomic_open(plot) as f:
+            f.write((args.out / 'dial' / 'perception_distortion.png').read_bytes())
+        update_readme(args.readme, results_block(results_md, timings, total, dial_md))
+        print(f'{args.readme}: demo results updated; {plot}: the dial\'s plot')
 
 
 if __name__ == '__main__':

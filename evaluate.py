@@ -7,9 +7,15 @@
     python evaluate.py --hr RealSR/Canon/Test/4 RealSR/Nikon/Test/4 --out results/realsr \\
         --ckpt runs/upos/generator.pth --ckpt runs/amo_ft/generator.pth
 
+    # the perception-distortion dial: one row per scale, the trade-off curve in the report
+    python evaluate.py --data Test-100 --out results/dial --ckpt runs/upos/generator.pth \
+        --adapters runs/upos_ft/lora_adapters.pth --lora-scale 0,0.25,0.5,0.75,1 --name UPos+FT
+
 Rows: --ckpt runs a generator on the LQ inputs; --sr-dir reads SR images made elsewhere (NAME.png, .jpg
-or .jpeg), which need no LQ. A row is named by --name, else by the checkpoint's file stem, its run folder
-when stems repeat (runs/a/generator.pth, runs/b/generator.pth -> a, b), or the SR folder's name.
+or .jpeg), which need no LQ. --adapters after a --ckpt (its base) applies a fine-tuning run's
+lora_adapters.pth at each --lora-scale s, W_base + s * (W_ft - W_base): one row "NAME xs" per scale.
+A row is named by --name, else by the checkpoint's file stem, its run folder when stems repeat
+(runs/a/generator.pth, runs/b/generator.pth -> a, b), or the SR folder's name.
 One pass over the test sets: a set's references are read once, every row is scored against them.
   - Full-reference metrics (PSNR, SSIM, LPIPS, LPIPS-ST, DISTS) as HGGT's multi-GT scripts compute them
     (PosNegGTSR/scripts/metrics/calculate_multigt_labeled_{psnr_ssim,lpips,dists}.py): crop 4 border
@@ -29,6 +35,7 @@ to a staging folder beside --out and are moved in once the run has finished, so 
 as it was.
 """
 import argparse
+import functools
 import re
 import shutil
 import sys
@@ -38,6 +45,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import lora
 import models
 import nriqa_sr
 import score_cache
@@ -141,10 +149,14 @@ class Method:
     name: str | None
     ckpt: Path | None = None
     sr_dir: Path | None = None
+    adapters: Path | None = None  # a fine-tuning run's lora_adapters.pth, applied to ckpt at lora_scale
+    lora_scale: float = 1.0
+    curve: str | None = None  # the dial row's --name: the rows of one curve in the report's trade-off plot
 
 
 class _InOrder(argparse.Action):
-    """Keeps --ckpt / --sr-dir / --name in command-line order, so a --name labels the source before it."""
+    """Keeps --ckpt / --sr-dir / --name / --adapters / --lora-scale in command-line order, so each labels the
+    source before it."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         namespace.sources = (namespace.sources or []) + [(option_string, values)]
@@ -161,19 +173,32 @@ def default_names(method):
 
 
 def resolve_methods(sources):
-    """[('--ckpt', p), ('--name', n), ('--sr-dir', d), ...] -> [Method]. Default names that repeat take one
-    more folder each until they differ (or their paths run out: then --name must tell them apart)."""
-    methods, named = [], []
+    """[('--ckpt', p), ('--name', n), ('--sr-dir', d), ('--adapters', f), ('--lora-scale', s), ...] -> [Method].
+    Default names that repeat take one more folder each until they differ (or their paths run out: then --name
+    must tell them apart). A --ckpt with --adapters and --lora-scale s1,s2,.. becomes one row per scale,
+    named "NAME xs"."""
+    methods, given = [], []  # given: the options each method has had
     for option, value in sources or []:
-        if option == '--name':
-            if not methods or named[-1]:
-                raise ValueError(f'--name {value}: each --name follows the --ckpt or --sr-dir it labels, once')
-            methods[-1].name, named[-1] = value, True
-        else:
+        if option in ('--ckpt', '--sr-dir'):
             methods.append(Method(None, **{'ckpt' if option == '--ckpt' else 'sr_dir': Path(value)}))
-            named.append(False)
+            given.append({})
+            continue
+        if not methods or option in given[-1]:
+            raise ValueError(f'{option} {value}: each {option} follows the --ckpt or --sr-dir it belongs to, once')
+        if option != '--name' and methods[-1].ckpt is None:
+            raise ValueError(f'{option} {value}: follows a --ckpt (the base generator), not --sr-dir')
+        given[-1][option] = value
+        if option == '--name':
+            methods[-1].name = value
+        elif option == '--adapters':
+            methods[-1].adapters = Path(value)
+    for m, options in zip(methods, given):
+        if '--lora-scale' in options and m.adapters is None:
+            raise ValueError(f"--lora-scale {options['--lora-scale']}: a dial needs --adapters FILE (a fine-tuning "
+                             "run's lora_adapters.pth) after its --ckpt")
     if not methods:
         raise ValueError('--ckpt/--sr-dir: give at least one method to evaluate')
+    named = ['--name' in options for options in given]
     candidates = {i: default_names(m) for i, m in enumerate(methods) if not named[i]}
     level = dict.fromkeys(candidates, 0)
     while True:
@@ -188,9 +213,17 @@ def resolve_methods(sources):
     for m in methods:
         if not re.fullmatch(r'[\w.+-]+', m.name) or m.name in ('GT', GOLD):
             raise ValueError(f"--name {m.name}: use letters, digits, '_', '-', '+', '.' (it names a folder), not GT")
+    rows = []
+    for m, options in zip(methods, given):
+        if '--lora-scale' not in options:
+            rows.append(m)
+            continue
+        rows += [Method(f'{m.name} x{s:g}', m.ckpt, adapters=m.adapters, lora_scale=s, curve=m.name)
+                 for s in dict.fromkeys(lora.parse_scales(options['--lora-scale']))]
+    names = [m.name for m in rows]
     if len(set(names)) != len(names):
         raise ValueError(f'--name: method names must differ, got {names}; tell them apart with --name')
-    return methods
+    return rows
 
 
 def index_sr_dir(folder, sets, scale=SR_DIR_SCALE):
@@ -220,18 +253,15 @@ def check_sr_size(path, test_set, size, scale):
                          f'({what})')
 
 
-def load_method_generator(path, arch, device, channels_last):
-    """The generator of --ckpt, in eval mode on `device`; RRDBNet in channels-last memory format by default
-    (the same outputs within fp32 rounding, faster convolutions: bench/bench_eval.py). A file of LoRA
-    adapters alone is named as such, with the ways to a merged generator."""
-    ckpt = load_checkpoint(path)
-    if 'params_lora' in ckpt and not {'params', 'params_ema'} & ckpt.keys():
-        export = path.parent / 'generator.pth'
-        raise ValueError(f'{path}: holds LoRA adapters only (params_lora), not a generator; merge them into their '
-                         f'base: python lora.py merge --base BASE.pth --adapters {path} --out MERGED.pth, or evaluate '
-                         + (f'{export}' if export.is_file() else "the run's generator.pth")
-                         + ' (train.py exports it merged)')
-    return upscale.inference_model(ckpt, device, channels_last, arch, source=str(path))
+def load_method_generator(method, args, read):
+    """The generator of a --ckpt row (at its dial position when it has --adapters), in eval mode on the device;
+    RRDBNet in channels-last memory format by default (the same outputs within fp32 rounding, faster
+    convolutions: bench/bench_eval.py). `read` loads a file once for every row that uses it."""
+    dial = None
+    if method.adapters is not None:
+        dial = (lora.check_adapters(read(method.adapters), method.adapters), method.adapters, method.lora_scale)
+    return upscale.inference_model(read(method.ckpt), args.device, args.channels_last, args.arch,
+                                   source=str(method.ckpt), swinir_padding=args.swinir_padding, dial=dial)
 
 
 def super_resolve(method, source, test_set, lq, args):
@@ -335,8 +365,8 @@ def evaluate(args):
         hggt_sets(args.data, args.lq)
     if not sets:
         raise ValueError(f'{args.data / "labels"}: no set has an effective Positive GT to compare with')
-    sources = {m.name: load_method_generator(m.ckpt, args.arch, args.device, args.channels_last)
-               for m in methods if m.ckpt}
+    read = functools.cache(load_checkpoint)  # each --ckpt / --adapters file once, however many rows use it
+    sources = {m.name: load_method_generator(m, args, read) for m in methods if m.ckpt}
     scales = {models.generator_scale(g) for g in sources.values()} or {SR_DIR_SCALE}
     use_lq = check_sets(sets, scales, need_lq=bool(sources))
     sources.update({m.name: index_sr_dir(m.sr_dir, sets) for m in methods if m.sr_dir})
@@ -350,7 +380,8 @@ def evaluate(args):
     return Results(metric_names, table, per_image, agreement_rows(args, metrics, labels, ref_scores), len(sets),
                    compare, absent={n: [str(f) for f in metrics[n].absent] for n in names if metrics[n].absent},
                    source=' + '.join(map(str, args.hr)) if args.hr else str(args.data), single_gt=bool(args.hr),
-                   dropped=len(labels) - len(sets) if labels else 0, has_lq=use_lq, random_iqa=args.random_iqa)
+                   dropped=len(labels) - len(sets) if labels else 0, has_lq=use_lq, random_iqa=args.random_iqa,
+                   dial={m.name: {'curve': m.curve, 'lora_scale': m.lora_scale} for m in methods if m.curve})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -362,8 +393,16 @@ def build_parser():
                    help='folder of SR images NAME.png (or .jpg/.jpeg) made elsewhere; repeatable')
     p.add_argument('--name', dest='sources', action=_InOrder, metavar='NAME',
                    help='row name of the --ckpt / --sr-dir just before it (default: file stem, run folder, folder)')
+    p.add_argument('--adapters', dest='sources', action=_InOrder, metavar='FILE',
+                   help="a fine-tuning run's lora_adapters.pth, applied to the --ckpt just before it (its base)")
+    p.add_argument('--lora-scale', dest='sources', action=_InOrder, metavar='S[,S...]',
+                   help='dial of the --adapters before it: W_base + S * (W_ft - W_base), one row "NAME xS" per '
+                        'scale (0 = the base, 1 = the FT export); the report draws their trade-off curve')
     p.add_argument('--arch', choices=sorted(models.GENERATORS),
                    help="generator of every --ckpt (default: the file's 'arch', else told from its names)")
+    p.add_argument('--swinir-padding', choices=models.PADDINGS,
+                   help="SwinIR input padding for every --ckpt (default: the file's; a released file: 'hggt', "
+                        "HGGT's; use 'official' for the SwinIR repository's checkpoints)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument('--data', type=Path, help='labelled multi-GT test root (HGGT layout, Test-100)')
     data.add_argument('--hr', type=Path, nargs='+', metavar='DIR',

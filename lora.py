@@ -14,9 +14,16 @@ Parameters, so the state_dict names stay `...mlp.fc1.weight` and only `lora_A` /
 are added next to them. Merging is explicit (`merge()`, `merge_lora`): unlike
 microsoft/LoRA, `eval()` never rewrites weights in place.
 
+The FT export is the EMA of the merged weights; lora_adapters.pth holds its change to the base, which
+`--lora-scale s` dials: W(s) = W_base + s * (W_ft - W_base) (s = 0 the base, s = 1 the FT export).
+
     python lora.py merge --base runs/upos/generator.pth --adapters runs/upos_ft/lora_adapters.pth --out merged.pth
+    python lora.py merge --base runs/upos/generator.pth --adapters runs/upos_ft/lora_adapters.pth --lora-scale 0.5 \
+        --out half.pth
 """
 import argparse
+import copy
+import hashlib
 import math
 import re
 import sys
@@ -34,6 +41,7 @@ LORA_PRESETS = {
     'rrdbnet': (r'body\.\d+\.rdb[123]\.conv[1-5]', 24),
 }
 LORA_NAMES = ('lora_A', 'lora_B')
+ADAPTER_KEY = 'lora_delta'  # marks an adapter file: {layer name: dense EMA delta}; models.py refuses it as a generator
 
 
 class _LoRAMixin:
@@ -123,7 +131,8 @@ class LoRAConv2d(_LoRAMixin, nn.Conv2d):
         return y + F.conv2d(low, self.lora_B) * self.scaling  # (N, r, H', W') -> (N, out, H', W')
 
 
-def _lora_layers(model):
+def lora_layers(model):
+    """[(name, LoRA layer)] of a model."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _LoRAMixin)]
 
 
@@ -177,7 +186,7 @@ def inject_lora(model: nn.Module, target: str | list[str], rank: int | None = No
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapter Parameters (what the stage-2 optimizer trains)."""
-    return [p for _, m in _lora_layers(model) for p in (m.lora_A, m.lora_B)]
+    return [p for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -187,7 +196,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load adapters saved by lora_state_dict, strict on names and shapes (one-line errors)."""
-    if any(m.merged for _, m in _lora_layers(model)):
+    if any(m.merged for _, m in lora_layers(model)):
         raise ValueError('lora state_dict: the model has merged LoRA layers; unmerge before loading adapters')
     expected = lora_state_dict(model)
     missing = sorted(set(expected) - set(state_dict))
@@ -208,7 +217,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     The result has the state_dict of the generator without LoRA (loads strictly into a fresh
     one) and its cost: LoRA is merged at inference (paper, supp. §8.3), no runtime cost."""
-    for name, layer in _lora_layers(model):
+    for name, layer in lora_layers(model):
         layer.merge()
         if isinstance(layer, LoRALinear):
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device='meta')
@@ -222,23 +231,149 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_adapter_file(base_path, adapters_path, out_path):
-    """base generator + lora_adapters.pth (train.py's FT export) -> one plain generator file, merged."""
-    import models  # the CLI needs the generators; the layers above do not
-    from files import load_checkpoint, save_checkpoint
-    adapters = load_checkpoint(adapters_path)
-    if 'params_lora' not in adapters:
-        raise ValueError(f'{adapters_path}: not a LoRA adapter file (no params_lora); train.py --finetune writes one')
-    base = load_checkpoint(base_path)
-    model = models.load_generator(base, arch=adapters.get('arch'), source=str(base_path))
-    inject_lora(model, models.generator_arch(model), rank=adapters.get('lora_rank'),
-                alpha=adapters.get('lora_alpha'))
-    try:
-        load_lora_state_dict(model, adapters['params_lora'])
-    except ValueError as err:
-        raise ValueError(f'{adapters_path}: {err} (adapters of another base generator?)') from None
-    save_checkpoint({'params_ema': merge_lora(model).state_dict(), 'arch': adapters.get('arch'),
-                     'config': base.get('config', adapters.get('config', {})), 'scale': base.get('scale', 4)}, out_path)
+# ----------------------------------------------------------------------------- the FT export's EMA and its adapter file
+# The FT export is the EMA of the merged weight W_base + scaling * B @ A of each adapted layer, kept as
+# W_base + EMA(delta): the EMA of the factors, EMA(B) @ EMA(A), is another weight (the factors co-vary over
+# the ~1000 steps a 0.999 decay spans). An EMA of rank-r deltas is not rank r, so lora_adapters.pth keeps the
+# dense EMA delta of each adapted layer (ADAPTER_KEY), with the arch, config, rank, alpha and the hash of
+# the base it was trained on.
+EMA_DELTA = 'lora_delta_ema'  # buffer of the EMA generator's adapted layers (not in its state_dict)
+
+
+def ema_of_merged(model: nn.Module) -> nn.Module:
+    """The EMA generator of a LoRA-wrapped model: a plain copy, merged (= the base: B is zero), whose adapted
+    layers hold their EMA delta as a non-persistent buffer, so that its state_dict is a plain generator's."""
+    ema = merge_lora(copy.deepcopy(model)).requires_grad_(False)
+    for name, layer in lora_layers(model):
+        ema.get_submodule(name).register_buffer(EMA_DELTA, torch.zeros_like(layer.weight), persistent=False)
+    return ema
+
+
+def ema_deltas(ema: nn.Module) -> dict[str, torch.Tensor]:
+    """{layer name: EMA delta} of an ema_of_merged generator; {} for any other model."""
+    return {name: m.get_buffer(EMA_DELTA) for name, m in ema.named_modules() if hasattr(m, EMA_DELTA)}
+
+
+@torch.no_grad()
+def set_ema_deltas(ema: nn.Module, model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
+    """Adapted layers of the EMA generator: EMA delta <- deltas[name], W <- W_base + delta (W_base: model's)."""
+    for name, layer in lora_layers(model):
+        target = ema.get_submodule(name)
+        target.get_buffer(EMA_DELTA).copy_(deltas[name])
+        torch.add(layer.weight, target.get_buffer(EMA_DELTA), out=target.weight)
+
+
+@torch.no_grad()
+def update_ema_deltas(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """EMA delta <- decay * EMA delta + (1 - decay) * scaling * B @ A per adapted layer, and the EMA generator's
+    weight <- W_base + EMA delta: the EMA of the merged weight (W_base is constant)."""
+    layers = lora_layers(model)
+    if not layers:  # a model without adapters: nothing to do
+        return
+    torch._foreach_lerp_([ema.get_submodule(n).get_buffer(EMA_DELTA) for n, _ in layers],
+                         [layer.delta_weight() for _, layer in layers], 1.0 - decay)
+    set_ema_deltas(ema, model, ema_deltas(ema))
+
+
+def base_digest(model: nn.Module) -> str:
+    """SHA-256 of a generator's weights (its parameters without the adapters, by name, dtype, shape and bytes):
+    what an adapter file records of its base, so that no merge applies it to another generator."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if name.rpartition('.')[2] not in LORA_NAMES:
+            tensor = p.detach().cpu().contiguous()
+            digest.update(f'{name} {tensor.dtype} {tuple(tensor.shape)};'.encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def adapter_file(model: nn.Module, ema: nn.Module, arch: str, config: dict, rank: int, alpha: float,
+                 base: str) -> dict:
+    """lora_adapters.pth of an FT run: the EMA deltas, and what they fit (model: G, its base weights frozen)."""
+    return {ADAPTER_KEY: ema_deltas(ema), 'arch': arch, 'config': config, 'lora_rank': rank, 'lora_alpha': alpha,
+            'base_sha256': base_digest(model), 'base': base}
+
+
+def read_adapters(path) -> dict:
+    """An adapter file, or a one-line ValueError saying what the file is instead."""
+    from files import load_checkpoint
+    return check_adapters(load_checkpoint(path), path)
+
+
+def check_adapters(adapters: dict, path) -> dict:
+    """The loaded file `path` if it is an adapter file, else a one-line ValueError saying what it is instead."""
+    if ADAPTER_KEY in adapters:
+        return adapters
+    if 'params_lora' in adapters:
+        raise ValueError(f'{path}: LoRA factors from before adapter files recorded their base (no {ADAPTER_KEY}); '
+                         "they cannot be checked against a base: use that run's generator.pth, or fine-tune again")
+    if {'params', 'params_ema'} & adapters.keys():
+        raise ValueError(f'{path}: is a generator, not an adapter file (a merged generator cannot be unmerged); '
+                         "pass the fine-tuning run's lora_adapters.pth as --adapters")
+    raise ValueError(f'{path}: not an adapter file (no {ADAPTER_KEY}); train.py --finetune writes lora_adapters.pth')
+
+
+def parse_scales(text: str) -> list[float]:
+    """--lora-scale 's' or 's1,s2,...' -> floats, one-line errors; a warning for s > 2 (far past the FT model)."""
+    scales = []
+    for part in text.split(','):
+        try:
+            scales.append(float(part))
+        except ValueError:
+            raise ValueError(f'--lora-scale {text}: {part.strip()!r} is not a number') from None
+        if not math.isfinite(scales[-1]):
+            raise ValueError(f'--lora-scale {text}: {part.strip()!r} is not a finite number')
+        if scales[-1] > 2:
+            print(f'warning: --lora-scale {scales[-1]:g}: extrapolates to {scales[-1]:g} x the fine-tuning change '
+                  '(s = 1 is the FT model)', file=sys.stderr)
+    return scales
+
+
+@torch.no_grad()
+def apply_adapters(model: nn.Module, adapters: dict, scale: float, source: str, base_source: str) -> nn.Module:
+    """W(s) = W_base + s * delta in place, per adapted layer: s = 0 is the base bit for bit, s = 1 the FT export,
+    between them WiSE-FT's weight-space interpolation (Wortsman et al., CVPR 2022), s > 1 an extrapolation.
+    Refused (one line): adapters of another arch, or of another base than `model` (named by its hash)."""
+    import models
+    arch = models.generator_arch(model)
+    if adapters['arch'] != arch:
+        raise ValueError(f"{source}: adapters of a {adapters['arch']!r} generator, but {base_source} holds a {arch!r}")
+    if adapters['base_sha256'] != base_digest(model):
+        raise ValueError(f"{source}: trained on {adapters['base']} (sha256 {adapters['base_sha256'][:12]}), not on "
+                         f'{base_source}: merge into that base (a fine-tuned generator would get the change twice)')
+    deltas = adapters[ADAPTER_KEY]
+    own = dict(model.named_modules())
+    wrong = [n for n, d in deltas.items() if n not in own or own[n].weight.shape != d.shape]
+    if wrong:
+        raise ValueError(f'{source}: {len(wrong)} adapted layers do not fit {base_source}, e.g. {wrong[0]}')
+    if scale != 0:  # s = 0 leaves the base as it is, bit for bit
+        for name, delta in deltas.items():
+            weight = own[name].weight
+            weight.copy_(weight + scale * delta.to(weight.device))
+    return model
+
+
+def dial_generator(base, adapters: dict, scale: float, source: str, base_source: str, swinir_padding=None):
+    """The generator at dial position s (apply_adapters) from a base checkpoint (file or dict), with the FT run's
+    config (so that s = 1 is its export); swinir_padding overrides as in models.load_generator."""
+    import models
+    from files import load_checkpoint
+    base = base if isinstance(base, dict) else load_checkpoint(base)
+    if base.get('arch', adapters['arch']) != adapters['arch']:
+        raise ValueError(f"{source}: adapters of a {adapters['arch']!r} generator, but {base_source} holds a "
+                         f"{base['arch']!r}")
+    model = models.load_generator(base, arch=adapters['arch'], source=base_source, swinir_padding=swinir_padding,
+                                  **adapters['config'])
+    return apply_adapters(model, adapters, scale, source, base_source)
+
+
+def merge_adapter_file(base_path, adapters_path, out_path, scale=1.0):
+    """base generator + lora_adapters.pth at dial position `scale` -> one plain generator file."""
+    from files import save_checkpoint
+    adapters = read_adapters(adapters_path)
+    model = dial_generator(base_path, adapters, scale, str(adapters_path), str(base_path))
+    save_checkpoint({'params_ema': model.state_dict(), 'arch': adapters['arch'], 'config': adapters['config'],
+                     'scale': 4}, out_path)
 
 
 def main(argv=None):
@@ -249,6 +384,9 @@ def main(argv=None):
                        help='the generator the adapters were trained on (FT --init)')
     merge.add_argument('--adapters', type=Path, required=True, help="train.py --finetune's lora_adapters.pth")
     merge.add_argument('--out', type=Path, required=True, help='merged generator file to write')
+    merge.add_argument('--lora-scale', default='1', metavar='S',
+                       help='dial: W_base + S * (W_ft - W_base); 0 = the base, 1 = the FT export (default), '
+                            'between: an interpolation, above 1: an extrapolation')
     args = parser.parse_args(argv)
     from files import Interrupted, check_writable, interrupted_exit, interruptible
     if args.out.resolve() in (args.base.resolve(), args.adapters.resolve()):
@@ -257,13 +395,16 @@ def main(argv=None):
     with interruptible():
         try:
             check_writable(args.out, '--out')  # a folder or an unwritable place: said before the merge
-            merge_adapter_file(args.base, args.adapters, args.out)
+            scales = parse_scales(args.lora_scale)
+            if len(scales) != 1:
+                raise ValueError(f'--lora-scale {args.lora_scale}: merge writes one file, give one scale')
+            merge_adapter_file(args.base, args.adapters, args.out, scales[0])
         except (ValueError, FileNotFoundError) as err:
             print(f'error: {err}', file=sys.stderr)
             return 2
         except (KeyboardInterrupt, Interrupted) as err:
             return interrupted_exit(err)
-    print(f'merged {args.adapters} into {args.base} -> {args.out}')
+    print(f'merged {args.adapters} x{scales[0]:g} into {args.base} -> {args.out}')
     return 0
 
 

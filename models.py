@@ -53,17 +53,21 @@ def shift_mask(h, w, window_size, shift_size, device='cpu'):
     return diff.masked_fill(diff != 0, -100.0).to(device)
 
 
-def pad_to_multiple(x, multiple):
-    """Pad (B, C, H, W) at the bottom and right to multiples of `multiple` by reflection, as the official
-    SwinIR (check_image_size) and RealESRGANer do. F.pad 'reflect' needs pad < side, so a side of 2..pad
-    pixels is reflected in steps (each step mirrors the grown image; one step, as the official code,
-    wherever that is possible) and a 1-pixel side, with nothing to mirror, repeats its pixel."""
+def pad_to_multiple(x, multiple, whole_window=False):
+    """Pad (B, C, H, W) at the bottom and right to multiples of `multiple` by reflection: by -H % multiple rows
+    (official SwinIR's check_image_size, RealESRGANer), or with whole_window by multiple - H % multiple, i.e. a
+    whole window more where H is a multiple already (HGGT's PosNegGTSR/basicsr/archs/swinir_arch.py,
+    check_image_size: a 64x64 patch runs as 72x72); columns alike. F.pad 'reflect' needs pad < side, so a
+    side of 2..pad pixels is reflected in steps (each step mirrors the grown image; one step, as both
+    codes, wherever that is possible) and a 1-pixel side, with nothing to mirror, repeats its pixel."""
     h, w = x.shape[-2:]
+    grow = (lambda n: multiple - n % multiple) if whole_window else (lambda n: -n % multiple)
+    th, tw = h + grow(h), w + grow(w)  # the padded size
     if h == 1 or w == 1:
-        x = F.pad(x, (0, (w == 1) * (-w % multiple), 0, (h == 1) * (-h % multiple)), mode='replicate')
-    while x.shape[-2] % multiple or x.shape[-1] % multiple:
+        x = F.pad(x, (0, (w == 1) * (tw - w), 0, (h == 1) * (th - h)), mode='replicate')
+    while x.shape[-2] < th or x.shape[-1] < tw:
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, min(-w % multiple, w - 1), 0, min(-h % multiple, h - 1)), mode='reflect')
+        x = F.pad(x, (0, min(tw - w, w - 1), 0, min(th - h, h - 1)), mode='reflect')
     return x
 
 
@@ -222,15 +226,23 @@ def pixelshuffle_upsample(scale, num_feat):
     return nn.Sequential(*layers)
 
 
+PADDINGS = ('official', 'hggt')
+
+
 class SwinIR(nn.Module):
     """SwinIR (Liang et al. 2021), official layout: shallow conv, RSTBs, reconstruction.
-    forward: (N, C, H, W) in [0, 1], any H, W -> (N, C, upscale*H, upscale*W)."""
+    forward: (N, C, H, W) in [0, 1], any H, W -> (N, C, upscale*H, upscale*W).
+    padding: how the input grows to whole windows (pad_to_multiple): 'official' pads -H % window_size rows
+    and columns (the SwinIR repository, its released checkpoints); 'hggt' pads window_size - H % window_size,
+    as HGGT's code, with which HGGT's checkpoints, and so the paper's SwinIR rows, were trained and tested."""
 
     def __init__(self, upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1.0, depths=(6, 6, 6, 6),
                  embed_dim=96, num_heads=(6, 6, 6, 6), mlp_ratio=4.0, qkv_bias=True, qk_scale=None,
                  drop_path_rate=0.1, ape=False, patch_norm=True, upsampler='', resi_connection='1conv',
-                 attn_impl='sdpa'):
+                 attn_impl='sdpa', padding='official'):
         super().__init__()
+        if padding not in PADDINGS:
+            raise ValueError(f"padding: expected {' or '.join(map(repr, PADDINGS))}, got {padding!r}")
         if upsampler not in ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv', ''):
             raise ValueError(f"upsampler: expected 'pixelshuffle', 'pixelshuffledirect', 'nearest+conv' or '', "
                              f'got {upsampler!r}')
@@ -240,6 +252,7 @@ class SwinIR(nn.Module):
         if attn_impl not in ('sdpa', 'math'):
             raise ValueError(f"attn_impl: expected 'sdpa' or 'math', got {attn_impl!r}")
         self.upscale, self.window_size, self.img_range, self.upsampler = upscale, window_size, img_range, upsampler
+        self.padding = padding
         mean = (0.4488, 0.4371, 0.4040) if in_chans == 3 else (0.0,)  # DIV2K RGB mean
         self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         num_feat = 64
@@ -298,7 +311,7 @@ class SwinIR(nn.Module):
 
     def forward(self, x):
         h, w = x.shape[-2:]
-        x = pad_to_multiple(x, self.window_size)  # whole windows; the output is cropped back
+        x = pad_to_multiple(x, self.window_size, self.padding == 'hggt')  # whole windows; the output is cropped back
         x = (x - self.mean) * self.img_range
         feat = self.conv_first(x)
         feat = self.conv_after_body(self.forward_features(feat)) + feat
@@ -501,7 +514,8 @@ class GANLoss(nn.Module):
 
 PAPER_CONFIGS = {  # network_g of HGGT's option files (SwinIRGAN and RealESRGAN PosNegGT_Blind_Pos_x4.yml)
     'swinir': dict(upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1.0, depths=(6,) * 6,
-                   embed_dim=180, num_heads=(6,) * 6, mlp_ratio=2.0, upsampler='pixelshuffle', resi_connection='1conv'),
+                   embed_dim=180, num_heads=(6,) * 6, mlp_ratio=2.0, upsampler='pixelshuffle', resi_connection='1conv',
+                   padding='hggt'),  # HGGT's check_image_size: the paper trains with HGGT's code and checkpoints
     'rrdbnet': dict(num_in_ch=3, num_out_ch=3, scale=4, num_feat=64, num_block=23, num_grow_ch=32),
 }
 GENERATORS = {'swinir': SwinIR, 'rrdbnet': RRDBNet}
@@ -550,6 +564,9 @@ def check_generator_config(arch, config, where='generator config'):
         raise ValueError(f'{where}: key {scale_key!r} is {merged[scale_key]}, but the setup is x4 '
                          '(HGGT and the paper train on LQ = GT / 4)')
     if arch == 'swinir':
+        if merged['padding'] not in PADDINGS:
+            raise ValueError(f"{where}: key 'padding' must be {' or '.join(map(repr, PADDINGS))}, "
+                             f"got {merged['padding']!r}")
         depths, heads, dim = merged['depths'], merged['num_heads'], merged['embed_dim']
         if len(depths) != len(heads):
             raise ValueError(f"{where}: key 'num_heads' has {len(heads)} entries but 'depths' has {len(depths)} "
@@ -610,13 +627,30 @@ def load_strict(model, state, source):
         raise ValueError(f'{source}: checkpoint does not fit the model: {"; ".join(problems)}')
 
 
-def load_generator(path_or_state, arch=None, source=None, **config):
+def checkpoint_config(ckpt, arch, source):
+    """The generator config a checkpoint was made with (its 'config', checked). A SwinIR config without
+    'padding' predates the key and ran the official padding; a file without any config (a released
+    checkpoint) takes the paper configuration, whose padding is HGGT's."""
+    config = ckpt.get('config', {})
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{source}: 'config' is a {type(config).__name__}, not a dict of generator arguments")
+    if arch == 'swinir' and 'config' in ckpt and 'padding' not in config:
+        config = {**config, 'padding': 'official'}
+    check_generator_config(arch, config, f'{source}: config')
+    return config
+
+
+def load_generator(path_or_state, arch=None, source=None, swinir_padding=None, **config):
     """A generator in eval mode with the weights of a checkpoint file or dict (strict).
     arch / config come from the file's 'arch' / 'config' when not given (given config kwargs win);
     for released checkpoints without 'arch' it is told from the parameter names. `source` names a
-    dict's file in errors."""
+    dict's file in errors. swinir_padding ('official' | 'hggt', the --swinir-padding of the CLIs) overrides a
+    SwinIR's padding (a released checkpoint states none: HGGT's are 'hggt', the SwinIR repository's 'official')."""
     ckpt = path_or_state if isinstance(path_or_state, Mapping) else load_checkpoint(path_or_state)
     source = source or ('state_dict' if isinstance(path_or_state, Mapping) else str(path_or_state))
+    if 'lora_delta' in ckpt or 'params_lora' in ckpt:  # lora.ADAPTER_KEY, or the factors of older adapter files
+        raise ValueError(f"{source}: this is an adapter file (a fine-tuning run's lora_adapters.pth), not a generator; "
+                         'pass the generator it was trained on and this file as --adapters')
     state = generator_state(ckpt)
     if arch is not None and ckpt.get('arch', arch) != arch:
         raise ValueError(f"{source}: checkpoint holds a {ckpt['arch']!r} generator, not {arch!r}")
@@ -628,11 +662,11 @@ def load_generator(path_or_state, arch=None, source=None, **config):
             arch = 'rrdbnet'
         else:
             raise ValueError(f"{source}: cannot tell the generator from its names; pass arch 'swinir' or 'rrdbnet'")
-    file_config = ckpt.get('config', {})
-    if not isinstance(file_config, Mapping):
-        raise ValueError(f"{source}: 'config' is a {type(file_config).__name__}, not a dict of generator arguments")
-    check_generator_config(arch, file_config, f'{source}: config')
-    model = build_generator(arch, **{**file_config, **config})
+    if swinir_padding:
+        if arch != 'swinir':
+            raise ValueError(f'--swinir-padding: {source} holds a {arch!r} generator; the flag is for SwinIR only')
+        config = {**config, 'padding': swinir_padding}
+    model = build_generator(arch, **{**checkpoint_config(ckpt, arch, source), **config})
     if ckpt.get('scale', 4) != generator_scale(model):  # train.py writes the scale next to the config
         raise ValueError(f"{source}: holds an x{ckpt['scale']} generator, not x{generator_scale(model)}")
     load_strict(model, state, source)

@@ -26,12 +26,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import lora
 import score_cache
 import upscale
 from data import NUM_GTS, read_effective_labels
 from files import (Interrupted, check_writable, interrupted_exit, interruptible, load_checkpoint, load_image,
                    to_rgb)
-from models import generator_scale
+from models import PADDINGS, generator_scale
 from weights import (BACKBONES, WEIGHT_FILES, backbone_path, check_unpickled, download_command, file_sha256,
                      hub_offline, missing_weights, snapshot, weight_path)
 from weights import run as run_weights
@@ -151,10 +152,15 @@ def argmax_online(patches, quality):
 def quality_reward(quality, sr):
     """Q(SR) per sample, with gradient: the Eq. 2 term of L~ = L - lambda_Q * Q(SR).
 
-    Raw Q, not normalised, as in the paper (lambda_Q = 0.05 is set on MUSIQ's 0-100 scale)."""
+    Raw Q, not normalised, as in the paper (lambda_Q = 0.05 is set on MUSIQ's 0-100 scale).
+    Q scores SR clamped to [0, 1], the image that evaluation and upscale keep: out-of-range pixels cannot
+    raise Q during FT and then be cut away at test time (reward hacking the monitor would not see). The
+    paper does not say how the gradient passes the clamp; ours is the plain clamp's, the true gradient of
+    the reward as evaluated: Q pushes no pixel beyond the range (a straight-through clamp would, with no
+    effect on the score), and the pixel losses of Eq. 2's L pull saturated pixels back."""
     if not quality.as_loss:
         raise ValueError(f'--iqa {quality.name}: quality_reward needs QualityModel(..., as_loss=True)')
-    return quality(sr)
+    return quality(sr.clamp(0, 1))
 
 
 # ----------------------------------------------------------------------------- agreement with human labels (§3)
@@ -451,7 +457,16 @@ def build_parser():
                        help='replace a --cache made with another Q (other weights or options); without it, refused')
     add_quality_flags(score, device)
     up = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
-    up.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
+    up.add_argument('--ckpt', type=Path, required=True,
+                    help='generator checkpoint (params_ema or params); with --adapters, their base generator')
+    up.add_argument('--adapters', type=Path, metavar='FILE',
+                    help="a fine-tuning run's lora_adapters.pth, applied to --ckpt (the generator it fine-tuned)")
+    up.add_argument('--lora-scale', metavar='S',
+                    help='dial of --adapters: W_base + S * (W_ft - W_base); 0 = --ckpt, 1 = the FT export '
+                         '(default 1), between: an interpolation, above 1: an extrapolation')
+    up.add_argument('--swinir-padding', choices=PADDINGS,
+                    help="SwinIR input padding (default: the file's; a released file: 'hggt', HGGT's; use "
+                         "'official' for the SwinIR repository's checkpoints)")
     up.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
                          help='an image or a folder of PNG/JPEG images')
     up.add_argument('-o', '--output', type=Path, required=True, metavar='OUT',
@@ -565,7 +580,17 @@ def run_upscale(args):
     upscale.check_tile(args.tile, args.tile_pad)
     pairs = upscale.output_paths(upscale.list_images(args.input), args.input, args.output, args.suffix)
     upscale.check_inputs(pairs, args.outscale)
-    model = upscale.inference_model(args.ckpt, args.device, args.channels_last)
+    dial = None
+    if args.lora_scale is not None and args.adapters is None:
+        raise ValueError(f"--lora-scale {args.lora_scale}: a dial needs --adapters FILE (a fine-tuning run's "
+                         'lora_adapters.pth) beside --ckpt, the generator it fine-tuned')
+    if args.adapters is not None:
+        scales = lora.parse_scales(args.lora_scale or '1')
+        if len(scales) != 1:
+            raise ValueError(f'--lora-scale {args.lora_scale}: upscale runs one model, give one scale')
+        dial = (lora.read_adapters(args.adapters), args.adapters, scales[0])
+    model = upscale.inference_model(args.ckpt, args.device, args.channels_last, swinir_padding=args.swinir_padding,
+                                    dial=dial)
     scale = generator_scale(model)
     for src, dst in tqdm(pairs, desc='upscale', unit='image'):
         upscale.upscale_file(model, src, dst, scale, args.tile, args.tile_pad, args.outscale, args.amp)

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -48,6 +48,7 @@ class Results:
     dropped: int  # sets left out: no effective positive
     has_lq: bool
     random_iqa: bool
+    dial: dict = field(default_factory=dict)  # row name -> {'curve': its --name, 'lora_scale': s}: dial rows
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -145,6 +146,9 @@ def notes(res):
                      '(nothing to compare with); --agreement counts them.')
     if plot_axes(res)[1]:
         lines.append(f'No perception-distortion plot: {plot_axes(res)[1]}.')
+    if res.dial:
+        lines.append('Rows "NAME xs": the base --ckpt with its fine-tuning change scaled by s, '
+                     'W_base + s * (W_ft - W_base) (--lora-scale); x0 is the base, x1 the fine-tuned model.')
     return lines
 
 
@@ -233,44 +237,97 @@ def report_html(res):
                   html_rows(['Metric', *AGREEMENT_COLUMNS],
                             [(m, [(t, False) for t in texts]) for m, texts in agreement_rows(res)])]
     if plot_axes(res)[0]:
-        parts.append(f'<h2>Perception-distortion</h2><img class="plot" src="{attr(PLOT)}" alt="PSNR vs NR score">')
+        alt = '; '.join(f'{TITLES[x]} vs {TITLES[y]}' for x, y in plot_axes(res)[0])
+        parts.append(f'<h2>Perception-distortion</h2><img class="plot" src="{attr(PLOT)}" alt="{html.escape(alt)}">')
     computed = [n for n in res.metric_names if n not in res.absent]
     parts += [image_section(res, name, computed) for name in dict.fromkeys(r['image'] for r in res.per_image)]
     return '\n'.join(parts) + '\n</body></html>\n'
 
 
 # ----------------------------------------------------------------------------- plot
+PIXEL, MID_LEVEL = ('psnr', 'ssim'), ('stlpips', 'lpips', 'dists')  # the paper's three tiers: pixel, mid, high (NR)
+
+
 def plot_axes(res):
-    """(NR metric for y, None) when the plot has points to draw, else (None, why not). x is PSNR; y is MUSIQ,
-    else the first NR metric that computed (the Gold Standard row holds values of computed NR metrics only)."""
+    """([(x metric, y metric)] panels, None) when the plot has points to draw, else ([], why not). The paper's
+    three-tier trade-off: pixel (PSNR) vs mid-level (LPIPS-ST, else LPIPS, DISTS), then mid-level vs NR (MUSIQ,
+    else the first NR metric that computed); without a mid-level column, PSNR vs NR. (The Gold Standard row
+    holds values of computed NR metrics only.)"""
     methods, gold = res.table[:-1], res.table[-1]
+
+    def computed(names):
+        return [n for n in names if n in res.metric_names and any(isinstance(r.get(n), float) for r in methods)]
+    pixel, mid = computed(PIXEL), computed(MID_LEVEL)
     nr = [n for n in res.metric_names if isinstance(gold.get(n), float)]
-    if not any(isinstance(r.get('psnr'), float) for r in methods):
-        return None, 'it needs PSNR in --metrics'
-    if not nr:
-        return None, 'it needs an NR metric (MUSIQ, NIMA, ...) that computed'
-    return ('musiq' if 'musiq' in nr else nr[0]), None
+    nr = ['musiq'] if 'musiq' in nr else nr[:1]
+    if not pixel:
+        return [], 'it needs PSNR in --metrics'
+    if not nr and not mid:
+        return [], 'it needs an NR metric (MUSIQ, NIMA, ...) or a mid-level one (LPIPS-ST, LPIPS, DISTS) that computed'
+    panels = [(pixel[0], mid[0])] if mid else []
+    return panels + [(mid[0] if mid else pixel[0], y) for y in nr], None
 
 
-def perception_distortion_png(res):
-    """PSNR (distortion, x) vs an NR metric (perception, y), one point per method, Gold Standard as a line."""
+def plot_points(res, x, y):
+    """What a panel draws, from the table: {'curves': {curve: [(s, x, y)] by s}, 'markers': {row: (x, y)},
+    'gold': the Gold Standard's y or None}. Dial rows form curves; the other methods are markers."""
+    curves, markers = {}, {}
+    for r in res.table[:-1]:
+        if not (isinstance(r.get(x), float) and isinstance(r.get(y), float)):
+            continue
+        dial = res.dial.get(r['method'])
+        if dial:
+            curves.setdefault(dial['curve'], []).append((dial['lora_scale'], r[x], r[y]))
+        else:
+            markers[r['method']] = (r[x], r[y])
+    gold = res.table[-1].get(y)
+    return {'curves': {k: sorted(v) for k, v in curves.items()}, 'markers': markers,
+            'gold': gold if isinstance(gold, float) else None}
+
+
+def axis_label(n):
+    return f"{TITLES[n]}{' (dB)' if n == 'psnr' else ''} {'↓' if n in LOWER_BETTER else '↑'}"
+
+
+def perception_distortion_figure(res):
+    """One panel per plot_axes pair: the dial curves through their points (labelled xs), every other method a
+    marker, the Gold Standard a dashed line where y is an NR metric."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    y = plot_axes(res)[0]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in res.table[:-1]:
-        ax.scatter(r['psnr'], r[y])
-        ax.annotate(r['method'], (r['psnr'], r[y]), textcoords='offset points', xytext=(4, 4))
-    ax.axhline(res.table[-1][y], linestyle='--', color='gray', label=GOLD)
-    ax.legend()
-    title = f'Perception-distortion: PSNR vs {TITLES[y]}'
-    ax.set_title(title + ('' if y == 'musiq' else f'\n(MUSIQ not available: {TITLES[y]} used instead)'))
-    ax.set(xlabel='PSNR (dB) ↑', ylabel=f'{TITLES[y]} ↑')
-    if res.random_iqa:
-        ax.text(0.5, 0.02, 'RANDOM NR weights: meaningless', transform=ax.transAxes, ha='center', color='red')
-    buf = io.BytesIO()
+    panels = plot_axes(res)[0]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (x, y) in zip(axes[0], panels):
+        points = plot_points(res, x, y)
+        for curve, values in points['curves'].items():
+            scales, xs, ys = zip(*values)
+            ax.plot(xs, ys, marker='o', label=f'{curve} (dial)')
+            for s, px, py in values:
+                ax.annotate(f'x{s:g}', (px, py), textcoords='offset points', xytext=(4, -10), fontsize=8)
+        for name, (px, py) in points['markers'].items():
+            ax.scatter(px, py)
+            ax.annotate(name, (px, py), textcoords='offset points', xytext=(4, 4))
+        if points['gold'] is not None:
+            ax.axhline(points['gold'], linestyle='--', color='gray', label=GOLD)
+        if points['curves'] or points['gold'] is not None:
+            ax.legend()
+        fallback = y not in ('musiq', *PIXEL, *MID_LEVEL)  # an NR metric other than the paper's Q
+        ax.set_title(f'{TITLES[x]} vs {TITLES[y]}' + (f'\n(MUSIQ not available: {TITLES[y]} used instead)'
+                                                      if fallback else ''))
+        ax.set(xlabel=axis_label(x), ylabel=axis_label(y))
+        if res.random_iqa and y not in PIXEL + MID_LEVEL:
+            ax.text(0.5, 0.97, 'RANDOM NR weights: meaningless', transform=ax.transAxes, ha='center', va='top',
+                    color='red')
+    fig.suptitle('Perception-distortion trade-off')
     fig.tight_layout()
+    return fig
+
+
+def perception_distortion_png(res):
+    """perception_distortion_figure as PNG bytes."""
+    import matplotlib.pyplot as plt
+    fig = perception_distortion_figure(res)
+    buf = io.BytesIO()
     fig.savefig(buf, format='png', dpi=100)
     plt.close(fig)
     return buf.getvalue()
@@ -280,7 +337,7 @@ def write_reports(res, out):
     """Every report of `res` into the folder `out`; the plot only where it has something to show."""
     info = {'data': res.source, 'sets': res.num_sets, 'sets_left_out': res.dropped, 'metrics': list(res.metric_names),
             'lower_better': [n for n in res.metric_names if n in LOWER_BETTER], 'random_iqa': res.random_iqa,
-            'table': res.table, 'agreement': res.agreement, 'absent_weights': res.absent}
+            'table': res.table, 'dial': res.dial, 'agreement': res.agreement, 'absent_weights': res.absent}
     write_atomic(out / 'results.json', json.dumps(finite_or_none(info), indent=1, ensure_ascii=False, allow_nan=False))
     write_atomic(out / 'results.csv', to_csv(res.table, ['method', *res.metric_names]))
     write_atomic(out / 'per_image.csv', to_csv(res.per_image, ['method', 'image', *res.metric_names]))

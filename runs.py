@@ -5,7 +5,7 @@ train.py calls these; none of them knows about the method.
 
     RUN/ckpt_0005000.pth   training checkpoints; --resume auto reads only files of this name, by step
     RUN/generator.pth      the export (EMA weights, LoRA merged; the discriminator beside them)
-    RUN/lora_adapters.pth  FT only: the adapters on their own
+    RUN/lora_adapters.pth  FT only: the export's change to its base, per adapted layer (lora.adapter_file)
     RUN/log.csv, tb/, samples/
     RUN/.lock              pid and host of the run that holds the folder
 
@@ -213,9 +213,9 @@ def logged_rows(path):
 
 
 def generator_export(ema, cfg, gen_config, raw_d):
-    """What evaluate.py / upscale / FT read: the EMA generator, LoRA merged, and the discriminator beside it."""
-    merged = lora.merge_lora(copy.deepcopy(ema)) if cfg.finetune and cfg.lora else ema  # no copy without adapters
-    export = {'params_ema': merged.state_dict(), 'arch': cfg.arch, 'config': gen_config, 'scale': 4}
+    """What evaluate.py / upscale / FT read: the EMA generator (in FT the EMA of the merged weights, a plain
+    generator: lora.ema_of_merged) and the discriminator beside it."""
+    export = {'params_ema': ema.state_dict(), 'arch': cfg.arch, 'config': gen_config, 'scale': 4}
     if raw_d is not None:
         export['net_d'] = raw_d.state_dict()
     return export
@@ -230,13 +230,13 @@ def lora_meta(cfg):
 def checkpoint_state(step, bad_steps, cfg, world, gen_config, fingerprints, g, ema, raw_d, opts, scheds, scaler,
                      queues):
     """Everything a resume needs, plus the export keys so evaluate.py reads any checkpoint. `params` is G as
-    trained (with its LoRA adapters in FT); in FT the EMA's adapters are kept as `ema_lora` (its base is G's)."""
+    trained (with its LoRA adapters in FT); in FT the EMA deltas are kept as `ema_delta` (its base is G's)."""
     ckpt = {'step': step, 'bad_steps': bad_steps, 'train_config': asdict(cfg), 'world_size': world,
             'iqa_fingerprint': fingerprints, 'params': g.state_dict(),
             **generator_export(ema, cfg, gen_config, raw_d), 'optimizer_g': opts[0].state_dict(),
             'scheduler_g': scheds[0].state_dict(), 'scaler': scaler.state_dict(), 'queue': queues}
     if cfg.finetune and cfg.lora:
-        ckpt.update(ema_lora=lora.lora_state_dict(ema), **lora_meta(cfg))
+        ckpt.update(ema_delta=lora.ema_deltas(ema), **lora_meta(cfg))
     if raw_d is not None:
         ckpt.update(optimizer_d=opts[1].state_dict(), scheduler_d=scheds[1].state_dict())
     return ckpt
@@ -268,12 +268,14 @@ def save(cfg, dist_info, step, bad_steps, gen_config, fingerprints, state):
         save_and_prune(ckpt, cfg.out, cfg.keep)
 
 
-def export(cfg, ema, raw_d, gen_config, out):
-    """generator.pth (the EMA, LoRA merged, with the discriminator beside it) and, in FT, the adapters alone."""
+def export(cfg, g, ema, raw_d, gen_config, out):
+    """generator.pth (the EMA, LoRA merged, with the discriminator beside it) and, in FT, lora_adapters.pth:
+    the EMA deltas with the hash of G's frozen base, from which `lora.py merge` rebuilds generator.pth exactly."""
     files.save_checkpoint(generator_export(ema, cfg, gen_config, raw_d), out / 'generator.pth')
     if cfg.finetune and cfg.lora:
-        files.save_checkpoint({'params_lora': lora.lora_state_dict(ema), 'arch': cfg.arch, 'config': gen_config,
-                               **lora_meta(cfg)}, out / 'lora_adapters.pth')
+        meta = lora_meta(cfg)
+        files.save_checkpoint(lora.adapter_file(g, ema, cfg.arch, gen_config, meta['lora_rank'], meta['lora_alpha'],
+                                                cfg.init), out / 'lora_adapters.pth')
 
 
 def last_good(out):
@@ -336,11 +338,13 @@ def load_resume(path, cfg, defaults, world, fingerprints, master):
 def load_training_state(ckpt, path, g, ema, raw_d, opts, scheds, scaler, queue, rank):
     """Weights, optimisers, schedulers, scaler and this rank's sample queue from a checkpoint."""
     models.load_strict(g, ckpt['params'], path)  # one line when --generator/--arch changed
-    if 'ema_lora' in ckpt:
-        models.load_strict(ema, ckpt['params'], path)
-        lora.load_lora_state_dict(ema, ckpt['ema_lora'])
-    else:
-        models.load_strict(ema, ckpt['params_ema'], path)
+    models.load_strict(ema, ckpt['params_ema'], path)
+    if 'ema_delta' in ckpt:
+        lora.set_ema_deltas(ema, g, ckpt['ema_delta'])
+    elif 'ema_lora' in ckpt:  # an older FT checkpoint kept the EMA of the factors: go on from their product
+        factors = copy.deepcopy(g)
+        lora.load_lora_state_dict(factors, ckpt['ema_lora'])
+        lora.set_ema_deltas(ema, g, {name: layer.delta_weight() for name, layer in lora.lora_layers(factors)})
     opts[0].load_state_dict(ckpt['optimizer_g'])
     scheds[0].load_state_dict(ckpt['scheduler_g'])
     scaler.load_state_dict(ckpt['scaler'])

@@ -106,14 +106,17 @@ def build_data(cfg, world):
 def build_models(cfg, device):
     """G (LoRA-wrapped in FT), its EMA, D, the perceptual loss; and the generator config to save."""
     init = files.load_checkpoint(cfg.init) if cfg.init else {}
-    gen_config = {**models.PAPER_CONFIGS[cfg.arch], **init.get('config', {}), **cfg.generator}
+    init_config = models.checkpoint_config(init, cfg.arch, cfg.init) if init.get('arch', cfg.arch) == cfg.arch else {}
+    padding = {'padding': cfg.swinir_padding} if cfg.swinir_padding else {}
+    gen_config = {**models.PAPER_CONFIGS[cfg.arch], **init_config, **cfg.generator, **padding}
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     g = (models.load_generator(init, arch=cfg.arch, source=cfg.init, **gen_config) if cfg.init
          else models.build_generator(cfg.arch, **gen_config)).train()
     if cfg.finetune and cfg.lora:
         lora.inject_lora(g, cfg.arch, rank=cfg.lora_rank or None, alpha=cfg.lora_alpha or None)  # freezes the base
     g.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    ema = copy.deepcopy(g).requires_grad_(False)
+    # FT: the EMA of the merged weights W_base + scaling * B @ A, i.e. of what is exported (lora.ema_of_merged)
+    ema = lora.ema_of_merged(g) if cfg.finetune and cfg.lora else copy.deepcopy(g).requires_grad_(False)
     d = None
     if cfg.gan_weight > 0:
         # the paper fine-tunes against the stage-1 critic, "specialized to the SR model" (Table 7)
@@ -207,11 +210,17 @@ def training_step(cfg, nets, batch, quality, step_rng, side_stream, device):
     scaler.scale(loss_g).backward()
     loss_d = None
     if raw_d is not None:
-        with nets['autocast']:
-            d_real, d_fake = net_d(torch.cat([gt, sr.detach()])).chunk(2)  # one D forward: real, then fake
-            loss_d = models.GANLoss()(d_real, True) + models.GANLoss()(d_fake, False)
-        scaler.scale(loss_d).backward()
-        terms.update(loss_d=loss_d, d_real=d_real.mean(), d_fake=d_fake.mean())
+        # HGGT's order (realesrgan_model.py): real, then fake, each its own D forward, backward and spectral-norm
+        # power iteration (3 D forwards a step with G's); at the paper size no slower on CPU than one forward on
+        # both concatenated (bench/bench_train.py)
+        loss_d = 0.0
+        for name, x, is_real in (('d_real', gt, True), ('d_fake', sr.detach(), False)):
+            with nets['autocast']:
+                logits = net_d(x)
+                loss = models.GANLoss()(logits, is_real)
+            scaler.scale(loss).backward()
+            loss_d, terms[name] = loss_d + loss.detach(), logits.detach().mean()
+        terms['loss_d'] = loss_d
     return loss_g, loss_d, terms, sr, gt, lq, choice
 
 
@@ -228,12 +237,18 @@ def optimizer_step(opts, scaler, grad_clip):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """params_ema <- decay * params_ema + (1 - decay) * params for the trained parameters; buffers copied.
-    (Frozen parameters are equal in both and stay so.)"""
-    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
-    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+    """params_ema <- decay * params_ema + (1 - decay) * params for the trained parameters; with LoRA, the
+    merged weight of each adapted layer (lora.update_ema_deltas); buffers copied. (Frozen parameters are
+    equal in both and stay so.)"""
+    own = dict(model.named_parameters())
+    pairs = [(e, own[name]) for name, e in ema.named_parameters() if own[name].requires_grad]
+    if pairs:  # none in LoRA FT: its EMA is of the merged weights
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
+    lora.update_ema_deltas(ema, model, decay)
+    buffers = dict(model.named_buffers())
+    for name, b_ema in ema.named_buffers():
+        if name in buffers:  # not the EMA's own deltas
+            b_ema.copy_(buffers[name])
 
 
 # ----------------------------------------------------------------------------- what the user sees
@@ -339,7 +354,7 @@ def train(cfg, dist_info):
     step, bad_steps = loop(cfg, dist_info, train_set, nets, (sampling_q, reward_q, scores), state, step, bad_steps,
                            held_out, fingerprints, gen_config)
     if master:
-        runs.export(cfg, ema, raw_d, gen_config, out)
+        runs.export(cfg, g, ema, raw_d, gen_config, out)
         print(f'done: {step} steps; generator: {out / "generator.pth"}')
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import lora
 import models
 from files import check_writable, load_image, png_bit_depth, quantize, save_pixels, to_rgb
 
@@ -47,10 +48,19 @@ def check_tile(tile, tile_pad):
                          f'{tile_pad}')
 
 
-def inference_model(ckpt, device, channels_last, arch=None, source=None):
+def inference_model(ckpt, device, channels_last, arch=None, source=None, swinir_padding=None, dial=None):
     """The generator of a checkpoint file or dict (models.load_generator), on `device`, in eval mode; RRDBNet in
-    channels-last when asked (same outputs within fp32 rounding, faster convolutions on CPU: bench/bench_eval.py)."""
-    model = models.load_generator(ckpt, arch, source=source).to(device)
+    channels-last when asked (same outputs within fp32 rounding, faster convolutions on CPU: bench/bench_eval.py).
+    dial: (adapter file, its path, s): the checkpoint is the base and the generator W_base + s * delta
+    (lora.dial_generator)."""
+    if dial is None:
+        model = models.load_generator(ckpt, arch, source=source, swinir_padding=swinir_padding)
+    else:
+        adapters, path, scale = dial
+        if arch is not None and arch != adapters['arch']:
+            raise ValueError(f"{path}: adapters of a {adapters['arch']!r} generator, not --arch {arch}")
+        model = lora.dial_generator(ckpt, adapters, scale, str(path), source or str(ckpt), swinir_padding)
+    model = model.to(device)
     if channels_last and isinstance(model, models.RRDBNet):
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -7,12 +7,13 @@ and a synthetic uint8 batch (data loading is bench_data.py's). Method as in benc
 time with one torch thread (stable on a shared machine, where wall time varies several-fold); on CUDA, wall time
 after a synchronize. One untimed warm-up round (it also compiles), then --runs rounds with every case in turn;
 median [min-max] over the rounds; a ratio or share is taken per round, then summarised the same way.
-  1. Stage-1 step (upos) and its parts, timed alone: G forward+backward; the discriminator step (one D
-     forward+backward on GT and SR); D's forward+backward into SR for G's GAN term; the VGG19 perceptual loss
+  1. Stage-1 step (upos) and its parts, timed alone: G forward+backward; the discriminator step (D
+     forward+backward on GT, then on SR); D's forward+backward into SR for G's GAN term; the VGG19 perceptual loss
      (SR forward+backward, GT forward); Adam of G and D plus the EMA. "rest" = step - parts (L1, the GT
      gather, autograd bookkeeping). The D and VGG parts are the same for every generator (same D, VGG and
      patch size): timed once. Also D's parts in the other memory format than train.py's (which is channels-last
-     on CUDA, contiguous on CPU).
+     on CUDA, contiguous on CPU), and the D step with one forward on real and fake concatenated (train.py,
+     as HGGT, runs two: with G's GAN term, 3 D forwards and spectral-norm power iterations a step).
   2. amo / upos: the amo step differs from upos only by Q's no-grad forward over the batch's 5 x B GT patches
      (nriqa_sr.sample_gt_index), so ratio = (upos step + that Q call) / upos step, per variant of Q: eager,
      channels-last (its ResNet stem), torch.compile, and bf16 autocast (timed on 1 of the 5 patches and
@@ -123,9 +124,14 @@ class Trainer:
         """D's two parts of the step with discriminator d (train.py's, or a copy in the other memory format)."""
         sr, gt, gan = self.sr, self.gt, models.GANLoss()
 
-        def d_step():
+        def d_step():  # train.py's, as HGGT's realesrgan_model.py: real, then fake, each its own forward
             d.zero_grad(set_to_none=True)
-            d_real, d_fake = d(torch.cat([gt, sr.detach()])).chunk(2)  # one D forward: real, then fake
+            gan(d(gt), True).backward()
+            gan(d(sr.detach()), False).backward()
+
+        def d_step_concatenated():  # train.py before: one D forward on real and fake concatenated
+            d.zero_grad(set_to_none=True)
+            d_real, d_fake = d(torch.cat([gt, sr.detach()])).chunk(2)
             (gan(d_real, True) + gan(d_fake, False)).backward()
 
         def d_for_gan_loss():
@@ -133,7 +139,7 @@ class Trainer:
             d.requires_grad_(False)
             (self.cfg.gan_weight * gan(d(sr), True)).backward()
             d.requires_grad_(True)
-        return {'D step': d_step, 'D for G GAN loss': d_for_gan_loss}
+        return {'D step': d_step, 'D for G GAN loss': d_for_gan_loss, 'D step, one forward': d_step_concatenated}
 
 
 def other_format(d):
@@ -197,8 +203,8 @@ def build_cases(args, device):
             warm += list(q_cases)
             info['d_format'] = other_format(stage1.d)
             other = stage1.d_parts(copy.deepcopy(stage1.d).to(memory_format=info['d_format']))
-            cases.update({f'{label}, other D': fn for label, fn in other.items()})
-            warm += [f'{label}, other D' for label in other]
+            cases.update({f'{label}, other D': fn for label, fn in other.items() if 'one forward' not in label})
+            warm += [f'{label}, other D' for label in other if 'one forward' not in label]
         if args.whole_amo:
             amo = dataclasses.replace(cfg, sampler='amo')
             cases[f'{arch} step amo'] = partial(stage1.step, amo, (next(iter(variants.values())), None, None))
@@ -217,7 +223,8 @@ def build_cases(args, device):
 
 
 PARTS = ('G forward+backward', 'D step', 'D for G GAN loss', 'VGG perceptual', 'Adam + EMA')
-SHARED = ('D step', 'D for G GAN loss', 'VGG perceptual')  # same D, VGG and patch size for every generator
+# the same D, VGG and patch size for every generator
+SHARED = ('D step', 'D for G GAN loss', 'VGG perceptual', 'D step, one forward')
 
 
 def part_label(arch, part):
@@ -237,7 +244,11 @@ def report(times, info):
               f'{spread(step)} s; parts timed alone, s and % of the step:')
         for label, t in [*((p, times[part_label(arch, p)]) for p in PARTS), ('rest (step - parts)', rest)]:
             print(f'   {label:22s} {spread(t):26s} {spread(per_run(lambda a, s: 100 * a / s, t, step))} %')
-    d_ours, d_other = times['D step'], times['D step, other D']
+    d_ours, d_other, d_one = times['D step'], times['D step, other D'], times['D step, one forward']
+    print(f"   D step with one forward on real and fake concatenated (train.py before; HGGT's and train.py's: two, "
+          f"3 D forwards a step with G's): {spread(d_one)} s = {ratio(d_one, d_ours)}x train.py's; the step would "
+          'take ' + ', '.join(f'{arch} ' + spread(per_run(lambda s, a, b: (s - a + b) / s, times[f'{arch} step upos'],
+                                                          d_ours, d_one)) + 'x' for arch in archs))
     gan_ours, gan_other = times['D for G GAN loss'], times['D for G GAN loss, other D']
     fmt = str(info['d_format']).removeprefix('torch.')
     print(f"   with a {fmt} D instead of train.py's: D step {spread(d_other)} s = {ratio(d_other, d_ours)}x, D for G "

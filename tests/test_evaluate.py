@@ -403,9 +403,12 @@ def test_rrdbnet_channels_last_equals_contiguous_and_is_the_default(tmp_path):
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
     files.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet',
                            'config': dict(num_feat=16, num_block=2, num_grow_ch=8)}, tmp_path / 'g.pth')
-    loaded = evaluate.load_method_generator(tmp_path / 'g.pth', None, 'cpu', channels_last=True)
+    method = evaluate.Method('g', tmp_path / 'g.pth')
+    loaded = evaluate.load_method_generator(method, SimpleNamespace(
+        device='cpu', channels_last=True, arch=None, swinir_padding=None), files.load_checkpoint)
     assert loaded.conv_first.weight.is_contiguous(memory_format=torch.channels_last)
-    plain = evaluate.load_method_generator(tmp_path / 'g.pth', None, 'cpu', channels_last=False)
+    plain = evaluate.load_method_generator(method, SimpleNamespace(
+        device='cpu', channels_last=False, arch=None, swinir_padding=None), files.load_checkpoint)
     assert plain.conv_first.weight.is_contiguous()
     assert evaluate.build_parser().parse_args(['--data', 'x', '--out', 'y']).channels_last
 
@@ -558,6 +561,75 @@ def lora_adapters(path):
     return path
 
 
+def dial_files(folder, arch, config):
+    """folder/base.pth and folder/dial.pth, the adapter file of an FT of it (random factors, EMA after 2 steps)."""
+    torch.manual_seed(0)
+    model = models.build_generator(arch, **config)
+    with torch.no_grad():
+        model.conv_last.bias.fill_(0.5)  # mid-grey outputs: the dial's changes survive the clamp to [0, 1]
+    files.save_checkpoint({'params_ema': model.state_dict(), 'arch': arch, 'config': config, 'scale': 4},
+                          folder / 'base.pth')
+    lora.inject_lora(model, arch, rank=2)
+    ema = lora.ema_of_merged(model)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in lora.lora_parameters(model):
+                p.normal_(0, 0.5)
+        lora.update_ema_deltas(ema, model, 0.5)
+    files.save_checkpoint(lora.adapter_file(model, ema, arch, config, 2, 2.0, 'base.pth'), folder / 'dial.pth')
+    files.save_checkpoint({'params_ema': ema.state_dict(), 'arch': arch, 'config': config, 'scale': 4},
+                          folder / 'export.pth')  # what train.py exports beside the adapter file
+
+
+@pytest.mark.parametrize('arch', ['rrdbnet', 'swinir'])
+def test_dial_rows_are_the_base_and_the_export_at_0_and_1_and_the_plot_draws_results_json(arch, tmp_path, capsys,
+                                                                                          monkeypatch):
+    write_hand_set(tmp_path / 'set')
+    dial_files(tmp_path, arch, {'rrdbnet': TINY_RRDB, 'swinir': TINY_SWINIR}[arch])
+    figures = []
+    draw = report.perception_distortion_figure
+    monkeypatch.setattr(report, 'perception_distortion_figure', lambda res: figures.append(draw(res)) or figures[-1])
+    code, err = run_main(['--data', tmp_path / 'set', '--out', tmp_path / 'out', '--metrics', 'psnr,ssim,musiq',
+                          '--random-iqa', '--ckpt', tmp_path / 'base.pth', '--name', 'Base',
+                          '--ckpt', tmp_path / 'base.pth', '--adapters', tmp_path / 'dial.pth',
+                          '--lora-scale', '0,0.5,1,2.5', '--name', 'B+FT', '--ckpt', tmp_path / 'export.pth',
+                          '--name', 'Export'], capsys)
+    assert code == 0, err
+    assert 'warning: --lora-scale 2.5: extrapolates' in err
+    result = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    rows = {r['method']: r for r in result['table']}
+    assert list(rows) == ['Base', 'B+FT x0', 'B+FT x0.5', 'B+FT x1', 'B+FT x2.5', 'Export', report.GOLD]
+    assert result['dial'] == {f'B+FT x{s:g}': {'curve': 'B+FT', 'lora_scale': s} for s in (0, 0.5, 1, 2.5)}
+    assert {k: v for k, v in rows['B+FT x0'].items() if k != 'method'} == \
+        {k: v for k, v in rows['Base'].items() if k != 'method'}
+    assert {k: v for k, v in rows['B+FT x1'].items() if k != 'method'} == \
+        {k: v for k, v in rows['Export'].items() if k != 'method'}
+    assert rows['B+FT x0.5']['psnr'] != rows['Base']['psnr']
+    (ax,) = figures[0].axes  # PSNR vs MUSIQ: no mid-level column computed
+    (curve,) = ax.lines[:1]
+    expected = [[rows[f'B+FT x{s:g}']['psnr'], rows[f'B+FT x{s:g}']['musiq']] for s in (0, 0.5, 1, 2.5)]
+    assert curve.get_xydata().tolist() == expected
+    markers = [tuple(c.get_offsets()[0]) for c in ax.collections]
+    assert markers == [(rows[m]['psnr'], rows[m]['musiq']) for m in ('Base', 'Export')]
+    assert ax.lines[1].get_ydata()[0] == rows[report.GOLD]['musiq']  # the Gold Standard line
+    assert (tmp_path / 'out' / 'perception_distortion.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'B+FT x0.5' in (tmp_path / 'out' / 'results.md').read_text()
+
+
+def test_three_tier_plot_draws_pixel_vs_mid_and_mid_vs_nr_from_the_table():
+    table = [{'method': f'F x{s:g}', 'psnr': 25.0 - 2 * s, 'stlpips': 0.3 - 0.1 * s, 'musiq': 40.0 + 10 * s}
+             for s in (0, 0.5, 1)] + [{'method': 'Other', 'psnr': 24.0, 'stlpips': 0.25, 'musiq': 45.0},
+                                      {'method': report.GOLD, 'psnr': None, 'stlpips': None, 'musiq': 60.0}]
+    res = report.Results(('psnr', 'stlpips', 'musiq'), table, [], [], 3, [], {}, 'hand', False, 0, False, False,
+                         dial={f'F x{s:g}': {'curve': 'F', 'lora_scale': s} for s in (0, 0.5, 1)})
+    assert report.plot_axes(res) == ([('psnr', 'stlpips'), ('stlpips', 'musiq')], None)
+    fig = report.perception_distortion_figure(res)
+    for ax, (x, y) in zip(fig.axes, report.plot_axes(res)[0]):
+        assert ax.lines[0].get_xydata().tolist() == [[r[x], r[y]] for r in table[:3]]
+        assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [(table[3][x], table[3][y])]
+        assert [line.get_ydata()[0] for line in ax.lines[1:]] == ([60.0] if y == 'musiq' else [])
+
+
 def test_bad_inputs_give_one_line_errors_before_any_work(tmp_path, capsys, monkeypatch):
     write_hand_set(tmp_path / 'set')
     write_hand_set(tmp_path / 'small', sr_size=24)
@@ -570,7 +642,9 @@ def test_bad_inputs_give_one_line_errors_before_any_work(tmp_path, capsys, monke
     files.save_checkpoint(export, tmp_path / 'rrdb.pth')
     files.save_checkpoint(export, tmp_path / 'run' / 'generator.pth')
     lora_adapters(tmp_path / 'adapters.pth')
-    lora_adapters(tmp_path / 'run' / 'lora_adapters.pth')
+    dial_files(tmp_path, 'rrdbnet', TINY_RRDB)
+    dial_files(tmp_path / 'swinir', 'swinir', TINY_SWINIR)
+    shutil.copy(tmp_path / 'swinir' / 'dial.pth', tmp_path / 'swinir_dial.pth')
     (tmp_path / 'a_file').write_text('not a folder')
     sr = ['--sr-dir', tmp_path / 'set' / 'sr']
     cases = [
@@ -580,10 +654,21 @@ def test_bad_inputs_give_one_line_errors_before_any_work(tmp_path, capsys, monke
         (['--sr-dir', tmp_path / 'both'], f"{tmp_path / 'both'}: both s2.jpg and s2.png; keep one"),
         (['--ckpt', tmp_path / 'rrdb.pth', '--arch', 'swinir'], "holds a 'rrdbnet' generator, not 'swinir'"),
         (['--ckpt', tmp_path / 'adapters.pth'],
-         f"{tmp_path / 'adapters.pth'}: holds LoRA adapters only (params_lora), not a generator; merge them into "
-         f"their base: python lora.py merge --base BASE.pth --adapters {tmp_path / 'adapters.pth'} --out MERGED.pth, "
-         "or evaluate the run's generator.pth (train.py exports it merged)"),
-        (['--ckpt', tmp_path / 'run' / 'lora_adapters.pth'], f"or evaluate {tmp_path / 'run' / 'generator.pth'} ("),
+         f"{tmp_path / 'adapters.pth'}: this is an adapter file (a fine-tuning run's lora_adapters.pth), not a "
+         "generator; pass the generator it was trained on and this file as --adapters"),
+        (['--ckpt', tmp_path / 'base.pth', '--lora-scale', '0.5'], '--lora-scale 0.5: a dial needs --adapters FILE'),
+        (['--ckpt', tmp_path / 'base.pth', '--adapters', tmp_path / 'dial.pth', '--lora-scale', '0,half'],
+         "--lora-scale 0,half: 'half' is not a number"),
+        (['--ckpt', tmp_path / 'base.pth', '--adapters', tmp_path / 'rrdb.pth'],
+         f"{tmp_path / 'rrdb.pth'}: is a generator, not an adapter file"),
+        (['--ckpt', tmp_path / 'base.pth', '--adapters', tmp_path / 'adapters.pth'],
+         f"{tmp_path / 'adapters.pth'}: LoRA factors from before adapter files recorded their base"),
+        (['--ckpt', tmp_path / 'rrdb.pth', '--adapters', tmp_path / 'dial.pth'],
+         f"{tmp_path / 'dial.pth'}: trained on base.pth (sha256 "),
+        (['--ckpt', tmp_path / 'base.pth', '--adapters', tmp_path / 'swinir_dial.pth'],
+         f"{tmp_path / 'swinir_dial.pth'}: adapters of a 'swinir' generator, but {tmp_path / 'base.pth'} holds a "
+         "'rrdbnet'"),
+        (['--sr-dir', tmp_path / 'set' / 'sr', '--adapters', tmp_path / 'dial.pth'], '--adapters'),
         (sr + ['--metrics', 'psnr,foo'], "--metrics: unknown metric 'foo'; valid: psnr, ssim, lpips"),
         (sr + ['--out', tmp_path / 'a_file'], f"--out {tmp_path / 'a_file'}: is a file, not a folder"),
         (sr + ['--out', tmp_path / 'a_file' / 'out'],

@@ -434,7 +434,7 @@ def train_init_is_lora_adapters(w, tmp):
     files.save_checkpoint({'params_lora': lora.lora_state_dict(model), 'arch': 'swinir', 'config': TINY_G},
                            tmp / 'lora_adapters.pth')
     return Bad('train', train_args(w, tmp, '--finetune', '--init', tmp / 'lora_adapters.pth', '--monitor-every', '0'),
-               tmp / 'lora_adapters.pth', 'does not fit the model')
+               tmp / 'lora_adapters.pth', 'this is an adapter file')
 
 
 def lora_adapters_wrong_keys(w, tmp):
@@ -730,7 +730,7 @@ def evaluate_ckpt_is_lora_adapters(w, tmp):
     files.save_checkpoint({'params_lora': lora.lora_state_dict(model), 'arch': 'rrdbnet', 'config': TINY_RRDB},
                           tmp / 'lora_adapters.pth')
     return Bad('evaluate', evaluate_args(w, tmp, '--ckpt', tmp / 'lora_adapters.pth'), tmp / 'lora_adapters.pth',
-               'python lora.py merge --base BASE.pth --adapters')
+               'this is an adapter file')
 
 
 def evaluate_agreement_without_labels(w, tmp):
@@ -908,7 +908,56 @@ def train_generator_wrong_type(w, tmp):
 CASES += [upscale_output_is_the_input_file, upscale_output_folder_is_the_input_folder, upscale_output_reaches_the_input_through_dot_dot, upscale_output_reaches_the_input_through_a_symlink, upscale_output_is_a_hard_link_of_an_input, upscale_two_inputs_one_output, upscale_folder_into_one_file, upscale_output_folder_is_a_file, upscale_output_under_a_file, upscale_alpha_into_jpeg, upscale_decompression_bomb, train_gt_decompression_bomb, upscale_suffix_for_one_file, upscale_zero_outscale, upscale_outscale_below_one_pixel, upscale_ckpt_of_another_scale, upscale_ckpt_config_heads_do_not_divide, score_cache_is_a_folder, score_cache_under_a_file, score_iqa_opts_unknown_option, train_iqa_opts_unknown_option, train_generator_heads_do_not_divide, train_generator_x2, train_generator_depths_and_heads_differ, train_generator_unknown_key, train_generator_wrong_type]  # noqa: E501
 
 PROGRESS = re.compile(r'\d+%\|')  # a tqdm bar
-MAINS = {'train': train.main, 'evaluate': evaluate.main, 'nriqa_sr': nriqa_sr.main}
+# the perception-distortion dial: a wrong --lora-scale or --adapters stops before any output
+def adapter_file_of(w, tmp):
+    """tmp/dial.pth: an adapter file fitted to w.rrdb (random factors, one EMA step)."""
+    model = models.load_generator(w.rrdb)
+    lora.inject_lora(model, 'rrdbnet', rank=2)
+    ema = lora.ema_of_merged(model)
+    with torch.no_grad():
+        lora.lora_parameters(model)[1].normal_()
+    lora.update_ema_deltas(ema, model, 0.5)
+    files.save_checkpoint(lora.adapter_file(model, ema, 'rrdbnet', TINY_RRDB, 2, 2.0, str(w.rrdb)), tmp / 'dial.pth')
+    return tmp / 'dial.pth'
+
+
+def upscale_lora_scale_without_adapters(w, tmp):
+    return Bad('nriqa_sr', upscale(w, tmp, '--lora-scale', '0.5'), '--lora-scale 0.5', 'needs --adapters FILE')
+
+
+def upscale_lora_scale_not_a_number(w, tmp):
+    return Bad('nriqa_sr', upscale(w, tmp, '--adapters', adapter_file_of(w, tmp), '--lora-scale', '1e'),
+               '--lora-scale 1e', 'is not a number')
+
+
+def upscale_adapters_is_a_generator(w, tmp):
+    return Bad('nriqa_sr', upscale(w, tmp, '--adapters', w.swinir), w.swinir, 'is a generator, not an adapter file')
+
+
+def upscale_adapters_of_another_base(w, tmp):
+    return Bad('nriqa_sr', upscale(w, tmp, '--adapters', adapter_file_of(w, tmp), ckpt=w.swinir),
+               tmp / 'dial.pth', "adapters of a 'rrdbnet' generator")
+
+
+def upscale_ckpt_is_an_adapter_file(w, tmp):
+    return Bad('nriqa_sr', upscale(w, tmp, ckpt=adapter_file_of(w, tmp)), tmp / 'dial.pth', 'this is an adapter file')
+
+
+def lora_merge_into_the_merged_export(w, tmp):
+    files.save_checkpoint({'params_ema': models.load_generator(w.rrdb).state_dict(), 'arch': 'rrdbnet',
+                           'config': TINY_RRDB}, tmp / 'other.pth')
+    state = files.load_checkpoint(tmp / 'other.pth')
+    state['params_ema']['conv_first.weight'] += 1  # another base: e.g. the FT run's merged generator.pth
+    files.save_checkpoint(state, tmp / 'other.pth')
+    return Bad('lora', ['merge', '--base', tmp / 'other.pth', '--adapters', adapter_file_of(w, tmp), '--out',
+                        tmp / 'merged.pth'], tmp / 'dial.pth', f'trained on {w.rrdb} (sha256 ')
+
+
+CASES += [upscale_lora_scale_without_adapters, upscale_lora_scale_not_a_number, upscale_adapters_is_a_generator,
+          upscale_adapters_of_another_base, upscale_ckpt_is_an_adapter_file, lora_merge_into_the_merged_export]
+
+
+MAINS = {'train': train.main, 'evaluate': evaluate.main, 'nriqa_sr': nriqa_sr.main, 'lora': lora.main}
 
 
 def tree(*roots):

@@ -1,4 +1,5 @@
-"""Tests for lora.py: exact identity/merge/unmerge, freezing, dropout, presets, state_dicts."""
+"""Tests for lora.py: exact identity/merge/unmerge, freezing, dropout, presets, state_dicts; the FT export's EMA of
+the merged weights, its adapter file and the dial W_base + s * delta."""
 import copy
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import models
+import lora
 from lora import (
     LORA_PRESETS,
     LoRAConv2d,
@@ -230,3 +232,76 @@ def test_load_lora_state_dict_errors_are_one_line():
     model.get_submodule('body.0.rdb1.conv1').merge()
     with pytest.raises(ValueError, match='unmerge'):
         load_lora_state_dict(model, adapters)
+
+
+# ----------------------------------------------------------------------------- EMA of the merged weights, the dial
+def trained_steps(arch, steps=4, decay=0.6):
+    """A LoRA generator whose factors change at every step, and its EMA generator updated after each step, with
+    the list of each step's merged weights {layer: W_base + scaling * B @ A}; returns (model, ema, merged)."""
+    model = small_generator(arch)
+    names = inject_lora(model, arch, rank=3, alpha=6)
+    ema, merged = lora.ema_of_merged(model), []
+    for _ in range(steps):
+        randomize_lora(model)  # factors that move (and co-vary) as training moves them
+        merged.append({n: (model.get_submodule(n).weight + model.get_submodule(n).delta_weight()).detach()
+                       for n in names})
+        lora.update_ema_deltas(ema, model, decay)
+    return model, ema, merged
+
+
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_ema_generator_is_the_ema_of_the_merged_weights_not_the_product_of_averaged_factors(arch):
+    decay = 0.6
+    torch.manual_seed(0)
+    model, ema, merged = trained_steps(arch, decay=decay)
+    torch.manual_seed(0)  # the same factors again, to average them instead
+    again = small_generator(arch)
+    inject_lora(again, arch, rank=3, alpha=6)
+    avg = None
+    for _ in range(4):
+        randomize_lora(again)
+        state = lora_state_dict(again)
+        avg = {k: v.clone() for k, v in state.items()} if avg is None else \
+            {k: decay * avg[k] + (1 - decay) * v for k, v in state.items()}
+    hand = None
+    for step in merged:  # by hand: ema <- decay * ema + (1 - decay) * merged weight, from the base
+        hand = {n: model.get_submodule(n).weight.detach().clone() for n in step} if hand is None else hand
+        hand = {n: decay * hand[n] + (1 - decay) * w for n, w in step.items()}
+    load_lora_state_dict(again, avg)
+    for name in hand:
+        exported = ema.state_dict()[f'{name}.weight']
+        torch.testing.assert_close(exported, hand[name], rtol=0, atol=1e-6)
+        product = again.get_submodule(name).weight + again.get_submodule(name).delta_weight()  # EMA(B) @ EMA(A)
+        assert (product - exported).abs().max() > 1e-2, name
+    assert set(ema.state_dict()) == set(small_generator(arch).state_dict())  # a plain generator's file
+
+
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_dial_is_base_plus_s_delta_exactly_and_refuses_other_bases(arch):
+    model, ema, _ = trained_steps(arch)
+    adapters = lora.adapter_file(model, ema, arch, SMALL[arch], 3, 6.0, 'base.pth')
+    base = small_generator(arch)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(('lora_A', 'lora_B'))})
+    base_state = copy.deepcopy(base.state_dict())
+    for s in (0.0, 0.25, 1.0, 2.5, -0.5):
+        dialled = lora.apply_adapters(copy.deepcopy(base), adapters, s, 'adapters.pth', 'base.pth').state_dict()
+        for name, tensor in base_state.items():
+            layer = name.removesuffix('.weight')
+            expected = tensor + s * adapters['lora_delta'][layer] if layer in adapters['lora_delta'] and s else tensor
+            assert torch.equal(dialled[name], expected), (s, name)
+        if s == 1.0:
+            assert all(torch.equal(dialled[k], v) for k, v in ema.state_dict().items())  # s = 1 is the export
+    with pytest.raises(ValueError, match=r'trained on base.pth \(sha256 [0-9a-f]{12}\), not on ema.pth') as err:
+        lora.apply_adapters(copy.deepcopy(ema), adapters, 1.0, 'adapters.pth', 'ema.pth')  # the delta twice
+    assert '\n' not in str(err.value)
+    other = 'rrdbnet' if arch == 'swinir' else 'swinir'
+    with pytest.raises(ValueError, match=f"adapters of a '{arch}' generator, but x.pth holds a '{other}'"):
+        lora.apply_adapters(small_generator(other), adapters, 1.0, 'adapters.pth', 'x.pth')
+
+
+def test_lora_scale_parsing():
+    assert lora.parse_scales('0,0.25, 1,-1') == [0.0, 0.25, 1.0, -1.0]
+    for text, bad in (('half', "'half'"), ('0,,1', "''"), ('nan', "'nan'"), ('1,inf', "'inf'")):
+        with pytest.raises(ValueError, match=f'--lora-scale {text}: {bad} is not a') as err:
+            lora.parse_scales(text)
+        assert '\n' not in str(err.value)

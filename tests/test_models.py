@@ -343,10 +343,57 @@ GOLDEN_FORWARD = {'swinir': (0.4303790, 0.0607264, [0.45819, 0.450376, 0.488735,
 def test_fixed_weight_forward_equals_the_recorded_output(arch):
     x = torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    model = models.build_generator(arch, **{'swinir': TINY_G, 'rrdbnet': TINY_RRDB}[arch]).eval()
+    config = {'swinir': {**TINY_G, 'padding': 'official'}, 'rrdbnet': TINY_RRDB}[arch]
+    model = models.build_generator(arch, **config).eval()
     with torch.no_grad():
         y = model(x)
     mean, std, values = GOLDEN_FORWARD[arch]
     assert y.shape == (1, 3, 80, 96)
     torch.testing.assert_close(torch.stack([y.mean(), y.std()]), torch.tensor([mean, std]), rtol=0, atol=2e-6)
     torch.testing.assert_close(y.flatten()[[0, 1000, 4000, 7679]], torch.tensor(values), rtol=0, atol=2e-6)
+
+
+# HGGT's own SwinIR (PosNegGTSR/basicsr/archs/swinir_arch.py at b735378, run alone with its two basicsr imports
+# stubbed) on these weights and inputs, recorded once: (mean, std, output values at 0, n/3, 2n/3, n-1).
+HGGT_FORWARD = {(16, 24): (0.4010858, 0.0521031, [0.423942, 0.379039, 0.392406, 0.428233]),
+                (13, 19): (0.4007313, 0.0526988, [0.407798, 0.386733, 0.391893, 0.363139])}
+
+
+@pytest.mark.parametrize('size', sorted(HGGT_FORWARD))
+def test_hggt_padding_equals_hggt_swinir_and_official_differs_on_whole_windows(size):
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    config = {**TINY_G, 'window_size': 8}
+    torch.manual_seed(0)
+    hggt = models.build_generator('swinir', **config).eval()  # the paper configuration pads as HGGT
+    official = models.build_generator('swinir', **config, padding='official').eval()
+    official.load_state_dict(hggt.state_dict())
+    with torch.no_grad():
+        y, y_official = hggt(x), official(x)
+    mean, std, values = HGGT_FORWARD[size]
+    n = y.numel()
+    assert hggt.padding == 'hggt' and y.shape == (1, 3, 4 * size[0], 4 * size[1])
+    torch.testing.assert_close(torch.stack([y.mean(), y.std()]), torch.tensor([mean, std]), rtol=0, atol=2e-6)
+    torch.testing.assert_close(y.flatten()[[0, n // 3, 2 * n // 3, n - 1]], torch.tensor(values), rtol=0, atol=2e-6)
+    # official pads -h % 8: nothing on 16x24, where HGGT adds a whole window; the same on sides that are not multiples
+    differs = (y - y_official).abs().max().item()
+    assert differs > 0.05 if size == (16, 24) else differs < 1e-5
+
+
+def test_padding_key_is_checked_saved_and_older_files_load_as_official(tmp_path):
+    with pytest.raises(ValueError, match="key 'padding' must be 'official' or 'hggt', got 'zero'"):
+        models.build_generator('swinir', **TINY_G, padding='zero')
+    torch.manual_seed(0)
+    model = models.build_generator('swinir', **TINY_G)
+    old = tmp_path / 'old.pth'  # a checkpoint from before the key: its config has no 'padding'
+    torch.save({'params_ema': model.state_dict(), 'arch': 'swinir', 'config': TINY_G}, old)
+    released = tmp_path / 'released.pth'  # a released file: weights only, the paper configuration
+    torch.save({'params_ema': model.state_dict()}, released)
+    assert models.load_generator(old).padding == 'official'
+    assert models.load_generator(old, swinir_padding='hggt').padding == 'hggt'
+    assert models.load_generator(released, **TINY_G).padding == 'hggt'
+    assert models.load_generator(released, swinir_padding='official', **TINY_G).padding == 'official'
+    rrdb = tmp_path / 'rrdb.pth'
+    torch.save({'params_ema': models.build_generator('rrdbnet', **TINY_RRDB).state_dict(), 'arch': 'rrdbnet',
+                'config': TINY_RRDB}, rrdb)
+    with pytest.raises(ValueError, match="--swinir-padding: .* holds a 'rrdbnet' generator"):
+        models.load_generator(rrdb, swinir_padding='official')

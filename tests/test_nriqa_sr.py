@@ -152,6 +152,18 @@ def test_random_musiq_gives_per_sample_gradients():
     assert all(p.grad is None for p in q.parameters())
 
 
+def test_reward_scores_the_clamped_image_and_q_pushes_no_pixel_out_of_range():
+    q = random_quality(as_loss=True)
+    x = (torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.3).requires_grad_()
+    inside = (x > 0) & (x < 1)
+    assert not inside.all()  # pixels below 0 and above 1, as a generator gives them
+    reward = quality_reward(q, x)
+    assert torch.equal(reward, quality_reward(q, x.detach().clamp(0, 1)))
+    assert not torch.equal(reward, q(x.detach()))  # unclamped, Q would see another image
+    reward.sum().backward()
+    assert x.grad[~inside].abs().max() == 0 and x.grad[inside].abs().sum() > 0  # the plain clamp's gradient
+
+
 def test_no_gradient_without_as_loss(tiny_q):
     x = torch.rand(2, 3, 32, 32, requires_grad=True)
     assert not tiny_q(x).requires_grad
@@ -370,6 +382,36 @@ def test_cli_upscale_gray_rgba_and_16_bit(tmp_path, capsys):
     assert nriqa_sr.main(['upscale', '--ckpt', str(tmp_path / 'none.pth'), '-i', str(src), '-o', str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and 'none.pth' in err and err.count('\n') == 1
+
+
+def test_cli_upscale_with_a_dial_is_the_base_at_0_and_the_export_at_1(tmp_path, capsys):
+    import lora
+    config = dict(num_feat=8, num_block=1, num_grow_ch=4)
+    torch.manual_seed(0)
+    model = models.build_generator('rrdbnet', **config)
+    with torch.no_grad():
+        model.conv_last.bias.fill_(0.5)  # mid-grey outputs: the change survives the rounding to 8 bits
+    files.save_checkpoint({'params_ema': model.state_dict(), 'arch': 'rrdbnet', 'config': config}, tmp_path / 'b.pth')
+    lora.inject_lora(model, 'rrdbnet', rank=2)
+    ema = lora.ema_of_merged(model)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.normal_(0, 0.5)
+    lora.update_ema_deltas(ema, model, 0.0)
+    files.save_checkpoint(lora.adapter_file(model, ema, 'rrdbnet', config, 2, 2.0, 'b.pth'), tmp_path / 'ad.pth')
+    files.save_checkpoint({'params_ema': ema.state_dict(), 'arch': 'rrdbnet', 'config': config}, tmp_path / 'ft.pth')
+    save_image(torch.rand(3, 10, 12), tmp_path / 'in' / 'x.png')
+
+    def upscale_with(name, *flags):
+        assert nriqa_sr.main(['upscale', '-i', str(tmp_path / 'in'), '-o', str(tmp_path / name), '--device', 'cpu',
+                              *map(str, flags)]) == 0
+        return (tmp_path / name / 'x.png').read_bytes()
+    base, export = upscale_with('base', '--ckpt', tmp_path / 'b.pth'), upscale_with('ft', '--ckpt', tmp_path / 'ft.pth')
+    dial = ['--ckpt', tmp_path / 'b.pth', '--adapters', tmp_path / 'ad.pth']
+    assert base != export
+    assert upscale_with('s0', *dial, '--lora-scale', '0') == base
+    assert upscale_with('s1', *dial) == upscale_with('s1b', *dial, '--lora-scale', '1') == export
+    assert upscale_with('half', *dial, '--lora-scale', '0.5') not in (base, export)
 
 
 def test_qalign_without_icecream_is_one_line_not_a_traceback(monkeypatch):

@@ -215,7 +215,7 @@ def finetuned(demo_train, tiny_init, tmp_path_factory):
                          '--total-iters', '6',
                          '--lr', '1e-2', '--lambda-q', '1', '--l1-weight', '0', '--perceptual-weight', '0',
                          '--monitor-every', '3', '--monitor-size', '2', '--lora-rank', '48', '--lora-alpha', '96',
-                         '--ema-decay', '0.5'))
+                         '--ema-decay', '0.5', '--save-every', '1', '--keep', '6'))
     return out
 
 
@@ -244,21 +244,76 @@ def test_finetune_changes_only_lora_and_raises_q(finetuned, tiny_init, demo_trai
     assert after > before * 1.5, (before, after)
 
 
-def test_export_is_the_merged_ema_and_alpha_round_trips(finetuned, tiny_init, tmp_path):
-    ckpt = load(finetuned / 'ckpt_0000006.pth')
-    assert (ckpt['lora_rank'], ckpt['lora_alpha']) == (48, 96)
+def test_export_is_the_ema_of_each_steps_merged_weights_and_merge_rebuilds_it_exactly(finetuned, tiny_init,
+                                                                                          tmp_path, capsys):
+    decay, scaling = 0.5, 96 / 48
+    base = models.generator_state(load(tiny_init))
+    export = load(finetuned / 'generator.pth')['params_ema']
     adapters = load(finetuned / 'lora_adapters.pth')
-    assert (adapters['lora_rank'], adapters['lora_alpha']) == (48, 96)
-    assert_states_equal(adapters['params_lora'], ckpt['ema_lora'])  # the EMA's adapters, not the raw ones
-    assert not all(torch.equal(ckpt['ema_lora'][k], ckpt['params'][k]) for k in ckpt['ema_lora'])
-    ema = lora_model(tiny_init, {**ckpt['params'], **ckpt['ema_lora']})
-    plain = models.load_generator(finetuned / 'generator.pth')  # strict, no LoRA names
-    x = torch.rand(2, 3, 12, 12)
-    with torch.no_grad():
-        torch.testing.assert_close(plain(x), ema(x), rtol=0, atol=1e-5)
+    assert (adapters['lora_rank'], adapters['lora_alpha'], adapters['base']) == (48, 96, str(tiny_init))
+    steps = [load(finetuned / f'ckpt_{s:07d}.pth')['params'] for s in range(1, 7)]
+    names = sorted(adapters['lora_delta'])
+    assert names == sorted(k.removesuffix('.lora_A') for k in steps[0] if k.endswith('.lora_A'))
+    hand = {n: base[f'{n}.weight'].clone() for n in names}  # by hand: the EMA of each step's merged weight
+    factors = {k: v.clone() for k, v in steps[0].items() if k.endswith(('lora_A', 'lora_B'))}
+    for params in steps:
+        for n in names:
+            merged = base[f'{n}.weight'] + scaling * params[f'{n}.lora_B'] @ params[f'{n}.lora_A']
+            hand[n] = decay * hand[n] + (1 - decay) * merged
+        factors = {k: decay * v + (1 - decay) * params[k] for k, v in factors.items()}
+    for n in names:
+        torch.testing.assert_close(export[f'{n}.weight'], hand[n], rtol=0, atol=1e-6)
+        averaged = base[f'{n}.weight'] + scaling * factors[f'{n}.lora_B'] @ factors[f'{n}.lora_A']
+        assert (averaged - export[f'{n}.weight']).abs().max() > 1e-4, n  # EMA(B) @ EMA(A) is another weight
     assert lora.main(['merge', '--base', str(tiny_init), '--adapters', str(finetuned / 'lora_adapters.pth'),
                       '--out', str(tmp_path / 'merged.pth')]) == 0
-    assert_states_equal(load(tmp_path / 'merged.pth')['params_ema'], load(finetuned / 'generator.pth')['params_ema'])
+    assert_states_equal(load(tmp_path / 'merged.pth')['params_ema'], export)
+    capsys.readouterr()
+    for wrong_base in ('generator.pth', 'ckpt_0000006.pth'):  # the FT run's own files: the change twice
+        assert lora.main(['merge', '--base', str(finetuned / wrong_base), '--adapters',
+                          str(finetuned / 'lora_adapters.pth'), '--out', str(tmp_path / 'twice.pth')]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and f'trained on {tiny_init} (sha256 ' in err and wrong_base in err, err
+    assert not (tmp_path / 'twice.pth').exists()
+    for flags, words in ((['--base', finetuned / 'lora_adapters.pth', '--adapters', finetuned / 'lora_adapters.pth'],
+                          'this is an adapter file'),
+                         (['--base', tiny_init, '--adapters', finetuned / 'generator.pth'],
+                          'is a generator, not an adapter file')):
+        assert lora.main(['merge', *map(str, flags), '--out', str(tmp_path / 'x.pth')]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and words in err, err
+
+
+def test_an_ft_checkpoint_from_before_resumes_from_its_averaged_factors(finetuned, demo_train, tiny_init, tmp_path):
+    ckpt = load(finetuned / 'ckpt_0000005.pth')
+    del ckpt['ema_delta']  # the older format kept EMA(A), EMA(B) as ema_lora; its export was their product
+    ckpt['ema_lora'] = {k: v for k, v in ckpt['params'].items() if k.endswith(('lora_A', 'lora_B'))}
+    ckpt['train_config']['out'] = str(tmp_path / 'run')
+    files.save_checkpoint(ckpt, tmp_path / 'old.pth')
+    train.main(tiny_args(demo_train, tmp_path / 'run', '--finetune', '--init', tiny_init, '--sampler', 'origins',
+                         '--total-iters', '6', '--lr', '1e-2', '--lambda-q', '1', '--l1-weight', '0',
+                         '--perceptual-weight', '0', '--monitor-every', '3', '--monitor-size', '2', '--lora-rank',
+                         '48', '--lora-alpha', '96', '--ema-decay', '0.5', '--save-every', '1', '--keep', '6',
+                         '--resume', tmp_path / 'old.pth'))
+    step6 = load(tmp_path / 'run' / 'ckpt_0000006.pth')
+    base, decay = models.generator_state(load(tiny_init)), 0.5
+    for name, delta in step6['ema_delta'].items():  # EMA delta at 5 = the old factors' product, then one step
+        old = 2.0 * ckpt['ema_lora'][f'{name}.lora_B'] @ ckpt['ema_lora'][f'{name}.lora_A']
+        now = 2.0 * step6['params'][f'{name}.lora_B'] @ step6['params'][f'{name}.lora_A']
+        torch.testing.assert_close(delta, decay * old + (1 - decay) * now, rtol=0, atol=1e-6)
+        assert torch.equal(step6['params_ema'][f'{name}.weight'], base[f'{name}.weight'] + delta)
+
+
+def test_swinir_padding_flag_overrides_the_init_and_the_paper_config(tiny_init):
+    def padding(*flags):
+        cfg = config.parse_config(['--data', 'x', '--random-vgg', '--generator', json.dumps(TINY_G), *map(str, flags)])
+        return train.build_models(cfg, torch.device('cpu'))[0].padding
+    assert padding() == 'hggt'  # the paper configuration
+    assert padding('--init', tiny_init) == 'official'  # a checkpoint from before the key
+    assert padding('--init', tiny_init, '--swinir-padding', 'hggt') == 'hggt'
+    assert padding('--swinir-padding', 'official') == 'official'
+    cfg = config.parse_config(['--data', 'x', '--arch', 'rrdbnet', '--swinir-padding', 'hggt'])
+    assert '--swinir-padding: only for --arch swinir, got --arch rrdbnet' in config.check_config(cfg)
 
 
 def test_full_finetune_without_lora_changes_base_weights(demo_train, tiny_init, tmp_path):
