@@ -1,5 +1,4 @@
 """Quality models as a user writes them for `--iqa py:tests/user_q.py:NAME`: each NAME() returns Q, or fails to."""
-import torch
 import torch.nn as nn
 
 
