@@ -18,17 +18,23 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      channels-last (its ResNet stem), torch.compile, and bf16 autocast (timed on 1 of the 5 patches and
      multiplied by 5: it is many times slower on CPUs without bf16 units); Q is the same for every generator:
      timed once. --whole-amo also times the whole amo step, a check of the sum.
-  3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos.
+  3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos; LoRA as
+     lora.py computes it (weight space) and with its adapters on the activations (lora.py before, "activation
+     space"). --ft-only runs this section alone. --memory adds each variant's peak memory over two steps, a
+     fresh process per variant: the peak RSS (VmHWM) on CPU, torch.cuda.max_memory_allocated on CUDA, and
+     what the setup had (models, Q, VGG) before the first step.
   4. On CUDA only: the stage-1 step under --amp bf16 and fp16 vs fp32.
 
     python bench/bench_train.py            # the demo preset's models (gt 64, batch 2, tiny Q): under a minute
     python bench/bench_train.py --paper    # paper SwinIR x4 and RRDBNet x4, gt 256, batch 1, paper-size
                                            # MUSIQ: about 9 minutes on 2 idle CPU cores (--arch swinir: 5)
+    python bench/bench_train.py --paper --ft-only --memory  # section 3 alone: about 5 minutes
 """
 import argparse
 import copy
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 import warnings
@@ -43,7 +49,7 @@ import config  # noqa: E402
 import models  # noqa: E402
 import nriqa_sr  # noqa: E402
 import train  # noqa: E402
-from common import clock_name, per_run, ratio, spread, timed  # noqa: E402
+from common import clock_name, lora_activation_space, per_run, ratio, rss_bytes, spread, timed  # noqa: E402
 
 BF16_PATCHES = 1  # of the 5 GTs per sample: bf16 Q is timed on these and scaled to 5
 
@@ -184,6 +190,10 @@ def build_cases(args, device):
     cases, warm, info = {}, [], {'cfg': {}, 'diffs': {}, 'trained': {}}
     for arch in args.arch:
         cfg = info['cfg'][arch] = bench_config(arch, args.paper, device)
+        cases.update(ft_cases(arch, args.paper, device, info))
+        warm += [label for label in cases if label.startswith(f'{arch} FT')]
+        if args.ft_only:
+            continue
         stage1 = Trainer(cfg, device)
         cases[f'{arch} step upos'] = stage1.step
         warm.append(f'{arch} step upos')  # the parts reuse its models
@@ -205,15 +215,54 @@ def build_cases(args, device):
         if device.type == 'cuda':
             cases.update({f'{arch} step upos --amp {amp}': partial(stage1.step, amp=amp) for amp in ('bf16', 'fp16')})
             warm += [f'{arch} step upos --amp {amp}' for amp in ('bf16', 'fp16')]
-        lora_ft = Trainer(bench_config(arch, args.paper, device, '--finetune'), device)
-        lora_ft.quality = (None, train.build_quality(lora_ft.cfg, device)[1], None)  # Eq. 2's Q, with gradient
-        full_ft = Trainer(bench_config(arch, args.paper, device, '--finetune', '--no-lora'), device, lora_ft.quality)
-        cases.update({f'{arch} FT LoRA': lora_ft.step, f'{arch} FT full': full_ft.step})
-        warm += [f'{arch} FT LoRA', f'{arch} FT full']
-        info['trained'][arch] = [sum(p.numel() for p in t.g.parameters() if p.requires_grad)
-                                 for t in (lora_ft, full_ft)]
-        info['lambda_q'] = lora_ft.cfg.lambda_q
     return cases, warm, info
+
+
+FT_VARIANTS = ('LoRA', 'LoRA activation space', 'full')
+
+
+def ft_trainer(arch, paper, device, variant, quality=None):
+    """A fine-tuning Trainer of one FT_VARIANTS entry; quality: Eq. 2's Q (built when None)."""
+    cfg = bench_config(arch, paper, device, '--finetune', *(['--no-lora'] if variant == 'full' else []))
+    quality = quality or (None, train.build_quality(cfg, device)[1], None)  # Eq. 2's Q, with gradient
+    trainer = Trainer(cfg, device, quality)
+    if variant == 'LoRA activation space':
+        lora_activation_space(trainer.g)
+    return trainer
+
+
+def ft_cases(arch, paper, device, info):
+    """Section 3's cases of one generator: {f'{arch} FT {variant}': one train.py FT step}."""
+    trainers = {'LoRA': ft_trainer(arch, paper, device, 'LoRA')}
+    quality = trainers['LoRA'].quality
+    trainers.update({v: ft_trainer(arch, paper, device, v, quality) for v in FT_VARIANTS[1:]})
+    info['trained'][arch] = {v: sum(p.numel() for p in t.g.parameters() if p.requires_grad)
+                             for v, t in trainers.items()}
+    info['lambda_q'] = trainers['LoRA'].cfg.lambda_q
+    return {f'{arch} FT {v}': t.step for v, t in trainers.items()}
+
+
+def ft_memory_child(arch, paper, device, variant):
+    """One FT variant's peak memory over two steps, in MiB, printed as JSON (run in a fresh process)."""
+    cuda = device.type == 'cuda'
+    trainer = ft_trainer(arch, paper, device, variant)
+    setup = torch.cuda.memory_allocated() if cuda else rss_bytes('VmRSS')
+    for _ in range(2):  # the second step has Adam's state from the first
+        trainer.step()
+    peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes('VmHWM')
+    print(json.dumps({'setup_mib': setup / 2 ** 20, 'peak_mib': peak / 2 ** 20}))
+
+
+def ft_memory(args):
+    """{arch: {variant: child's JSON}}: ft_memory_child of every variant, each in its own process."""
+    result = {}
+    for arch in args.arch:
+        for variant in FT_VARIANTS:
+            argv = [sys.executable, __file__, '--memory-child', variant, '--arch', arch, '--device', args.device,
+                    '--threads', str(args.threads), *(['--paper'] if args.paper else [])]
+            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            result.setdefault(arch, {})[variant] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 PARTS = ('G forward+backward', 'D step', 'D for G GAN loss', 'VGG perceptual', 'Adam + EMA')
@@ -230,6 +279,17 @@ def report(times, info):
     q_about = json.dumps(cfg.iqa_opts) if cfg.iqa_opts else 'paper size'
     print(f'gt {cfg.gt_size}, batch {cfg.batch_size}, D width {cfg.d_num_feat}, Q = {cfg.iqa} ({q_about}); '
           'all random weights')
+    if f'{archs[0]} step upos' in times:
+        report_stage1(times, info, archs, cfg)
+    report_ft(times, info, archs)
+    if f'{archs[0]} step upos' in times:
+        amp = [label for label in times if '--amp' in label]
+        ratios = '; '.join(f'{label} / fp32 {ratio(times[label], times[label.split(" --")[0]])}x' for label in amp)
+        print('\n4. ' + (ratios if amp else 'AMP: not measured (no CUDA device; --amp autocasts on CUDA)'))
+
+
+def report_stage1(times, info, archs, cfg):
+    """Sections 1 and 2."""
     for arch in archs:
         step, gen = times[f'{arch} step upos'], info['cfg'][arch].generator
         rest = per_run(lambda s, *p: s - sum(p), step, *(times[part_label(arch, p)] for p in PARTS))
@@ -257,15 +317,19 @@ def report(times, info):
         if f'{arch} step amo' in times:
             print(f'   {arch} amo step timed whole: {spread(times[f"{arch} step amo"])} s, '
                   f'{ratio(times[f"{arch} step amo"], times[f"{arch} step upos"])}x the upos step')
-    print(f'\n3. fine-tuning step (Eq. 2, lambda_Q {info["lambda_q"]}, upos), s; LoRA / full:')
+
+
+def report_ft(times, info, archs):
+    """Section 3."""
+    print(f'\n3. fine-tuning step (Eq. 2, lambda_Q {info["lambda_q"]}, upos), s (weights trained); / full:')
     for arch in archs:
-        lora_t, full_t = times[f'{arch} FT LoRA'], times[f'{arch} FT full']
-        lora_n, full_n = info['trained'][arch]
-        print(f'   {arch:8s} LoRA {spread(lora_t)} ({lora_n:,} weights trained), full {spread(full_t)} '
-              f'({full_n:,}): {ratio(lora_t, full_t)}x')
-    amp = [label for label in times if '--amp' in label]
-    print('\n4. ' + ('; '.join(f'{label} / fp32 {ratio(times[label], times[label.split(" --")[0]])}x' for label in amp)
-                     if amp else 'AMP: not measured (no CUDA device; --amp autocasts on CUDA)'))
+        full = times[f'{arch} FT full']
+        for variant in FT_VARIANTS:
+            t = times[f'{arch} FT {variant}']
+            print(f'   {arch:8s} {variant:22s} {spread(t):26s} ({info["trained"][arch][variant]:,}) {ratio(t, full)}x')
+    for arch, variants in info.get('memory', {}).items():
+        print(f'   {arch} peak memory over two steps (MiB; setup before the first step): ' + ', '.join(
+            f'{v} {m["peak_mib"]:.0f} ({m["setup_mib"]:.0f})' for v, m in variants.items()))
 
 
 def main():
@@ -276,6 +340,9 @@ def main():
                         help='generators to measure')
     parser.add_argument('--runs', type=int, default=3, help='timed rounds (after one warm-up round)')
     parser.add_argument('--whole-amo', action='store_true', help='also time the whole amo step of each generator')
+    parser.add_argument('--ft-only', action='store_true', help='only section 3 (fine-tuning)')
+    parser.add_argument('--memory', action='store_true', help="also each FT variant's peak memory (fresh processes)")
+    parser.add_argument('--memory-child', choices=FT_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='device')
     args = parser.parse_args()
@@ -286,12 +353,16 @@ def main():
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     warnings.simplefilter('ignore')  # the random-weights warnings: speed is what is measured
+    if args.memory_child:
+        return ft_memory_child(args.arch[0], args.paper, device, args.memory_child)
     start = time.perf_counter()
     cases, warm, info = build_cases(args, device)
     times = timed(cases, args.runs, device, warm, log=lambda text: print(
         f'{text} ({time.perf_counter() - start:.0f} s)', file=sys.stderr, flush=True))
     print(f'bench_train: torch {torch.__version__}, {args.device}, {clock_name(device)}; {args.runs} runs after '
           'one warm-up; median [min-max] over runs')
+    if args.memory:
+        info['memory'] = ft_memory(args)
     report(times, info)
     print(f'\n(total wall time {time.perf_counter() - start:.0f} s)')
 
