@@ -82,6 +82,7 @@ class Trainer:
         if self.d is not None:
             self.opts.append(torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=(0.9, 0.99)))
         nets = {'g': self.g, 'raw_d': self.d, 'd': self.d, 'perceptual': self.perceptual}
+        nets['q_autocast'] = train.q_autocast(cfg, device)
         self.nets = {'off': {**nets, 'autocast': nullcontext(), 'scaler': torch.amp.GradScaler(device.type,
                                                                                                 enabled=False)}}
         if device.type == 'cuda':  # as train.train sets them up for --amp

@@ -69,6 +69,21 @@ def clock_name(device):
         f'process CPU seconds, {threads} torch thread{"s" if threads > 1 else ""}'
 
 
+def machine(device='cpu'):
+    """What a figure was measured on: the CUDA device's name, or the CPU model and its vector ISA (avx2, avx512f,
+    amx_tile among the /proc/cpuinfo flags), e.g. 'AMD EPYC (avx2)'."""
+    if torch.device(device).type == 'cuda':
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        lines = Path('/proc/cpuinfo').read_text().splitlines()
+    except OSError:
+        return 'CPU (model unknown)'
+    model = next((line.partition(':')[2].strip() for line in lines if line.startswith('model name')), 'CPU')
+    flags = next((line.partition(':')[2].split() for line in lines if line.startswith('flags')), [])
+    isa = [f for f in ('avx2', 'avx512f', 'amx_tile') if f in flags]
+    return f'{model} ({", ".join(isa) or "no avx2"})'
+
+
 def baseline_sources(folder, modules):
     """Write commit BASELINE's <module>.py of each module into `folder` (side by side, so their imports of each
     other resolve to that commit's versions)."""
