@@ -20,7 +20,7 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      timed once. --whole-amo also times the whole amo step, a check of the sum.
   3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos; LoRA as
      lora.py computes it (weight space) and with its adapters on the activations (lora.py before, "activation
-     space"). --ft-only runs this section alone. --memory adds each variant's peak memory over two steps, a
+     space"). --part ft runs this section alone, --part stage1 all but it. --memory adds each variant's peak memory over two steps, a
      fresh process per variant: the peak RSS (VmHWM) on CPU, torch.cuda.max_memory_allocated on CUDA, and
      what the setup had (models, Q, VGG) before the first step.
   4. On CUDA only: the stage-1 step under --amp bf16 and fp16 vs fp32.
@@ -28,7 +28,7 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
     python bench/bench_train.py            # the demo preset's models (gt 64, batch 2, tiny Q): under a minute
     python bench/bench_train.py --paper    # paper SwinIR x4 and RRDBNet x4, gt 256, batch 1, paper-size
                                            # MUSIQ: about 9 minutes on 2 idle CPU cores (--arch swinir: 5)
-    python bench/bench_train.py --paper --ft-only --memory  # section 3 alone: about 5 minutes
+    python bench/bench_train.py --paper --part ft --memory  # section 3 alone: about 5 minutes
 """
 import argparse
 import copy
@@ -191,9 +191,10 @@ def build_cases(args, device):
     cases, warm, info = {}, [], {'cfg': {}, 'diffs': {}, 'trained': {}}
     for arch in args.arch:
         cfg = info['cfg'][arch] = bench_config(arch, args.paper, device)
-        cases.update(ft_cases(arch, args.paper, device, info))
-        warm += [label for label in cases if label.startswith(f'{arch} FT')]
-        if args.ft_only:
+        if args.part != 'stage1':
+            cases.update(ft_cases(arch, args.paper, device, info))
+            warm += [label for label in cases if label.startswith(f'{arch} FT')]
+        if args.part == 'ft':
             continue
         stage1 = Trainer(cfg, device)
         cases[f'{arch} step upos'] = stage1.step
@@ -282,7 +283,8 @@ def report(times, info):
           'all random weights')
     if f'{archs[0]} step upos' in times:
         report_stage1(times, info, archs, cfg)
-    report_ft(times, info, archs)
+    if f'{archs[0]} FT full' in times:
+        report_ft(times, info, archs)
     if f'{archs[0]} step upos' in times:
         amp = [label for label in times if '--amp' in label]
         ratios = '; '.join(f'{label} / fp32 {ratio(times[label], times[label.split(" --")[0]])}x' for label in amp)
@@ -341,7 +343,8 @@ def main():
                         help='generators to measure')
     parser.add_argument('--runs', type=int, default=3, help='timed rounds (after one warm-up round)')
     parser.add_argument('--whole-amo', action='store_true', help='also time the whole amo step of each generator')
-    parser.add_argument('--ft-only', action='store_true', help='only section 3 (fine-tuning)')
+    parser.add_argument('--part', choices=('all', 'stage1', 'ft'), default='all',
+                        help='ft: only section 3 (fine-tuning); stage1: all but section 3')
     parser.add_argument('--memory', action='store_true', help="also each FT variant's peak memory (fresh processes)")
     parser.add_argument('--memory-child', choices=FT_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
