@@ -67,19 +67,20 @@ ALLOCATORS = {  # name: environment added to the upscale command's
 }
 
 
-def official_class(hggt, arch):
+def official_class(hggt, arch, file=None, name=None):
     """HGGT's own generator class (its BasicSR copy), run from the file as it is but for its basicsr imports:
     the registry becomes a no-op and arch_util's helpers their torch equivalents (arch_util itself imports a
-    compiled CUDA extension). default_init_weights only initialises: the weights are loaded from ours."""
-    path = Path(hggt) / HGGT_FILES[arch]
+    compiled CUDA extension). default_init_weights only initialises: the weights are loaded from ours.
+    file / name: another class of HGGT's archs (bench_hggt.py: PosNegGTSR/basicsr/archs/discriminator_arch.py)."""
+    path = Path(hggt) / (file or HGGT_FILES[arch])
     source = re.sub(r'^from (basicsr\.|\.arch_util).*$', '', path.read_text(), flags=re.M)
-    namespace = {'ARCH_REGISTRY': SimpleNamespace(register=lambda: (lambda cls: cls)),
+    namespace = {'ARCH_REGISTRY': SimpleNamespace(register=lambda **kw: (lambda cls: cls)),
                  'to_2tuple': lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x),
                  'trunc_normal_': torch.nn.init.trunc_normal_, 'default_init_weights': lambda *a, **k: None,
                  'make_layer': lambda block, n, **kw: torch.nn.Sequential(*(block(**kw) for _ in range(n))),
                  'pixel_unshuffle': lambda x, scale: torch.nn.functional.pixel_unshuffle(x, scale), 'Upsample': None}
     exec(compile(source, str(path), 'exec'), namespace)
-    return namespace[{'swinir': 'SwinIR', 'rrdbnet': 'RRDBNet'}[arch]]
+    return namespace[name or {'swinir': 'SwinIR', 'rrdbnet': 'RRDBNet'}[arch]]
 
 
 def official_twin(hggt, arch, ours, config):
