@@ -11,8 +11,8 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      forward+backward on GT and SR); D's forward+backward into SR for G's GAN term; the VGG19 perceptual loss
      (SR forward+backward, GT forward); Adam of G and D plus the EMA. "rest" = step - parts (L1, the GT
      gather, autograd bookkeeping). The D and VGG parts are the same for every generator (same D, VGG and
-     patch size): timed once. Also D's parts in the other memory format than train.py's (which is channels-last
-     on CUDA, contiguous on CPU).
+     patch size): timed once. Also D's parts in the other memory format than train.py's (--d-format auto:
+     channels-last on CUDA and on CPUs with AMX, contiguous on other CPUs): the measurement behind that choice.
   2. amo / upos: the amo step differs from upos only by Q's no-grad forward over the batch's 5 x B GT patches
      (nriqa_sr.sample_gt_index), so ratio = (upos step + that Q call) / upos step, per variant of Q: eager,
      channels-last (its ResNet stem), torch.compile, and bf16 autocast (timed on 1 of the 5 patches and

@@ -16,7 +16,7 @@ A100s). Without CUDA the same branches run on the CPU with tiny models (the tabl
 (side stream, NCCL) are listed as skipped with the reason, and --compile unless --cpu-compile (building the
 compiled CPU kernels takes minutes here). tests/test_gpu_check.py runs it that way.
 
-    python bench/gpu_check.py --json gpu_check.json     # on one GPU: about 4 minutes
+    python bench/gpu_check.py --json gpu_check.json     # sized for under 5 minutes on one GPU
 """
 import argparse
 import contextlib
@@ -138,7 +138,7 @@ def run_branch(branch, work, cuda, steps, workers):
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    log = work / 'logs' / f'{branch.name.replace(" ", "_")}.txt'
+    log = work / 'logs' / f'{branch.name.replace(" ", "_")}_rank{os.environ.get("RANK", 0)}.txt'
     log.parent.mkdir(parents=True, exist_ok=True)
     result = {'status': 'ok', 'error': ''}
     with open(log, 'w') as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
