@@ -97,7 +97,8 @@ def main():
     for arch in args.arch:
         for b in args.batch:
             ours, hggt = times[f'{arch} batch {b} ours'], times[f'{arch} batch {b} HGGT']
-            print(f'   {arch:8s} batch {b}: ours {spread(ours)} s, HGGT {spread(hggt)} s, ours / HGGT {ratio(ours, hggt)}')
+            print(f'   {arch:8s} batch {b}: ours {spread(ours)} s, HGGT {spread(hggt)} s, '
+                  f'ours / HGGT {ratio(ours, hggt)}')
 
 
 if __name__ == '__main__':

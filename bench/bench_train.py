@@ -20,9 +20,9 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      timed once. --whole-amo also times the whole amo step, a check of the sum.
   3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos; LoRA as
      lora.py computes it (weight space) and with its adapters on the activations (lora.py before, "activation
-     space"). --part ft runs this section alone, --part stage1 all but it. --memory adds each variant's peak memory over two steps, a
-     fresh process per variant: the peak RSS (VmHWM) on CPU, torch.cuda.max_memory_allocated on CUDA, and
-     what the setup had (models, Q, VGG) before the first step.
+     space"). --part ft runs this section alone, --part stage1 all but it. --memory adds each variant's peak
+     memory over two steps, a fresh process per variant: the peak RSS (VmHWM) on CPU,
+     torch.cuda.max_memory_allocated on CUDA, and what the setup had (models, Q, VGG) before the first step.
   4. On CUDA only: the stage-1 step under --amp bf16 and fp16 vs fp32.
 
     python bench/bench_train.py            # the demo preset's models (gt 64, batch 2, tiny Q): under a minute
