@@ -20,7 +20,7 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      timed once. --whole-amo also times the whole amo step, a check of the sum.
   3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos; LoRA as
      lora.py computes it (weight space) and with its adapters on the activations (lora.py before, "activation
-     space"). --part ft runs this section alone, --part stage1 all but it. --memory adds each variant's peak
+     space"). --part ft runs this section alone, --part stage1 all but it (--part amo: section 2 for train.py's Q). --memory adds each variant's peak
      memory over two steps, a fresh process per variant: the peak RSS (VmHWM) on CPU,
      torch.cuda.max_memory_allocated on CUDA, and what the setup had (models, Q, VGG) before the first step.
   4. On CUDA only: the stage-1 step under --amp bf16 and fp16 vs fp32.
@@ -149,10 +149,13 @@ def other_format(d):
     return torch.contiguous_format if weight.is_contiguous(memory_format=torch.channels_last) else torch.channels_last
 
 
-def quality_variants(cfg, device):
+def quality_variants(cfg, device, eager_only=False):
     """{label: Q}: the amo sampler's Q as train.py builds it (random weights), and variants that may be faster."""
     def make():
         return nriqa_sr.QualityModel(cfg.iqa, device, pretrained=False, metric_opts=cfg.iqa_opts or None)
+
+    if eager_only:
+        return {'eager (train.py)': make()}
 
     def autocast_bf16(q):
         def score(x):
@@ -191,7 +194,7 @@ def build_cases(args, device):
     cases, warm, info = {}, [], {'cfg': {}, 'diffs': {}, 'trained': {}}
     for arch in args.arch:
         cfg = info['cfg'][arch] = bench_config(arch, args.paper, device)
-        if args.part != 'stage1':
+        if args.part in ('all', 'ft'):
             cases.update(ft_cases(arch, args.paper, device, info))
             warm += [label for label in cases if label.startswith(f'{arch} FT')]
         if args.part == 'ft':
@@ -199,6 +202,11 @@ def build_cases(args, device):
         stage1 = Trainer(cfg, device)
         cases[f'{arch} step upos'] = stage1.step
         warm.append(f'{arch} step upos')  # the parts reuse its models
+        if args.part == 'amo':  # section 2 with train.py's Q only
+            q_cases, info['diffs'] = amo_cases(quality_variants(cfg, device, eager_only=True), stage1.batch, device)
+            cases.update(q_cases)
+            warm += list(q_cases)
+            continue
         parts = stage1.parts()
         cases.update({part_label(arch, label): fn for label, fn in parts.items()
                       if label not in SHARED or not info['diffs']})
@@ -292,21 +300,16 @@ def report(times, info):
 
 
 def report_stage1(times, info, archs, cfg):
-    """Sections 1 and 2."""
-    for arch in archs:
+    """Sections 1 and 2 (section 2 alone after --part amo)."""
+    for arch in archs if 'D step' in times else ():
         step, gen = times[f'{arch} step upos'], info['cfg'][arch].generator
         rest = per_run(lambda s, *p: s - sum(p), step, *(times[part_label(arch, p)] for p in PARTS))
         print(f'\n1. {arch} ({json.dumps(gen) if gen else "paper configuration"}) stage-1 step, upos: '
               f'{spread(step)} s; parts timed alone, s and % of the step:')
         for label, t in [*((p, times[part_label(arch, p)]) for p in PARTS), ('rest (step - parts)', rest)]:
             print(f'   {label:22s} {spread(t):26s} {spread(per_run(lambda a, s: 100 * a / s, t, step))} %')
-    d_ours, d_other = times['D step'], times['D step, other D']
-    gan_ours, gan_other = times['D for G GAN loss'], times['D for G GAN loss, other D']
-    fmt = str(info['d_format']).removeprefix('torch.')
-    print(f"   with a {fmt} D instead of train.py's: D step {spread(d_other)} s = {ratio(d_other, d_ours)}x, D for G "
-          f'GAN loss {spread(gan_other)} s = {ratio(gan_other, gan_ours)}x; the step would take ' + ', '.join(
-              f'{arch} ' + spread(per_run(lambda s, a, b, c, d: (s - a - b + c + d) / s, times[f'{arch} step upos'],
-                                          d_ours, gan_ours, d_other, gan_other)) + 'x' for arch in archs))
+    if 'D step' in times:
+        report_d_format(times, info, archs)
     print(f'\n2. amo / upos step time = (upos step + Q over {nriqa_sr.NUM_GTS} x {cfg.batch_size} GT patches of '
           f'{cfg.gt_size}^2) / upos step:')
     print(f'   {"Q":26s} {"Q seconds":26s} ' + ''.join(f'{a:26s} ' for a in archs) + 'max |score - eager|')
@@ -320,6 +323,17 @@ def report_stage1(times, info, archs, cfg):
         if f'{arch} step amo' in times:
             print(f'   {arch} amo step timed whole: {spread(times[f"{arch} step amo"])} s, '
                   f'{ratio(times[f"{arch} step amo"], times[f"{arch} step upos"])}x the upos step')
+
+
+def report_d_format(times, info, archs):
+    """Section 1's last line: D in the other memory format."""
+    d_ours, d_other = times['D step'], times['D step, other D']
+    gan_ours, gan_other = times['D for G GAN loss'], times['D for G GAN loss, other D']
+    fmt = str(info['d_format']).removeprefix('torch.')
+    print(f"   with a {fmt} D instead of train.py's: D step {spread(d_other)} s = {ratio(d_other, d_ours)}x, D for G "
+          f'GAN loss {spread(gan_other)} s = {ratio(gan_other, gan_ours)}x; the step would take ' + ', '.join(
+              f'{arch} ' + spread(per_run(lambda s, a, b, c, d: (s - a - b + c + d) / s, times[f'{arch} step upos'],
+                                          d_ours, gan_ours, d_other, gan_other)) + 'x' for arch in archs))
 
 
 def report_ft(times, info, archs):
@@ -343,8 +357,9 @@ def main():
                         help='generators to measure')
     parser.add_argument('--runs', type=int, default=3, help='timed rounds (after one warm-up round)')
     parser.add_argument('--whole-amo', action='store_true', help='also time the whole amo step of each generator')
-    parser.add_argument('--part', choices=('all', 'stage1', 'ft'), default='all',
-                        help='ft: only section 3 (fine-tuning); stage1: all but section 3')
+    parser.add_argument('--part', choices=('all', 'stage1', 'ft', 'amo'), default='all',
+                        help="ft: only section 3 (fine-tuning); stage1: all but section 3; amo: section 2 with "
+                             "train.py's Q only")
     parser.add_argument('--memory', action='store_true', help="also each FT variant's peak memory (fresh processes)")
     parser.add_argument('--memory-child', choices=FT_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
