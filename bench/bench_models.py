@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import files  # noqa: E402
 import models  # noqa: E402
-from common import clock_name, lora_activation_space, per_run, ratio, run_measured, spread, timed  # noqa: E402
+from common import clock_name, lora_activation_space, machine, per_run, ratio, run_measured, spread, timed  # noqa: E402
 from lora import inject_lora, merge_lora  # noqa: E402
 
 REDUCED = {  # fewer, thinner blocks. SwinIR keeps window 8 and head width 30, and its one-conv
@@ -296,7 +296,7 @@ def main():
     args.lq = args.lq or (64 if args.paper else 128)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f'bench_models: torch {torch.__version__}, {device}, {clock_name(device)}; '
+    print(f'bench_models: torch {torch.__version__}, {machine(device)}, {clock_name(device)}; '
           f'{"paper" if args.paper else "reduced"} generators, 1x3x{args.lq}x{args.lq} LQ; {args.runs} runs after '
           'one warm-up; median [min-max] over runs')
     if args.lora_training:

@@ -20,9 +20,10 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      timed once. --whole-amo also times the whole amo step, a check of the sum.
   3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos; LoRA as
      lora.py computes it (weight space) and with its adapters on the activations (lora.py before, "activation
-     space"). --part ft runs this section alone, --part stage1 all but it (--part amo: section 2 for train.py's Q). --memory adds each variant's peak
-     memory over two steps, a fresh process per variant: the peak RSS (VmHWM) on CPU,
-     torch.cuda.max_memory_allocated on CUDA, and what the setup had (models, Q, VGG) before the first step.
+     space"). --part ft runs this section alone, --part stage1 all but it (--part amo: section 2 for train.py's
+     Q only). --memory adds each variant's peak memory over two steps, a fresh process per variant: the peak RSS
+     (VmHWM) on CPU, torch.cuda.max_memory_allocated on CUDA, and what the setup had (models, Q, VGG) before
+     the first step.
   4. On CUDA only: the stage-1 step under --amp bf16 and fp16 vs fp32.
 
     python bench/bench_train.py            # the demo preset's models (gt 64, batch 2, tiny Q): under a minute
@@ -49,7 +50,7 @@ import config  # noqa: E402
 import models  # noqa: E402
 import nriqa_sr  # noqa: E402
 import train  # noqa: E402
-from common import clock_name, lora_activation_space, per_run, ratio, rss_bytes, spread, timed  # noqa: E402
+from common import clock_name, lora_activation_space, machine, per_run, ratio, rss_bytes, spread, timed  # noqa: E402
 
 BF16_PATCHES = 1  # of the 5 GTs per sample: bf16 Q is timed on these and scaled to 5
 
@@ -378,7 +379,7 @@ def main():
     cases, warm, info = build_cases(args, device)
     times = timed(cases, args.runs, device, warm, log=lambda text: print(
         f'{text} ({time.perf_counter() - start:.0f} s)', file=sys.stderr, flush=True))
-    print(f'bench_train: torch {torch.__version__}, {args.device}, {clock_name(device)}; {args.runs} runs after '
+    print(f'bench_train: torch {torch.__version__}, {machine(device)}, {clock_name(device)}; {args.runs} runs after '
           'one warm-up; median [min-max] over runs')
     if args.memory:
         info['memory'] = ft_memory(args)
