@@ -85,7 +85,14 @@ class TrainConfig:
     device: str = arg('auto', 'device', choices=('auto', 'cpu', 'cuda'))
     amp: str = arg('off', 'autocast dtype (fp16 uses a GradScaler; Q always runs in fp32)',
                    choices=('off', 'bf16', 'fp16'))
-    channels_last: bool = arg(False, 'channels-last memory format for G (D is on CUDA, not on CPU)')
+    channels_last: bool = arg(False, 'channels-last memory format for G')
+    d_format: str = arg('auto', "memory format of D; auto: channels-last on CUDA and on CPUs with AMX, contiguous on "
+                        'other CPUs (the faster one on each CPU measured, BENCHMARKS.md)',
+                        choices=('auto', 'channels-last', 'contiguous'))
+    q_bf16: str = arg('auto', "amo's Q (no gradient) under bf16 autocast; auto: on CPUs with AMX, where it is faster, "
+                      'off elsewhere (emulated bf16 is many times slower; on CUDA Q runs beside G)',
+                      choices=('auto', 'on', 'off'))
+    side_stream: bool = arg(True, "CUDA: amo's Q on a side stream beside G's forward (--no-side-stream: in line)")
     compile: bool = arg(False, "torch.compile G and D, and amo's Q")
     seed: int = arg(0, 'seed of initialisation, data order, degradations and GT choices')
     # what the user sees

@@ -7,6 +7,11 @@ The adapters act as a regularizer: without them the generator learns to exploit 
 Fig. 5). LoRA is merged at inference, so there is no runtime cost and no capacity gain.
 
 A LoRA layer computes  y = W x + b + (alpha / r) * B(A(dropout(x)))  with B zero-initialised.
+Without active dropout (the paper's setting) that is one layer with the weight W + (alpha / r) * B @ A, and
+forward computes it so ("weight space"): the delta is formed once per call, exactly what merge() adds, and
+gradients reach A and B through it. Its cost is a full fine-tuning layer's; the two-layer branch on the
+activations ("activation space") costs as much again for RRDB's 32-channel convs (bench/bench_models.py).
+With dropout active (train mode, dropout > 0) the branch sees other inputs than W and runs on activations.
 The paper does not state alpha; the default alpha = r (scaling 1) is ours, and its FT learning rates
 carry over only with the same scaling (the adapters' effective step grows with alpha / r).
 LoRALinear / LoRAConv2d subclass nn.Linear / nn.Conv2d and adopt the base layer's own
@@ -79,6 +84,10 @@ class _LoRAMixin:
                 self.weight.sub_(self.delta_weight())
             self.merged = False
 
+    def weight_space(self):
+        """True when forward can use one layer with W + delta W: the LoRA branch has no active dropout."""
+        return not (self.training and isinstance(self.dropout, nn.Dropout))
+
     def extra_repr(self):
         return f'{super().extra_repr()}, rank={self.rank}, scaling={self.scaling}, merged={self.merged}'
 
@@ -95,9 +104,11 @@ class LoRALinear(_LoRAMixin, nn.Linear):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
+            return F.linear(x, self.weight, self.bias)
+        if self.weight_space():
+            return F.linear(x, self.weight + self.delta_weight(), self.bias)
+        y = F.linear(x, self.weight, self.bias)
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
 
@@ -124,9 +135,11 @@ class LoRAConv2d(_LoRAMixin, nn.Conv2d):
         return (b @ a).reshape(out_ch, in_ch, kh, kw) * self.scaling  # (out, in, kh, kw)
 
     def forward(self, x):
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if self.merged:
-            return y
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.weight_space():
+            return F.conv2d(x, self.weight + self.delta_weight(), self.bias, self.stride, self.padding, self.dilation)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         low = F.conv2d(self.dropout(x), self.lora_A, None, self.stride, self.padding, self.dilation)
         return y + F.conv2d(low, self.lora_B) * self.scaling  # (N, r, H', W') -> (N, out, H', W')
 

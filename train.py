@@ -76,6 +76,25 @@ def setup_distributed(cfg):
     return Dist(ddp, rank, local_rank, world, device)
 
 
+def cpu_flags():
+    """The CPU's ISA flags (Linux /proc/cpuinfo: avx2, avx512f, amx_tile, ...); an empty set elsewhere."""
+    try:
+        lines = Path('/proc/cpuinfo').read_text().splitlines()
+    except OSError:
+        return set()
+    return set(next((line for line in lines if line.startswith('flags')), '').partition(':')[2].split())
+
+
+def speed_choices(cfg, device):
+    """(D in channels-last, amo's Q under bf16 autocast) from --d-format / --q-bf16. 'auto' takes what was faster
+    on each CPU measured (BENCHMARKS.md): an Intel Xeon with AMX ran a channels-last D step in 0.75x and a bf16 Q
+    in 0.60x fp32's time, an AMD EPYC (AVX2) in 1.35x and 11x; on CUDA channels-last is the usual format of
+    convolutions, and Q overlaps G on a side stream. Same math either way (bf16 Q: scores within bf16 rounding)."""
+    amx = device.type == 'cpu' and 'amx_tile' in cpu_flags()
+    channels_last = cfg.d_format == 'channels-last' or (cfg.d_format == 'auto' and (device.type == 'cuda' or amx))
+    return channels_last, cfg.q_bf16 == 'on' or (cfg.q_bf16 == 'auto' and amx)
+
+
 def step_seed(*keys):
     """A 63-bit seed from keys such as (run seed, rank, step, stream name): independent, reproducible streams."""
     return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
@@ -127,9 +146,7 @@ def build_models(cfg, device):
             raise ValueError(f'--init {cfg.init}: holds no discriminator (net_d), and --gan-weight > 0 fine-tunes '
                              "against the stage-1 one: pass that run's generator.pth (train.py exports net_d beside "
                              'the generator) or one of its ckpt_*.pth')
-        # channels-last, the usual format for convolutions on CUDA; on CPU its backward is slower (the D step
-        # measured 1.7x contiguous's at the paper size, bench/bench_train.py). Same results either way.
-        d.to(device, memory_format=torch.channels_last if device.type == 'cuda' else torch.contiguous_format)
+        d.to(device, memory_format=torch.channels_last if speed_choices(cfg, device)[0] else torch.contiguous_format)
     perceptual = None
     if cfg.perceptual_weight > 0:
         perceptual = models.PerceptualLoss(weights=None if cfg.random_vgg else 'DEFAULT',
@@ -183,7 +200,7 @@ def training_step(cfg, nets, batch, quality, step_rng, side_stream, device):
     lq, gts = images(batch['lq'], device), images(batch['gts'], device)  # (B,3,h,w), (B,5,3,H,W)
     # The GT each sample trains on (Table 5's samplers). On CUDA, amo's Q forward runs on a side stream beside
     # G's forward: its choice is needed only at the loss.
-    with torch.cuda.stream(side_stream) if side_stream is not None else nullcontext():
+    with torch.cuda.stream(side_stream) if side_stream is not None else nullcontext(), nets['q_autocast']:
         batch_scores = torch.tensor([scores[n] for n in batch['name']]) if scores is not None else None
         choice = nriqa_sr.sample_gt_index(cfg.sampler, batch['positive'], step_rng, scores=batch_scores,
                                           patches=gts, quality=sampling_q, tau=cfg.tau).to(device, non_blocking=True)
@@ -222,6 +239,11 @@ def training_step(cfg, nets, batch, quality, step_rng, side_stream, device):
             loss_d, terms[name] = loss_d + loss.detach(), logits.detach().mean()
         terms['loss_d'] = loss_d
     return loss_g, loss_d, terms, sr, gt, lq, choice
+
+
+def q_autocast(cfg, device):
+    """The context amo's Q scores in: bf16 autocast when speed_choices picks it (never Eq. 2's reward Q)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if speed_choices(cfg, device)[1] else nullcontext()
 
 
 def optimizer_step(opts, scaler, grad_clip):
@@ -342,8 +364,14 @@ def train(cfg, dist_info):
         print(f'{"finetune" if cfg.finetune else "stage 1"} ({cfg.sampler}, {cfg.arch}): {about}; '
               f'{dist_info.world} x batch {cfg.batch_size}; {trained:,} of {total:,} generator parameters trained; '
               f'{device}')
+        d_channels_last, q_bf16 = speed_choices(cfg, device)
+        print(f'D {"channels-last" if d_channels_last else "contiguous"} (--d-format {cfg.d_format}), amo\'s Q '
+              f'{"bf16" if q_bf16 else "fp32"} (--q-bf16 {cfg.q_bf16}); CPU flags: '
+              + (' '.join(sorted(f for f in cpu_flags() if f.startswith(('avx2', 'avx512f', 'amx')))) or 'none of '
+                 'avx2 / avx512f / amx'))
     nets = {'g': net_g, 'raw_d': raw_d, 'd': net_d, 'perceptual': perceptual, 'scaler': scaler,
-            'autocast': torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()}
+            'autocast': torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext(),
+            'q_autocast': q_autocast(cfg, device)}
     held_out = None
     if held and master:
         items = [dataset[i] for i in range(len(dataset) - held, len(dataset))]
@@ -369,7 +397,8 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
         baseline = monitor(ema, quality[1], second, held_out)
         logs.write(f'monitor at step {step} (held-out sets; all higher is better): '
                    + ', '.join(f'{k} {v:.4g}' for k, v in baseline.items()))
-    side = torch.cuda.Stream(device) if device.type == 'cuda' and cfg.sampler in nriqa_sr.SCORES_ONLINE else None
+    side = torch.cuda.Stream(device) if device.type == 'cuda' and cfg.side_stream and \
+        cfg.sampler in nriqa_sr.SCORES_ONLINE else None
     bad_in_a_row, first = 0, step
     with runs.StopSignals() as signals, closing(batches(train_set, cfg, dist_info.world, rank, step,
                                                         device.type == 'cuda')) as data_iter:

@@ -11,7 +11,10 @@ round, then --runs rounds with every case in turn; median [min-max] over the rou
   2. SwinIR: SDPA (baseline) vs math attention; LoRA unmerged / merged (forward); forward+backward of both
      attentions (train mode; the backward's share is forward+backward minus forward).
   3. RRDBNet: contiguous (baseline) vs channels-last (forward and forward+backward); LoRA unmerged / merged.
-  4. --allocators: `python nriqa_sr.py upscale` of one --alloc-lq^2 image (an RRDBNet of paper width, random
+  4. --lora-training (only): forward+backward in train mode of the generator with every weight trained (full
+     fine-tuning, the baseline) vs LoRA (paper presets, non-zero adapters) computed in weight space (one layer
+     with W + s * B @ A, lora.py) and in activation space (the base layer plus B(A(x)), lora.py before).
+  5. --allocators: `python nriqa_sr.py upscale` of one --alloc-lq^2 image (an RRDBNet of paper width, random
      weights, --alloc-blocks RRDB blocks; torch's default threads) in a fresh process per setting: glibc malloc
      as is, jemalloc (LD_PRELOAD) as is and without purging, glibc tunables, transparent huge pages;
      --alloc-runs interleaved rounds; wall, user and system CPU seconds, minor page faults and peak RSS of the
@@ -19,6 +22,7 @@ round, then --runs rounds with every case in turn; median [min-max] over the rou
 
     python bench/bench_models.py               # reduced generators, LQ 128^2: about a minute
     python bench/bench_models.py --paper       # paper generators, LQ 64^2: about 5 minutes on 2 CPU cores
+    python bench/bench_models.py --paper --lora-training --runs 4  # section 4: about 5 minutes
     python bench/bench_models.py --allocators  # 512^2 -> 2048^2, 6 settings x 2 runs: about 9 minutes
 """
 import argparse
@@ -38,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import files  # noqa: E402
 import models  # noqa: E402
-from common import clock_name, per_run, ratio, run_measured, spread, timed  # noqa: E402
+from common import clock_name, lora_activation_space, machine, per_run, ratio, run_measured, spread, timed  # noqa: E402
 from lora import inject_lora, merge_lora  # noqa: E402
 
 REDUCED = {  # fewer, thinner blocks. SwinIR keeps window 8 and head width 30, and its one-conv
@@ -63,19 +67,20 @@ ALLOCATORS = {  # name: environment added to the upscale command's
 }
 
 
-def official_class(hggt, arch):
+def official_class(hggt, arch, file=None, name=None):
     """HGGT's own generator class (its BasicSR copy), run from the file as it is but for its basicsr imports:
     the registry becomes a no-op and arch_util's helpers their torch equivalents (arch_util itself imports a
-    compiled CUDA extension). default_init_weights only initialises: the weights are loaded from ours."""
-    path = Path(hggt) / HGGT_FILES[arch]
+    compiled CUDA extension). default_init_weights only initialises: the weights are loaded from ours.
+    file / name: another class of HGGT's archs (bench_hggt.py: PosNegGTSR/basicsr/archs/discriminator_arch.py)."""
+    path = Path(hggt) / (file or HGGT_FILES[arch])
     source = re.sub(r'^from (basicsr\.|\.arch_util).*$', '', path.read_text(), flags=re.M)
-    namespace = {'ARCH_REGISTRY': SimpleNamespace(register=lambda: (lambda cls: cls)),
+    namespace = {'ARCH_REGISTRY': SimpleNamespace(register=lambda **kw: (lambda cls: cls)),
                  'to_2tuple': lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x),
                  'trunc_normal_': torch.nn.init.trunc_normal_, 'default_init_weights': lambda *a, **k: None,
                  'make_layer': lambda block, n, **kw: torch.nn.Sequential(*(block(**kw) for _ in range(n))),
                  'pixel_unshuffle': lambda x, scale: torch.nn.functional.pixel_unshuffle(x, scale), 'Upsample': None}
     exec(compile(source, str(path), 'exec'), namespace)
-    return namespace[{'swinir': 'SwinIR', 'rrdbnet': 'RRDBNet'}[arch]]
+    return namespace[name or {'swinir': 'SwinIR', 'rrdbnet': 'RRDBNet'}[arch]]
 
 
 def official_twin(hggt, arch, ours, config):
@@ -165,6 +170,29 @@ def generator_cases(args, device):
     return cases, diffs
 
 
+def lora_training_cases(args, device):
+    """Section 4: {label: forward+backward} of full, LoRA weight-space and LoRA activation-space training."""
+    x = torch.rand(1, 3, args.lq, args.lq, device=device)
+    cases = {}
+    for arch in args.arch:
+        torch.manual_seed(0)
+        full = models.build_generator(arch, **({} if args.paper else REDUCED[arch])).to(device)
+        lora, _ = with_lora(full, arch)
+        for label, model in (('full', full), ('LoRA weight space', lora),
+                             ('LoRA activation space', lora_activation_space(copy.deepcopy(lora)))):
+            cases[f'{arch} {label}'] = training_pair(model, x)[1]
+    return cases
+
+
+def print_lora_training(times, archs):
+    print('4. train mode forward+backward: full fine-tuning (every weight) vs LoRA; s, and / full')
+    for arch in archs:
+        full = times[f'{arch} full']
+        for label in ('full', 'LoRA weight space', 'LoRA activation space'):
+            t = times[f'{arch} {label}']
+            print(f'   {arch:8s} {label:24s} {spread(t):26s} {ratio(t, full)}')
+
+
 def tables():
     """(title, labels) of the printed tables: ratios against each table's first label."""
     yield '1. one SW-MSA layer: forward', ['SW-MSA layer sdpa forward', 'SW-MSA layer math forward']
@@ -195,7 +223,7 @@ def print_generators(times, diffs):
 
 
 def upscale_command(args, folder):
-    """The upscale command of section 4 on an RRDBNet checkpoint (random weights) and one LQ PNG in `folder`."""
+    """The upscale command of section 5 on an RRDBNet checkpoint (random weights) and one LQ PNG in `folder`."""
     torch.manual_seed(0)
     config = dict(models.PAPER_CONFIGS['rrdbnet'], num_block=args.alloc_blocks)
     files.save_checkpoint({'params_ema': models.build_generator('rrdbnet', **config).state_dict(), 'arch': 'rrdbnet',
@@ -208,11 +236,11 @@ def upscale_command(args, folder):
 
 
 def allocator_study(args):
-    """Section 4: one upscale per setting in a fresh process, --alloc-runs interleaved rounds."""
+    """Section 5: one upscale per setting in a fresh process, --alloc-runs interleaved rounds."""
     settings = {name: ALLOCATORS[name] for name in args.alloc_settings}
     with tempfile.TemporaryDirectory(prefix='bench_alloc_') as tmp:
         argv, config = upscale_command(args, Path(tmp))
-        print(f'4. python nriqa_sr.py {" ".join(argv[2:])}\n   RRDBNet {config}, {args.alloc_lq}^2 -> '
+        print(f'5. python nriqa_sr.py {" ".join(argv[2:])}\n   RRDBNet {config}, {args.alloc_lq}^2 -> '
               f'{4 * args.alloc_lq}^2, {args.alloc_runs} runs per setting (interleaved); median [min-max]')
         results = {name: [] for name in settings}
         for _ in range(args.alloc_runs):
@@ -243,13 +271,16 @@ def main():
     parser.add_argument('--device', default='cpu', help="torch device of sections 1-3, e.g. 'cpu' or 'cuda'")
     parser.add_argument('--hggt', type=Path, metavar='DIR',
                         help='a checkout of HGGT (github.com/ChrisDud0257/HGGT): also time its SwinIR / RRDBNet code')
-    parser.add_argument('--allocators', action='store_true', help='run section 4 (only) instead')
-    parser.add_argument('--alloc-lq', type=int, default=512, help='LQ side of the upscale of section 4')
-    parser.add_argument('--alloc-runs', type=int, default=2, help='runs per setting of section 4')
+    parser.add_argument('--arch', nargs='+', default=['swinir', 'rrdbnet'], choices=('swinir', 'rrdbnet'),
+                        help='generators of section 4')
+    parser.add_argument('--lora-training', action='store_true', help='run section 4 (only) instead')
+    parser.add_argument('--allocators', action='store_true', help='run section 5 (only) instead')
+    parser.add_argument('--alloc-lq', type=int, default=512, help='LQ side of the upscale of section 5')
+    parser.add_argument('--alloc-runs', type=int, default=2, help='runs per setting of section 5')
     parser.add_argument('--alloc-settings', nargs='+', choices=tuple(ALLOCATORS), default=list(ALLOCATORS),
-                        help='allocator settings of section 4 (ratios against the first)')
+                        help='allocator settings of section 5 (ratios against the first)')
     parser.add_argument('--alloc-blocks', type=int, default=4,
-                        help="RRDB blocks of section 4 (the paper's 23 take about 6x as long; the tensors, "
+                        help="RRDB blocks of section 5 (the paper's 23 take about 6x as long; the tensors, "
                              'which the allocator sees, are the same)')
     args = parser.parse_args()
     if min(args.runs, args.alloc_runs) < 1:
@@ -265,9 +296,13 @@ def main():
     args.lq = args.lq or (64 if args.paper else 128)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f'bench_models: torch {torch.__version__}, {device}, {clock_name(device)}; '
+    print(f'bench_models: torch {torch.__version__}, {machine(device)}, {clock_name(device)}; '
           f'{"paper" if args.paper else "reduced"} generators, 1x3x{args.lq}x{args.lq} LQ; {args.runs} runs after '
           'one warm-up; median [min-max] over runs')
+    if args.lora_training:
+        times = timed(lora_training_cases(args, device), args.runs, device,
+                      log=lambda text: print(text, file=sys.stderr, flush=True))
+        return print_lora_training(times, args.arch)
     cases, diffs = generator_cases(args, device)
     times = timed(cases, args.runs, device, log=lambda text: print(text, file=sys.stderr, flush=True))
     print_generators(times, diffs)

@@ -11,25 +11,33 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      forward+backward on GT, then on SR); D's forward+backward into SR for G's GAN term; the VGG19 perceptual loss
      (SR forward+backward, GT forward); Adam of G and D plus the EMA. "rest" = step - parts (L1, the GT
      gather, autograd bookkeeping). The D and VGG parts are the same for every generator (same D, VGG and
-     patch size): timed once. Also D's parts in the other memory format than train.py's (which is channels-last
-     on CUDA, contiguous on CPU), and the D step with one forward on real and fake concatenated (train.py,
-     as HGGT, runs two: with G's GAN term, 3 D forwards and spectral-norm power iterations a step).
+     patch size): timed once. Also D's parts in the other memory format than train.py's (--d-format auto:
+     channels-last on CUDA and on CPUs with AMX, contiguous on other CPUs): the measurement behind that choice; and
+     the D step with one forward on real and fake concatenated (train.py, as HGGT, runs two: with G's GAN term,
+     3 D forwards and spectral-norm power iterations a step).
   2. amo / upos: the amo step differs from upos only by Q's no-grad forward over the batch's 5 x B GT patches
      (nriqa_sr.sample_gt_index), so ratio = (upos step + that Q call) / upos step, per variant of Q: eager,
      channels-last (its ResNet stem), torch.compile, and bf16 autocast (timed on 1 of the 5 patches and
      multiplied by 5: it is many times slower on CPUs without bf16 units); Q is the same for every generator:
      timed once. --whole-amo also times the whole amo step, a check of the sum.
-  3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos.
+  3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos; LoRA as
+     lora.py computes it (weight space) and with its adapters on the activations (lora.py before, "activation
+     space"). --part ft runs this section alone, --part stage1 all but it (--part amo: section 2 for train.py's
+     Q only). --memory adds each variant's peak memory over two steps, a fresh process per variant: the peak RSS
+     (VmHWM) on CPU, torch.cuda.max_memory_allocated on CUDA, and what the setup had (models, Q, VGG) before
+     the first step.
   4. On CUDA only: the stage-1 step under --amp bf16 and fp16 vs fp32.
 
     python bench/bench_train.py            # the demo preset's models (gt 64, batch 2, tiny Q): under a minute
     python bench/bench_train.py --paper    # paper SwinIR x4 and RRDBNet x4, gt 256, batch 1, paper-size
                                            # MUSIQ: about 9 minutes on 2 idle CPU cores (--arch swinir: 5)
+    python bench/bench_train.py --paper --part ft --memory  # section 3 alone: about 5 minutes
 """
 import argparse
 import copy
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 import warnings
@@ -44,7 +52,7 @@ import config  # noqa: E402
 import models  # noqa: E402
 import nriqa_sr  # noqa: E402
 import train  # noqa: E402
-from common import clock_name, per_run, ratio, spread, timed  # noqa: E402
+from common import clock_name, lora_activation_space, machine, per_run, ratio, rss_bytes, spread, timed  # noqa: E402
 
 BF16_PATCHES = 1  # of the 5 GTs per sample: bf16 Q is timed on these and scaled to 5
 
@@ -77,6 +85,7 @@ class Trainer:
         if self.d is not None:
             self.opts.append(torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=(0.9, 0.99)))
         nets = {'g': self.g, 'raw_d': self.d, 'd': self.d, 'perceptual': self.perceptual}
+        nets['q_autocast'] = train.q_autocast(cfg, device)
         self.nets = {'off': {**nets, 'autocast': nullcontext(), 'scaler': torch.amp.GradScaler(device.type,
                                                                                                 enabled=False)}}
         if device.type == 'cuda':  # as train.train sets them up for --amp
@@ -148,10 +157,13 @@ def other_format(d):
     return torch.contiguous_format if weight.is_contiguous(memory_format=torch.channels_last) else torch.channels_last
 
 
-def quality_variants(cfg, device):
+def quality_variants(cfg, device, eager_only=False):
     """{label: Q}: the amo sampler's Q as train.py builds it (random weights), and variants that may be faster."""
     def make():
         return nriqa_sr.QualityModel(cfg.iqa, device, pretrained=False, metric_opts=cfg.iqa_opts or None)
+
+    if eager_only:
+        return {'eager (train.py)': make()}
 
     def autocast_bf16(q):
         def score(x):
@@ -190,9 +202,19 @@ def build_cases(args, device):
     cases, warm, info = {}, [], {'cfg': {}, 'diffs': {}, 'trained': {}}
     for arch in args.arch:
         cfg = info['cfg'][arch] = bench_config(arch, args.paper, device)
+        if args.part in ('all', 'ft'):
+            cases.update(ft_cases(arch, args.paper, device, info))
+            warm += [label for label in cases if label.startswith(f'{arch} FT')]
+        if args.part == 'ft':
+            continue
         stage1 = Trainer(cfg, device)
         cases[f'{arch} step upos'] = stage1.step
         warm.append(f'{arch} step upos')  # the parts reuse its models
+        if args.part == 'amo':  # section 2 with train.py's Q only
+            q_cases, info['diffs'] = amo_cases(quality_variants(cfg, device, eager_only=True), stage1.batch, device)
+            cases.update(q_cases)
+            warm += list(q_cases)
+            continue
         parts = stage1.parts()
         cases.update({part_label(arch, label): fn for label, fn in parts.items()
                       if label not in SHARED or not info['diffs']})
@@ -211,15 +233,54 @@ def build_cases(args, device):
         if device.type == 'cuda':
             cases.update({f'{arch} step upos --amp {amp}': partial(stage1.step, amp=amp) for amp in ('bf16', 'fp16')})
             warm += [f'{arch} step upos --amp {amp}' for amp in ('bf16', 'fp16')]
-        lora_ft = Trainer(bench_config(arch, args.paper, device, '--finetune'), device)
-        lora_ft.quality = (None, train.build_quality(lora_ft.cfg, device)[1], None)  # Eq. 2's Q, with gradient
-        full_ft = Trainer(bench_config(arch, args.paper, device, '--finetune', '--no-lora'), device, lora_ft.quality)
-        cases.update({f'{arch} FT LoRA': lora_ft.step, f'{arch} FT full': full_ft.step})
-        warm += [f'{arch} FT LoRA', f'{arch} FT full']
-        info['trained'][arch] = [sum(p.numel() for p in t.g.parameters() if p.requires_grad)
-                                 for t in (lora_ft, full_ft)]
-        info['lambda_q'] = lora_ft.cfg.lambda_q
     return cases, warm, info
+
+
+FT_VARIANTS = ('LoRA', 'LoRA activation space', 'full')
+
+
+def ft_trainer(arch, paper, device, variant, quality=None):
+    """A fine-tuning Trainer of one FT_VARIANTS entry; quality: Eq. 2's Q (built when None)."""
+    cfg = bench_config(arch, paper, device, '--finetune', *(['--no-lora'] if variant == 'full' else []))
+    quality = quality or (None, train.build_quality(cfg, device)[1], None)  # Eq. 2's Q, with gradient
+    trainer = Trainer(cfg, device, quality)
+    if variant == 'LoRA activation space':
+        lora_activation_space(trainer.g)
+    return trainer
+
+
+def ft_cases(arch, paper, device, info):
+    """Section 3's cases of one generator: {f'{arch} FT {variant}': one train.py FT step}."""
+    trainers = {'LoRA': ft_trainer(arch, paper, device, 'LoRA')}
+    quality = trainers['LoRA'].quality
+    trainers.update({v: ft_trainer(arch, paper, device, v, quality) for v in FT_VARIANTS[1:]})
+    info['trained'][arch] = {v: sum(p.numel() for p in t.g.parameters() if p.requires_grad)
+                             for v, t in trainers.items()}
+    info['lambda_q'] = trainers['LoRA'].cfg.lambda_q
+    return {f'{arch} FT {v}': t.step for v, t in trainers.items()}
+
+
+def ft_memory_child(arch, paper, device, variant):
+    """One FT variant's peak memory over two steps, in MiB, printed as JSON (run in a fresh process)."""
+    cuda = device.type == 'cuda'
+    trainer = ft_trainer(arch, paper, device, variant)
+    setup = torch.cuda.memory_allocated() if cuda else rss_bytes('VmRSS')
+    for _ in range(2):  # the second step has Adam's state from the first
+        trainer.step()
+    peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes('VmHWM')
+    print(json.dumps({'setup_mib': setup / 2 ** 20, 'peak_mib': peak / 2 ** 20}))
+
+
+def ft_memory(args):
+    """{arch: {variant: child's JSON}}: ft_memory_child of every variant, each in its own process."""
+    result = {}
+    for arch in args.arch:
+        for variant in FT_VARIANTS:
+            argv = [sys.executable, __file__, '--memory-child', variant, '--arch', arch, '--device', args.device,
+                    '--threads', str(args.threads), *(['--paper'] if args.paper else [])]
+            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            result.setdefault(arch, {})[variant] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 PARTS = ('G forward+backward', 'D step', 'D for G GAN loss', 'VGG perceptual', 'Adam + EMA')
@@ -237,24 +298,27 @@ def report(times, info):
     q_about = json.dumps(cfg.iqa_opts) if cfg.iqa_opts else 'paper size'
     print(f'gt {cfg.gt_size}, batch {cfg.batch_size}, D width {cfg.d_num_feat}, Q = {cfg.iqa} ({q_about}); '
           'all random weights')
-    for arch in archs:
+    if f'{archs[0]} step upos' in times:
+        report_stage1(times, info, archs, cfg)
+    if f'{archs[0]} FT full' in times:
+        report_ft(times, info, archs)
+    if f'{archs[0]} step upos' in times:
+        amp = [label for label in times if '--amp' in label]
+        ratios = '; '.join(f'{label} / fp32 {ratio(times[label], times[label.split(" --")[0]])}x' for label in amp)
+        print('\n4. ' + (ratios if amp else 'AMP: not measured (no CUDA device; --amp autocasts on CUDA)'))
+
+
+def report_stage1(times, info, archs, cfg):
+    """Sections 1 and 2 (section 2 alone after --part amo)."""
+    for arch in archs if 'D step' in times else ():
         step, gen = times[f'{arch} step upos'], info['cfg'][arch].generator
         rest = per_run(lambda s, *p: s - sum(p), step, *(times[part_label(arch, p)] for p in PARTS))
         print(f'\n1. {arch} ({json.dumps(gen) if gen else "paper configuration"}) stage-1 step, upos: '
               f'{spread(step)} s; parts timed alone, s and % of the step:')
         for label, t in [*((p, times[part_label(arch, p)]) for p in PARTS), ('rest (step - parts)', rest)]:
             print(f'   {label:22s} {spread(t):26s} {spread(per_run(lambda a, s: 100 * a / s, t, step))} %')
-    d_ours, d_other, d_one = times['D step'], times['D step, other D'], times['D step, one forward']
-    print(f"   D step with one forward on real and fake concatenated (train.py before; HGGT's and train.py's: two, "
-          f"3 D forwards a step with G's): {spread(d_one)} s = {ratio(d_one, d_ours)}x train.py's; the step would "
-          'take ' + ', '.join(f'{arch} ' + spread(per_run(lambda s, a, b: (s - a + b) / s, times[f'{arch} step upos'],
-                                                          d_ours, d_one)) + 'x' for arch in archs))
-    gan_ours, gan_other = times['D for G GAN loss'], times['D for G GAN loss, other D']
-    fmt = str(info['d_format']).removeprefix('torch.')
-    print(f"   with a {fmt} D instead of train.py's: D step {spread(d_other)} s = {ratio(d_other, d_ours)}x, D for G "
-          f'GAN loss {spread(gan_other)} s = {ratio(gan_other, gan_ours)}x; the step would take ' + ', '.join(
-              f'{arch} ' + spread(per_run(lambda s, a, b, c, d: (s - a - b + c + d) / s, times[f'{arch} step upos'],
-                                          d_ours, gan_ours, d_other, gan_other)) + 'x' for arch in archs))
+    if 'D step' in times:
+        report_d_format(times, info, archs)
     print(f'\n2. amo / upos step time = (upos step + Q over {nriqa_sr.NUM_GTS} x {cfg.batch_size} GT patches of '
           f'{cfg.gt_size}^2) / upos step:')
     print(f'   {"Q":26s} {"Q seconds":26s} ' + ''.join(f'{a:26s} ' for a in archs) + 'max |score - eager|')
@@ -268,15 +332,34 @@ def report(times, info):
         if f'{arch} step amo' in times:
             print(f'   {arch} amo step timed whole: {spread(times[f"{arch} step amo"])} s, '
                   f'{ratio(times[f"{arch} step amo"], times[f"{arch} step upos"])}x the upos step')
-    print(f'\n3. fine-tuning step (Eq. 2, lambda_Q {info["lambda_q"]}, upos), s; LoRA / full:')
+
+
+def report_d_format(times, info, archs):
+    """Section 1's last lines: D with one concatenated forward, and D in the other memory format."""
+    d_ours, d_other, d_one = times['D step'], times['D step, other D'], times['D step, one forward']
+    print(f"   D step with one forward on real and fake concatenated (train.py before; HGGT's and train.py's: two, "
+          f"3 D forwards a step with G's): {spread(d_one)} s = {ratio(d_one, d_ours)}x train.py's; the step would "
+          'take ' + ', '.join(f'{arch} ' + spread(per_run(lambda s, a, b: (s - a + b) / s, times[f'{arch} step upos'],
+                                                          d_ours, d_one)) + 'x' for arch in archs))
+    gan_ours, gan_other = times['D for G GAN loss'], times['D for G GAN loss, other D']
+    fmt = str(info['d_format']).removeprefix('torch.')
+    print(f"   with a {fmt} D instead of train.py's: D step {spread(d_other)} s = {ratio(d_other, d_ours)}x, D for G "
+          f'GAN loss {spread(gan_other)} s = {ratio(gan_other, gan_ours)}x; the step would take ' + ', '.join(
+              f'{arch} ' + spread(per_run(lambda s, a, b, c, d: (s - a - b + c + d) / s, times[f'{arch} step upos'],
+                                          d_ours, gan_ours, d_other, gan_other)) + 'x' for arch in archs))
+
+
+def report_ft(times, info, archs):
+    """Section 3."""
+    print(f'\n3. fine-tuning step (Eq. 2, lambda_Q {info["lambda_q"]}, upos), s (weights trained); / full:')
     for arch in archs:
-        lora_t, full_t = times[f'{arch} FT LoRA'], times[f'{arch} FT full']
-        lora_n, full_n = info['trained'][arch]
-        print(f'   {arch:8s} LoRA {spread(lora_t)} ({lora_n:,} weights trained), full {spread(full_t)} '
-              f'({full_n:,}): {ratio(lora_t, full_t)}x')
-    amp = [label for label in times if '--amp' in label]
-    print('\n4. ' + ('; '.join(f'{label} / fp32 {ratio(times[label], times[label.split(" --")[0]])}x' for label in amp)
-                     if amp else 'AMP: not measured (no CUDA device; --amp autocasts on CUDA)'))
+        full = times[f'{arch} FT full']
+        for variant in FT_VARIANTS:
+            t = times[f'{arch} FT {variant}']
+            print(f'   {arch:8s} {variant:22s} {spread(t):26s} ({info["trained"][arch][variant]:,}) {ratio(t, full)}x')
+    for arch, variants in info.get('memory', {}).items():
+        print(f'   {arch} peak memory over two steps (MiB; setup before the first step): ' + ', '.join(
+            f'{v} {m["peak_mib"]:.0f} ({m["setup_mib"]:.0f})' for v, m in variants.items()))
 
 
 def main():
@@ -287,6 +370,11 @@ def main():
                         help='generators to measure')
     parser.add_argument('--runs', type=int, default=3, help='timed rounds (after one warm-up round)')
     parser.add_argument('--whole-amo', action='store_true', help='also time the whole amo step of each generator')
+    parser.add_argument('--part', choices=('all', 'stage1', 'ft', 'amo'), default='all',
+                        help="ft: only section 3 (fine-tuning); stage1: all but section 3; amo: section 2 with "
+                             "train.py's Q only")
+    parser.add_argument('--memory', action='store_true', help="also each FT variant's peak memory (fresh processes)")
+    parser.add_argument('--memory-child', choices=FT_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='device')
     args = parser.parse_args()
@@ -297,12 +385,16 @@ def main():
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     warnings.simplefilter('ignore')  # the random-weights warnings: speed is what is measured
+    if args.memory_child:
+        return ft_memory_child(args.arch[0], args.paper, device, args.memory_child)
     start = time.perf_counter()
     cases, warm, info = build_cases(args, device)
     times = timed(cases, args.runs, device, warm, log=lambda text: print(
         f'{text} ({time.perf_counter() - start:.0f} s)', file=sys.stderr, flush=True))
-    print(f'bench_train: torch {torch.__version__}, {args.device}, {clock_name(device)}; {args.runs} runs after '
+    print(f'bench_train: torch {torch.__version__}, {machine(device)}, {clock_name(device)}; {args.runs} runs after '
           'one warm-up; median [min-max] over runs')
+    if args.memory:
+        info['memory'] = ft_memory(args)
     report(times, info)
     print(f'\n(total wall time {time.perf_counter() - start:.0f} s)')
 

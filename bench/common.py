@@ -1,6 +1,6 @@
 """Helpers shared by the bench scripts: timing (bench_train.py, bench_models.py, bench_eval.py, bench_upscale.py),
-the `before` baseline's sources (bench_data.py, bench_upscale.py) and resident memory (bench_eval.py,
-bench_upscale.py).
+the `before` baseline's sources (bench_data.py, bench_upscale.py), resident memory (bench_eval.py,
+bench_upscale.py, bench_train.py) and LoRA in activation space (bench_models.py, bench_train.py).
 
 On a shared 2-core machine wall time varies several-fold between runs (OpenMP threads spin while another job
 holds the cores), so on CPU a case is timed in process CPU time (time.process_time) with one torch thread: the
@@ -69,6 +69,21 @@ def clock_name(device):
         f'process CPU seconds, {threads} torch thread{"s" if threads > 1 else ""}'
 
 
+def machine(device='cpu'):
+    """What a figure was measured on: the CUDA device's name, or the CPU model and its vector ISA (avx2, avx512f,
+    amx_tile among the /proc/cpuinfo flags), e.g. 'AMD EPYC (avx2)'."""
+    if torch.device(device).type == 'cuda':
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        lines = Path('/proc/cpuinfo').read_text().splitlines()
+    except OSError:
+        return 'CPU (model unknown)'
+    model = next((line.partition(':')[2].strip() for line in lines if line.startswith('model name')), 'CPU')
+    flags = next((line.partition(':')[2].split() for line in lines if line.startswith('flags')), [])
+    isa = [f for f in ('avx2', 'avx512f', 'amx_tile') if f in flags]
+    return f'{model} ({", ".join(isa) or "no avx2"})'
+
+
 def baseline_sources(folder, modules):
     """Write commit BASELINE's <module>.py of each module into `folder` (side by side, so their imports of each
     other resolve to that commit's versions)."""
@@ -81,6 +96,16 @@ def baseline_sources(folder, modules):
 def rss_bytes(field):
     """VmRSS (now) or VmHWM (peak since the start or the last reset) of this process, from /proc (Linux)."""
     return int(re.search(rf'{field}:\s+(\d+) kB', Path('/proc/self/status').read_text()).group(1)) * 1024
+
+
+def lora_activation_space(model):
+    """A LoRA model's adapters as lora.py ran them before weight space, in place: W x + b + s * B(A(x)), two extra
+    layers each. A dropout of p = 0 is the identity, but in train mode it keeps a LoRA layer's branch on the
+    activations (LoRA's weight_space())."""
+    for layer in model.modules():
+        if hasattr(layer, 'lora_A'):
+            layer.dropout = torch.nn.Dropout(0.0)
+    return model
 
 
 def run_measured(argv, env=None):

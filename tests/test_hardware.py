@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import TINY_G, TINY_Q
 
+import config
 import files
 import train
 
@@ -90,6 +91,37 @@ def test_compiled_models_train_in_both_stages(demo_train, stage1, tmp_path):
                         '--init', stage1), init['params_ema'])
     assert_trained(_run(demo_train, tmp_path / 'ft', ['--compile'], '--finetune', '--init', stage1, '--sampler', 'upos',
                         '--total-iters', '2', '--lr', '1e-3', '--monitor-every', '0'), init['params_ema'])
+
+
+AMX = {'avx2', 'avx512f', 'amx_tile', 'amx_bf16'}  # an Intel Xeon with AMX (4th generation on)
+AVX2 = {'avx2', 'fma'}  # the AMD EPYC of BENCHMARKS.md
+
+
+@pytest.mark.parametrize('device, flags, d_format, q_bf16, expected', [
+    ('cpu', AVX2, 'auto', 'auto', (False, False)),  # channels-last D 1.35x, bf16 Q 11x slower there
+    ('cpu', AMX, 'auto', 'auto', (True, True)),  # channels-last D 0.75x, bf16 Q 0.60x fp32's time there
+    ('cuda', AVX2, 'auto', 'auto', (True, False)),  # channels-last on CUDA; Q beside G on a side stream
+    ('cpu', AVX2, 'channels-last', 'on', (True, True)),  # explicit flags win
+    ('cpu', AMX, 'contiguous', 'off', (False, False)),
+])
+def test_speed_choices_follow_the_cpu_not_the_device_type(monkeypatch, device, flags, d_format, q_bf16, expected):
+    monkeypatch.setattr(train, 'cpu_flags', lambda: flags)
+    cfg = config.parse_config(['--d-format', d_format, '--q-bf16', q_bf16])
+    assert train.speed_choices(cfg, torch.device(device)) == expected
+
+
+def test_d_format_and_bf16_q_reach_the_models(monkeypatch):
+    monkeypatch.setattr(train, 'cpu_flags', lambda: AMX)
+    cfg = config.parse_config(['--random-vgg', '--d-num-feat', '8', '--generator', json.dumps(NO_DROP)])
+    _, _, d, _, _ = train.build_models(cfg, torch.device('cpu'))
+    assert d.conv0.weight.is_contiguous(memory_format=torch.channels_last) and not d.conv0.weight.is_contiguous()
+    with train.q_autocast(cfg, torch.device('cpu')):
+        assert torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+    monkeypatch.setattr(train, 'cpu_flags', lambda: AVX2)
+    _, _, d, _, _ = train.build_models(cfg, torch.device('cpu'))
+    assert d.conv0.weight.is_contiguous()
+    with train.q_autocast(cfg, torch.device('cpu')):
+        assert not torch.is_autocast_enabled('cpu')
 
 
 def free_port():

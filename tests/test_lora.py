@@ -1,10 +1,12 @@
-"""Tests for lora.py: exact identity/merge/unmerge, freezing, dropout, presets, state_dicts; the FT export's EMA of
-the merged weights, its adapter file and the dial W_base + s * delta."""
+"""Tests for lora.py: exact identity/merge/unmerge, freezing, dropout, presets, state_dicts, the weight-space forward;
+the FT export's EMA of the merged weights, its adapter file and the dial W_base + s * delta."""
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import models
 import lora
@@ -212,6 +214,67 @@ def test_lora_state_dict_round_trip(arch):
         assert not torch.allclose(fresh(x), trained(x))
         load_lora_state_dict(fresh, adapters)
         torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+
+
+def activation_space(layer, x):
+    """A LoRA layer with its branch on the activations: W x + b + scaling * B(A(x)), two extra layers."""
+    if isinstance(layer, LoRALinear):
+        low = F.linear(x, layer.lora_A)  # (..., r)
+        return F.linear(x, layer.weight, layer.bias) + F.linear(low, layer.lora_B) * layer.scaling
+    low = F.conv2d(x, layer.lora_A, None, layer.stride, layer.padding, layer.dilation)  # (N, r, H', W')
+    base = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+    return base + F.conv2d(low, layer.lora_B) * layer.scaling
+
+
+class CountLayers(TorchFunctionMode):
+    """Counts the F.linear / F.conv2d calls made inside the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func in (F.linear, F.conv2d)
+        return func(*args, **(kwargs or {}))
+
+
+def output_and_grads(model, x, grad):
+    """The output, its layer calls, and the gradients of x and of the trained parameters for upstream gradient grad."""
+    torch.manual_seed(1)  # the same drop-path draws in every call
+    with CountLayers() as count:
+        out = model(x)
+    out.backward(grad)
+    return out.detach(), count.calls, x.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_weight_space_forward_equals_activation_space(arch, monkeypatch):
+    """Without dropout a LoRA layer is one layer with W + scaling * B @ A (as many layer calls as the plain
+    generator): its output and the gradients of the input, lora_A and lora_B equal those of the branch on the
+    activations, to float rounding."""
+    plain = small_generator(arch).train()
+    model = copy.deepcopy(plain)
+    inject_lora(model, arch, rank=3, alpha=6.0)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.3)
+    twin = copy.deepcopy(model)
+    x = torch.rand(2, 3, 8, 8)
+    grad = torch.randn(2, 3, 32, 32)
+    out, calls, x_grad, grads = output_and_grads(model, x.clone().requires_grad_(), grad)
+    with monkeypatch.context() as patch:
+        patch.setattr(LoRALinear, 'forward', activation_space)
+        patch.setattr(LoRAConv2d, 'forward', activation_space)
+        ref_out, ref_calls, ref_x_grad, ref_grads = output_and_grads(twin, x.clone().requires_grad_(), grad)
+    plain_out, plain_calls, _, _ = output_and_grads(plain, x.clone().requires_grad_(), grad)
+    assert calls == plain_calls and ref_calls == plain_calls + 2 * len(lora_parameters(model)) // 2
+    assert (plain_out - ref_out).abs().max() > 1e-2  # the adapters change the output
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_grad, ref_x_grad, rtol=1e-4, atol=1e-5)
+    assert set(grads) == set(ref_grads) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, g in grads.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_load_lora_state_dict_errors_are_one_line():
