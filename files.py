@@ -358,10 +358,11 @@ def check_writable(path, flag, folder=False):
 
 
 
-def save_checkpoint(obj, path):
+def save_checkpoint(obj, path, checksum=True):
     """torch.save atomically (atomic_open: temp file, fsync, rename; never half-written), with a checksum of
-    the content that load_checkpoint verifies."""
+    the content that load_checkpoint verifies; checksum=False for a file another project's loader reads
+    (a fitted pyiqa network: pyiqa loads it strictly, and an extra key fails there)."""
     obj = {k: v for k, v in obj.items() if k != CHECKSUM}
     with atomic_open(path) as f:
-        torch.save({**obj, CHECKSUM: content_digest(obj)}, f)
+        torch.save({**obj, CHECKSUM: content_digest(obj)} if checksum else obj, f)
 

@@ -276,35 +276,30 @@ def fit(cfg, dist_info):
     net, (lo, hi) = quality.nets[0], quality.ranges[0]
     path = runs.find_resume(cfg)
     ckpt = load_resume(path, cfg, quality.fingerprint) if path is not None else None
-    lock = runs.take_out(cfg, dist_info)
-    try:
-        before = ckpt['before'] if ckpt else held_out_agreement(cfg, quality, held) if master and held else None
-        torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
-        with_lora, how = make_trainable(net, cfg.train, cfg.lora_rank)
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-        step = 0
-        if ckpt:
-            net.load_state_dict(ckpt['params'])
-            opt.load_state_dict(ckpt['optimizer'])
-            step = ckpt['step']
-        if master:
-            pairs = sum(len(label_pairs(labs)) for labs in fit_sets.values())
-            print(f'fit-q {quality.name} ({quality.fingerprint}): {how}, {sum(p.numel() for p in params):,} '
-                  f'parameters; {len(fit_sets)} sets fitted ({pairs} label pairs), {len(held)} held out; '
-                  f'{dist_info.world} x batch {cfg.batch_size} sets; {device}'
-                  + (f'; resumed {path} at step {step}' if ckpt else ''), flush=True)
-        model = DDP(quality, device_ids=[dist_info.local_rank] if device.type == 'cuda' else None) \
-            if dist_info.ddp else quality
-        crops = LabelledCrops(cfg.data, fit_sets, cfg.gt_size, cfg.seed)
-        step = loop(cfg, dist_info, model, net, opt, Subset(crops, range(len(crops))), step,
-                    cfg.scale or (hi - lo) / SCALE_STEPS, {'before': before, 'iqa_fingerprint': quality.fingerprint})
-        if master:
-            save_checkpoint(fitted_state(net, metric, with_lora), out / FITTED)
-            report(cfg, out, before, held, device)
-    finally:
-        if lock is not None:
-            lock.release()
+    before = ckpt['before'] if ckpt else held_out_agreement(cfg, quality, held) if master and held else None
+    torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
+    with_lora, how = make_trainable(net, cfg.train, cfg.lora_rank)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    step = 0
+    if ckpt:
+        net.load_state_dict(ckpt['params'])
+        opt.load_state_dict(ckpt['optimizer'])
+        step = ckpt['step']
+    if master:
+        pairs = sum(len(label_pairs(labs)) for labs in fit_sets.values())
+        print(f'fit-q {quality.name} ({quality.fingerprint}): {how}, {sum(p.numel() for p in params):,} '
+              f'parameters; {len(fit_sets)} sets fitted ({pairs} label pairs), {len(held)} held out; '
+              f'{dist_info.world} x batch {cfg.batch_size} sets; {device}'
+              + (f'; resumed {path} at step {step}' if ckpt else ''), flush=True)
+    model = DDP(quality, device_ids=[dist_info.local_rank] if device.type == 'cuda' else None) \
+        if dist_info.ddp else quality
+    crops = LabelledCrops(cfg.data, fit_sets, cfg.gt_size, cfg.seed)
+    step = loop(cfg, dist_info, model, net, opt, Subset(crops, range(len(crops))), step,
+                cfg.scale or (hi - lo) / SCALE_STEPS, {'before': before, 'iqa_fingerprint': quality.fingerprint})
+    if master:
+        save_checkpoint(fitted_state(net, metric, with_lora), out / FITTED, checksum=False)
+        report(cfg, out, before, held, device)
 
 
 def loop(cfg, dist_info, model, net, opt, fit_set, step, scale, keep):
@@ -403,14 +398,18 @@ def main(argv=None):
     try:
         problems = check_fit(cfg)
         dist_info = train.setup_distributed(cfg)
-        out_problems = runs.check_out(types.SimpleNamespace(out=cfg.out, init='', resume=cfg.resume)) \
-            if dist_info.master else []
+        out_cfg = types.SimpleNamespace(out=cfg.out, init='', resume=cfg.resume)
         if problems:
-            raise runs.StartError(problems + out_problems)
-        if dist_info.ddp:
-            dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
-        runs.agree_or_raise(out_problems, dist_info)
-        fit(cfg, dist_info)
+            raise runs.StartError(problems + (runs.check_out(out_cfg) if dist_info.master else []))
+        lock, out_problems = runs.take_out(out_cfg) if dist_info.master else (None, [])  # held until the fit ends
+        try:
+            if dist_info.ddp:
+                dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
+            runs.agree_or_raise(out_problems, dist_info)
+            fit(cfg, dist_info)
+        finally:
+            if lock is not None:
+                lock.release()
     except runs.StartError as err:
         if dist_info is None or dist_info.master:
             print('\n'.join([f'error: {err.problems[0]}'] if len(err.problems) == 1 else

@@ -67,15 +67,15 @@ def world(tmp_path_factory):
         files.save_image(torch.rand(3, 32, 32), root / 'sr' / f'{name}.png')
     for name in 'ab':
         files.save_image(torch.rand(3, 8, 8), root / 'images' / f'{name}.png')
-    exports = {}
+    exports, nets = {}, {}
     for arch, cfg in (('rrdbnet', TINY_RRDB), ('swinir', TINY_G)):
-        exports[arch] = root / f'{arch}.pth'
-        files.save_checkpoint({'params_ema': models.build_generator(arch, **cfg).state_dict(), 'arch': arch,
-                               'config': cfg, 'scale': 4}, exports[arch])
-    model = models.build_generator('swinir', **TINY_G)
+        exports[arch], nets[arch] = root / f'{arch}.pth', models.build_generator(arch, **cfg)
+        files.save_checkpoint({'params_ema': nets[arch].state_dict(), 'arch': arch, 'config': cfg, 'scale': 4},
+                              exports[arch])
+    model = nets['swinir']  # its adapters fit the swinir export, so that merges reach --out
     lora.inject_lora(model, 'swinir', rank=2)
-    files.save_checkpoint({'params_lora': lora.lora_state_dict(model), 'arch': 'swinir', 'config': TINY_G,
-                           'lora_rank': 2, 'lora_alpha': 2}, root / 'lora_adapters.pth')
+    files.save_checkpoint(lora.adapter_file(model, lora.ema_of_merged(model), 'swinir', TINY_G, 2, 2.0,
+                                            str(exports['swinir'])), root / 'lora_adapters.pth')
     body = exports['rrdbnet'].read_bytes()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -305,7 +305,7 @@ def lora_rows(w, tmp):
         'adapters byte-flipped': Fault('lora merge', ['merge', '--base', w.swinir, '--adapters',
                                                       flipped(w.adapters, tmp), '--out', tmp / 'm.pth'], BROKEN),
         'adapters a generator': Fault('lora merge', ['merge', '--base', w.swinir, '--adapters', w.rrdb, '--out',
-                                                     tmp / 'm.pth'], r'not a LoRA adapter file'),
+                                                     tmp / 'm.pth'], r'not an adapter file'),
         'base a JSON file': Fault('lora merge', ['merge', '--base', a_file(tmp, 'b.json'), '--adapters', w.adapters,
                                                  '--out', tmp / 'm.pth'], r'not a PyTorch checkpoint'),
     }
