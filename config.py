@@ -242,10 +242,11 @@ def check_files(cfg):
     for metric, why in dict(needed).items():  # each metric once
         for member, _ in nriqa_sr.parse_metric(metric):
             absent = weights.missing_weights(member, iqa_weights)
-            if cfg.random_iqa:
-                absent = [p for p in absent if p.name != weights.weight_file(member)]
+            if cfg.random_iqa and weights.weight_file(member):  # random weights, its backbone's too
+                absent = []
+            hint = '' if cfg.random_iqa else ' (or --random-iqa for meaningless random scores)'
             problems += [f'{p}: weights of {member} ({why}) not found; fetch them with: python nriqa_sr.py weights '
-                         f'--download {member} (or --random-iqa for meaningless random scores)' for p in absent]
+                         f'--download {member}{hint}' for p in absent]
     vgg = Path(cfg.vgg_weights) if cfg.vgg_weights else weights.backbone_path('perceptual')
     if cfg.perceptual_weight > 0 and not cfg.random_vgg and not vgg.is_file():
         problems.append(f'{vgg}: VGG19 weights of the perceptual loss not found; fetch them with: python nriqa_sr.py '

@@ -31,7 +31,7 @@ from data import NUM_GTS, read_effective_labels
 from files import check_writable, load_checkpoint, load_image, to_rgb
 from models import generator_scale
 from weights import (BACKBONES, WEIGHT_FILES, backbone_path, download_command, file_sha256, hub_offline,
-                     missing_weights, snapshot, weight_path)
+                     missing_weights, random_backbones, snapshot, weight_path)
 from weights import run as run_weights
 
 TAU = 10.0  # softmax temperature of sma / smp (paper: 10)
@@ -69,7 +69,9 @@ class QualityModel(nn.Module):
         members = parse_metric(name)
         metric_opts = check_quality_args(members, as_loss, weights, metric_opts)
         if not pretrained and any(m in WEIGHT_FILES for m, _ in members):
-            warnings.warn(f'--random-iqa: {name} has RANDOM weights: its scores are meaningless', stacklevel=2)
+            backbone = ' (its ImageNet backbone too)' if any(m in BACKBONES for m, _ in members) else ''
+            warnings.warn(f'--random-iqa: {name} has RANDOM weights{backbone}: its scores are meaningless',
+                          stacklevel=2)
         self.name, self.members, self.as_loss = metric_name(members), members, as_loss
         self.flags = score_flags(self.name, weights, not pretrained, metric_opts)
         built = [pyiqa_network(m, device, weights, pretrained, metric_opts.get(m, {})) for m, _ in members]
@@ -296,12 +298,14 @@ def pyiqa_network(metric, device, weights, pretrained, opts):
         fingerprint = 'hf-' + (revision.name[:16] if revision is not None else 'unknown')
     else:
         fingerprint = 'weight-free'
-    if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
+    random_weights = metric in WEIGHT_FILES and not pretrained  # the backbone is random too (random_backbones)
+    if backbone is not None and not random_weights and backbone in missing_weights(metric):  # a folder may be partial
         raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it: '
                                 f'run `{download_command(metric)}`')
     # pyiqa prints its loading messages: keep stdout for our own output (the score table); a cached
     # Hugging Face backbone is used as it is (hub_offline), never checked online for a newer revision
-    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline():
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline(), \
+            random_backbones() if random_weights else contextlib.nullcontext():
         torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
         try:
             iqa = pyiqa.create_metric(metric, as_loss=False, device=torch.device(device), **opts)
@@ -369,30 +373,7 @@ def build_parser():
                        help="Q: a metric (musiq, nima, qalign, topiq_nr, paq2piq, piqe) or 'musiq:1+nima:0.5'")
     score.add_argument('--cache', type=Path, metavar='FILE', help='cache of --data (default ROOT/scores_<NAME>.json)')
     add_quality_flags(score, device)
-    up = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
-    up.add_argument('--ckpt', type=Path, required=True, help='generator checkpoint (params_ema or params)')
-    up.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
-                         help='an image or a folder of PNG/JPEG images')
-    up.add_argument('-o', '--output', type=Path, required=True, metavar='OUT',
-                         help='output folder (NAME.png per input; never an input\'s own file), or a .png/.jpg '
-                              'file for one input image')
-    up.add_argument('--suffix', default='', metavar='TEXT',
-                         help='name outputs NAME_TEXT.png, as Real-ESRGAN (default: NAME.png)')
-    up.add_argument('-s', '--outscale', type=positive_float, metavar='S',
-                         help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
-                              '(default: the model scale)')
-    up.add_argument('--tile', type=int, metavar='N',
-                         help='tile size in LQ pixels: memory grows with the tile, not the image (default: whole '
-                              'image)')
-    up.add_argument('--tile-pad', type=int, default=32, metavar='P',
-                         help='LQ pixels of context on each side of a tile (default 32)')
-    up.add_argument('--amp', '--fp16', action='store_true',
-                         help='half precision: autocast to fp16 on CUDA, bf16 on CPU (about 1e-2 from fp32; slow on '
-                              'CPUs without native bf16)')
-    up.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
-                         help='run RRDBNet in channels-last memory format (default on; same output within fp32 '
-                              'rounding)')
-    up.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+    add_upscale_command(commands, device)
     add_agreement_command(commands, device)
     listing = commands.add_parser('weights', help='list the pretrained weight files: place, present or missing, '
                                   'size, source URL (no network)')
@@ -400,6 +381,54 @@ def build_parser():
                          help='fetch the missing files and check their hashes: all, or those of the NAMEs '
                               '(a metric such as nima, or a file name from the list)')
     return parser
+
+
+class RealEsrganOnly(argparse.Action):
+    """A Real-ESRGAN flag with no counterpart here: one line saying what to pass instead."""
+
+    def __init__(self, option_strings, dest, instead, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f'{option_string}: {self.instead}')
+
+
+def add_upscale_command(commands, device):
+    """`upscale`, with Real-ESRGAN's inference_realesrgan.py spellings where the meaning is the same."""
+    up = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
+    up.add_argument('--ckpt', '--model_path', type=Path, required=True,
+                    help='generator checkpoint (params_ema or params)')
+    up.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
+                    help='an image or a folder of PNG/JPEG images')
+    up.add_argument('-o', '--output', type=Path, default=Path('results'), metavar='OUT',
+                    help="output folder (NAME.png per input; never an input's own file), or a .png/.jpg "
+                         'file for one input image (default results/, as Real-ESRGAN)')
+    up.add_argument('--suffix', default='', metavar='TEXT',
+                    help='name outputs NAME_TEXT.png, as Real-ESRGAN (default: NAME.png)')
+    up.add_argument('--ext', choices=upscale.EXTENSIONS, default='png',
+                    help="output format in a folder: png (default), jpg, or auto (the input's own, as "
+                         'Real-ESRGAN; an image with alpha stays PNG)')
+    up.add_argument('-s', '--outscale', type=positive_float, metavar='S',
+                    help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
+                         '(default: the model scale)')
+    up.add_argument('-t', '--tile', type=int, metavar='N',
+                    help='tile size in LQ pixels: memory grows with the tile, not the image (default: whole image)')
+    up.add_argument('--tile-pad', '--tile_pad', type=int, default=32, metavar='P',
+                    help='LQ pixels of context on each side of a tile (default 32)')
+    up.add_argument('--amp', '--fp16', action='store_true',
+                    help='half precision: autocast to fp16 on CUDA, bf16 on CPU (about 1e-2 from fp32; slow on '
+                         'CPUs without native bf16)')
+    up.add_argument('--fp32', dest='amp', action='store_false', default=False,
+                    help='full precision, as Real-ESRGAN\'s --fp32 (the default here)')
+    up.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
+                    help='run RRDBNet in channels-last memory format (default on; same output within fp32 '
+                         'rounding)')
+    up.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
+    up.add_argument('-n', '--model_name', action=RealEsrganOnly, metavar='NAME',
+                    instead='models are chosen by their file here: pass --ckpt FILE (or --model_path FILE)')
+    up.add_argument('--face_enhance', action=RealEsrganOnly, nargs=0,
+                    instead='GFPGAN face restoration is not part of this project; run without it')
 
 
 def add_agreement_command(commands, device):
@@ -480,7 +509,7 @@ def run_agreement(args):
 def run_upscale(args):
     """Flags, output paths and every input are checked before the model is built."""
     upscale.check_tile(args.tile, args.tile_pad)
-    pairs = upscale.output_paths(upscale.list_images(args.input), args.input, args.output, args.suffix)
+    pairs = upscale.output_paths(upscale.list_images(args.input), args.input, args.output, args.suffix, args.ext)
     upscale.check_inputs(pairs, args.outscale)
     model = upscale.inference_model(args.ckpt, args.device, args.channels_last)
     scale = generator_scale(model)

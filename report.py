@@ -19,7 +19,6 @@ from urllib.parse import quote
 
 from files import atomic_open
 from nriqa_sr import AGREEMENT_COLUMNS, agreement_cells
-from weights import download_command
 
 GOLD = 'Gold Standard'  # the row of the best GT's NR scores (paper Table 5): NR columns only
 LOWER_BETTER = ('lpips', 'stlpips', 'dists')
@@ -28,8 +27,6 @@ TITLES = {'psnr': 'PSNR', 'ssim': 'SSIM', 'lpips': 'LPIPS', 'stlpips': 'LPIPS-ST
 FORMATS = {**dict.fromkeys(TITLES, '.4f'), 'psnr': '.2f', 'musiq': '.2f', 'paq2piq': '.2f', 'nima': '.3f',
            'qalign': '.3f', 'topiq_nr': '.3f'}  # the paper's decimals
 RANDOM_WARNING = 'WARNING: --random-iqa: NR metrics have RANDOM weights, their scores are meaningless (demo/test only)'
-ABSENT_HEAD = ('Missing weight files (pyiqa would download them; fetch them with the command shown, put them '
-               'there or pass --iqa-weights DIR):')
 PLOT = 'perception_distortion.png'
 
 
@@ -42,7 +39,6 @@ class Results:
     agreement: list
     num_sets: int
     compare: list
-    absent: dict  # metric -> the full paths of its absent weight files
     source: str  # what was evaluated, for the titles
     single_gt: bool
     dropped: int  # sets left out: no effective positive
@@ -114,21 +110,20 @@ def header(metric_names):
 
 def cells(rows, metric_names):
     """Per row: (method, [(text, is_best)]) in metric order. Best = the best method value of the column
-    (Gold Standard is a reference, not a contender); a missing metric shows its note, '–' no value."""
+    (Gold Standard is a reference, not a contender); '–' no value."""
     best = {}
     for n in metric_names:
         values = [r[n] for r in rows if r['method'] != GOLD and isinstance(r.get(n), float)]
         best[n] = (min if n in LOWER_BETTER else max)(values) if values else None
     for r in rows:
-        yield r['method'], [('–' if v is None else v if isinstance(v, str) else format(v, FORMATS[n]),
+        yield r['method'], [('–' if v is None else format(v, FORMATS[n]),
                              r['method'] != GOLD and isinstance(v, float) and v == best[n])
                             for n, v in ((n, r.get(n)) for n in metric_names)]
 
 
 def agreement_rows(res):
     """(metric, texts in AGREEMENT_COLUMNS order) per --agreement metric."""
-    return [(a['metric'], [a['missing']] * len(AGREEMENT_COLUMNS) if 'missing' in a else agreement_cells(a))
-            for a in res.agreement]
+    return [(a['metric'], agreement_cells(a)) for a in res.agreement]
 
 
 def notes(res):
@@ -146,11 +141,6 @@ def notes(res):
     return lines
 
 
-def absent_note(res):
-    """One line per metric that could not compute: its absent files, full paths, and the command fetching them."""
-    return [f"{TITLES.get(n, n)}: {', '.join(files)} (`{download_command(n)}`)" for n, files in res.absent.items()]
-
-
 def markdown(res):
     lines = [f'# Evaluation on {res.source} ({res.num_sets} sets)', '']
     if res.random_iqa:
@@ -159,8 +149,6 @@ def markdown(res):
     for method, row in cells(res.table, res.metric_names):
         lines.append('| ' + ' | '.join([method] + [f'**{t}**' if best else t for t, best in row]) + ' |')
     lines += [''] + notes(res)
-    if res.absent:
-        lines += ['', ABSENT_HEAD] + [f'- {line}' for line in absent_note(res)]
     if res.agreement:
         lines += ['', '## Agreement with the human labels (paper §3, supplementary §7.1)', '',
                   '| Metric | ' + ' | '.join(AGREEMENT_COLUMNS) + ' |', '|---' * (len(AGREEMENT_COLUMNS) + 1) + '|']
@@ -173,7 +161,7 @@ SLIDER_JS = ("function slide(r){r.parentNode.querySelector('img.top').style.clip
              "'inset(0 '+(100-r.value)+'% 0 0)';}")
 STYLE = ('body{font-family:sans-serif;margin:1em;max-width:100%;overflow-wrap:anywhere}'
          '.wide{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.5em 0}'
-         'td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}.warn{color:#b00;font-weight:bold}'
+         'td,th{border:1px solid #bbb;padding:2px 6px;text-align:right;white-space:nowrap}.warn{color:#b00;font-weight:bold}'
          'img.plot{max-width:100%}.pair{display:flex;flex-wrap:wrap;gap:1em;max-width:1200px}'
          '.pair>div{flex:1 1 300px;position:relative;min-width:0}'
          '.pair img{width:100%;display:block;image-rendering:pixelated}.cmp input{width:100%}'
@@ -215,7 +203,7 @@ def image_section(res, name, computed):
 
 def report_html(res):
     """Self-contained page (inline CSS/JS; images by relative path to the saved PNGs): the table, notes,
-    missing weights, the agreement table, the perception-distortion plot, then every test image."""
+    the agreement table, the perception-distortion plot, then every test image."""
     parts = [('<!doctype html><html><head><meta charset="utf-8"><title>nriqa-sr evaluation</title>'
               f'<style>{STYLE}</style><script>{SLIDER_JS}</script></head><body>'),
              f'<h1>Evaluation on {html.escape(res.source)} ({res.num_sets} sets)</h1>']
@@ -223,17 +211,13 @@ def report_html(res):
         parts.append(f'<p class="warn">{html.escape(RANDOM_WARNING)}</p>')
     parts.append(html_rows(header(res.metric_names), cells(res.table, res.metric_names)))
     parts += [f'<p>{html.escape(line)}</p>' for line in notes(res)]
-    if res.absent:
-        parts.append(f'<p>{html.escape(ABSENT_HEAD)}</p><ul>' + ''.join(
-            f'<li>{html.escape(line)}</li>' for line in absent_note(res)) + '</ul>')
     if res.agreement:
         parts += ['<h2>Agreement with the human labels (paper §3, supplementary §7.1)</h2>',
                   html_rows(['Metric', *AGREEMENT_COLUMNS],
                             [(m, [(t, False) for t in texts]) for m, texts in agreement_rows(res)])]
     if plot_axes(res)[0]:
         parts.append(f'<h2>Perception-distortion</h2><img class="plot" src="{attr(PLOT)}" alt="PSNR vs NR score">')
-    computed = [n for n in res.metric_names if n not in res.absent]
-    parts += [image_section(res, name, computed) for name in dict.fromkeys(r['image'] for r in res.per_image)]
+    parts += [image_section(res, name, res.metric_names) for name in dict.fromkeys(r['image'] for r in res.per_image)]
     return '\n'.join(parts) + '\n</body></html>\n'
 
 
@@ -256,12 +240,12 @@ def perception_distortion_png(res):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     y = plot_axes(res)[0]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in res.table[:-1]:
-        ax.scatter(r['psnr'], r[y])
-        ax.annotate(r['method'], (r['psnr'], r[y]), textcoords='offset points', xytext=(4, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = 'osD^vP*Xh<>p'
+    for i, r in enumerate(res.table[:-1]):  # named in the legend, not beside the point: close points never overprint
+        ax.scatter(r['psnr'], r[y], marker=markers[i % len(markers)], s=50, label=r['method'])
     ax.axhline(res.table[-1][y], linestyle='--', color='gray', label=GOLD)
-    ax.legend()
+    ax.legend(loc='upper left', bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize='small')
     title = f'Perception-distortion: PSNR vs {TITLES[y]}'
     ax.set_title(title + ('' if y == 'musiq' else f'\n(MUSIQ not available: {TITLES[y]} used instead)'))
     ax.set(xlabel='PSNR (dB) ↑', ylabel=f'{TITLES[y]} ↑')
@@ -278,7 +262,7 @@ def write_reports(res, out):
     """Every report of `res` into the folder `out`; the plot only where it has something to show."""
     info = {'data': res.source, 'sets': res.num_sets, 'sets_left_out': res.dropped, 'metrics': list(res.metric_names),
             'lower_better': [n for n in res.metric_names if n in LOWER_BETTER], 'random_iqa': res.random_iqa,
-            'table': res.table, 'agreement': res.agreement, 'absent_weights': res.absent}
+            'table': res.table, 'agreement': res.agreement}
     write_atomic(out / 'results.json', json.dumps(finite_or_none(info), indent=1, ensure_ascii=False, allow_nan=False))
     write_atomic(out / 'results.csv', to_csv(res.table, ['method', *res.metric_names]))
     write_atomic(out / 'per_image.csv', to_csv(res.per_image, ['method', 'image', *res.metric_names]))
