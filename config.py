@@ -113,8 +113,7 @@ FINETUNE = {  # paper supp. §8.3: 20K steps of Eq. 2 with lambda_Q 0.05 and lam
 
 DEMO = dict(  # a small generator, random VGG19 and a tiny random MUSIQ: every stage in minutes on 2 CPU cores
     both=dict(gt_size=64, batch_size=2, queue_size=0, d_num_feat=32, random_vgg=True, random_iqa=True, num_workers=0,
-              iqa_opts={'musiq': dict(longer_side_lengths=[64], num_layers=1, hidden_size=32, mlp_dim=64,
-                                      num_heads=2)},
+              iqa_opts=nriqa_sr.DEMO_IQA_OPTS,
               milestones=(), ema_decay=0.95, log_every=10, sample_every=50, save_every=100),  # 0.999 keeps the init
     stage1=dict(total_iters=200),
     finetune=dict(total_iters=100, lr=1e-4, monitor_every=25, monitor_size=2),

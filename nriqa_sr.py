@@ -45,6 +45,8 @@ METRIC_RANGES = {'musiq': (0.0, 100.0), 'nima': (0.0, 10.0), 'qalign': (1.0, 5.0
                  'paq2piq': (0.0, 100.0), 'piqe': (0.0, 100.0)}
 LOWER_BETTER = ('piqe',)
 NO_GRADIENT = ('piqe', 'qalign')  # they can rank GTs but cannot drive fine-tuning (no useful gradient)
+# train.py --preset demo's Q: a tiny random MUSIQ (minutes on 2 CPU cores); `score --preset demo` builds its cache
+DEMO_IQA_OPTS = {'musiq': dict(longer_side_lengths=[64], num_layers=1, hidden_size=32, mlp_dim=64, num_heads=2)}
 
 
 # ----------------------------------------------------------------------------- Q
@@ -372,6 +374,9 @@ def build_parser():
     score.add_argument('--iqa', default='musiq', metavar='NAME',
                        help="Q: a metric (musiq, nima, qalign, topiq_nr, paq2piq, piqe) or 'musiq:1+nima:0.5'")
     score.add_argument('--cache', type=Path, metavar='FILE', help='cache of --data (default ROOT/scores_<NAME>.json)')
+    score.add_argument('--preset', choices=('paper', 'demo'), default='paper',
+                       help="demo: train.py --preset demo's Q (--random-iqa and its tiny MUSIQ's --iqa-opts), so that "
+                            'its sma/smp runs accept the cache; explicit --iqa-opts win')
     add_quality_flags(score, device)
     add_upscale_command(commands, device)
     add_agreement_command(commands, device)
@@ -468,6 +473,8 @@ def score_column(quality):
 def run_score(args):
     """Flags, paths and every input image are checked before Q is built; no row before all decode."""
     members = parse_metric(args.iqa)
+    if args.preset == 'demo':
+        args.random_iqa, args.iqa_opts = True, DEMO_IQA_OPTS if args.iqa_opts is None else args.iqa_opts
     if args.data is not None:
         if not args.data.is_dir():
             raise FileNotFoundError(f'{args.data}: no such dataset folder')

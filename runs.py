@@ -7,6 +7,8 @@ train.py calls these; none of them knows about the method.
     RUN/generator.pth      the export (EMA weights, LoRA merged; the discriminator beside them)
     RUN/lora_adapters.pth  FT only: the adapters on their own
     RUN/log.csv, tb/, samples/
+    RUN/config.json        the resolved configuration (every TrainConfig field), rewritten by each resume
+    RUN/train.log          everything rank 0 printed, appended by each resume
     RUN/.lock              pid and host of the run that holds the folder
 
 A checkpoint is written only from a sane state (finite weights, none beyond EXPLODED), atomically, and older
@@ -324,6 +326,49 @@ def load_training_state(ckpt, path, g, ema, raw_d, opts, scheds, scaler, queue, 
 
 
 # ----------------------------------------------------------------------------- what the user sees
+def write_config(cfg, out):
+    """RUN/config.json: the configuration the run resolved from presets and flags (BasicSR copies its option file)."""
+    with files.atomic_open(Path(out) / 'config.json') as f:
+        f.write(json.dumps(asdict(cfg), indent=1).encode())
+
+
+class TrainLog:
+    """Everything rank 0 prints to stdout and stderr also goes to RUN/train.log (appended across resumes). What is
+    printed before the run folder is taken waits in memory and is written when `attach` opens the file; progress-bar
+    redraws (text with a carriage return) stay on the terminal."""
+
+    def __init__(self):
+        self.pending, self.file, self.streams = io.StringIO(), None, (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = (_Tee(stream, self) for stream in self.streams)
+
+    def write(self, text):
+        if '\r' not in text:
+            (self.file or self.pending).write(text)
+
+    def attach(self, out):
+        self.file = open(Path(out) / 'train.log', 'a', encoding='utf-8', buffering=1)
+        self.file.write(self.pending.getvalue())
+
+    def close(self):
+        sys.stdout, sys.stderr = self.streams
+        if self.file is not None:
+            self.file.close()
+
+
+class _Tee:
+    """A stream that also hands what is written to a TrainLog."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding: the stream's own
+        return getattr(self.stream, name)
+
+
 class CsvLog:
     """log.csv, one row per logged step. A resumed run first drops the rows after its checkpoint's step
     (written before a kill), so every step appears once."""

@@ -272,8 +272,9 @@ def preflight(cfg, dist_info):
     runs.agree_or_raise(out_problems, dist_info)
 
 
-def train(cfg, dist_info):
-    """Set up data, models, Q, optimisers and the run folder; resume; run the loop; export."""
+def train(cfg, dist_info, log=None):
+    """Set up data, models, Q, optimisers and the run folder; resume; run the loop; export. `log` (rank 0's
+    runs.TrainLog) starts writing RUN/train.log once the folder is taken."""
     dataset, train_set, held, about = build_data(cfg, dist_info.world)
     device, master, out = dist_info.device, dist_info.master, Path(cfg.out)
     g, ema, raw_d, perceptual, gen_config = build_models(cfg, device)
@@ -330,6 +331,9 @@ def train(cfg, dist_info):
                     torch.stack([it['positive'] for it in items]).to(device)]
     state = (g, ema, raw_d, opts, scheds, scaler, queue)
     lock = runs.take_out(cfg, dist_info)
+    if master:
+        runs.write_config(cfg, out)
+        log.attach(out)
     try:
         step, bad_steps = loop(cfg, dist_info, train_set, nets, (sampling_q, reward_q, scores), state, step, bad_steps,
                                held_out, fingerprints, gen_config)
@@ -422,10 +426,11 @@ def main(argv=None):
     """Errors before training are the same on every rank: rank 0 prints them; every rank exits with 2."""
     cfg = config.parse_config(argv)
     dist_info, code = None, 0
+    log = runs.TrainLog() if int(os.environ.get('RANK', 0)) == 0 else None
     try:
         dist_info = setup_distributed(cfg)
         preflight(cfg, dist_info)
-        train(cfg, dist_info)
+        train(cfg, dist_info, log)
     except runs.StartError as err:
         if dist_info is None or dist_info.master:
             head = [f'error: {err.problems[0]}'] if len(err.problems) == 1 else \
@@ -446,6 +451,8 @@ def main(argv=None):
     finally:
         if dist_info is not None and dist_info.ddp and dist.is_initialized():
             dist.destroy_process_group()
+        if log is not None:
+            log.close()
     if code:
         sys.exit(code)
 

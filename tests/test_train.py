@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,19 @@ def test_progress_lines_when_output_is_not_a_terminal(demo_train, tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith('step ')]
     assert [line.split()[1] for line in lines] == ['2/4', '4/4']
     assert all(' it/s | ETA ' in line and 'l1 ' in line for line in lines)
+
+
+def test_the_run_folder_holds_its_resolved_configuration_and_everything_printed(tmp_path, capsys):
+    """config.json (every TrainConfig field as resolved from the presets and flags) and train.log (what rank 0
+    printed, the lines before the folder was taken included)."""
+    for i in range(2):
+        write_random_set(tmp_path / 'root', f's{i}', 48, i, [['Positive', 'Similar', 'Negative', 'Similar']] * 3)
+    args = tiny_args(tmp_path / 'root', tmp_path / 'run', '--sampler', 'upos', '--batch-size', '1', '--gan-weight',
+                     '0', '--perceptual-weight', '0', '--resume', 'auto')
+    train.main(args + ['--total-iters', '1'])
+    printed = capsys.readouterr()
+    saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert saved == json.loads(json.dumps(asdict(config.parse_config(args + ['--total-iters', '1']))))
+    assert saved['gt_size'] == 32 and saved['lr'] == 1e-4  # a flag and a preset value
+    log = (tmp_path / 'run' / 'train.log').read_text()
+    assert log == printed.out + printed.err and 'stage 1 (upos' in log and 'done: 1 steps' in log
