@@ -37,14 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import models
 import nriqa_sr
 import score_cache
 import upscale
 from data import gt_paths, read_effective_labels
-from files import image_size, load_checkpoint, load_image, save_image, to_rgb
+from files import image_size, load_checkpoint, load_image, progress, save_image, to_rgb
 from metrics import FULL_REFERENCE, METRICS, build_metric, parse_metric_list, unavailable, unavailable_error
 from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
 
@@ -275,7 +274,7 @@ def score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, a
     scored_refs = [n for n in metrics if n not in FULL_REFERENCE]
     ref_scores, per_image = {n: {} for n in scored_refs}, []
     with torch.no_grad():
-        for s in tqdm(sets, desc='evaluate', unit='set'):
+        for s in progress(sets, 'evaluate', 'set'):
             refs = torch.stack([to_rgb(load_image(p)) for p in s.refs]).to(args.device)  # (K,3,H,W)
             lq = to_rgb(load_image(s.lq)) if use_lq else None
             if lq is not None:

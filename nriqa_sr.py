@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 import score_cache
 import upscale
 from data import NUM_GTS, read_effective_labels
-from files import check_writable, load_checkpoint, load_image, to_rgb
+from files import check_writable, load_checkpoint, load_image, progress, to_rgb
 from models import generator_scale
 from weights import (BACKBONES, WEIGHT_FILES, backbone_path, download_command, file_sha256, hub_offline,
                      missing_weights, random_backbones, snapshot, weight_path)
@@ -102,6 +101,15 @@ class QualityModel(nn.Module):
             normalised = (score - lo) / (hi - lo)
             total = total + weight * (1 - normalised if metric in LOWER_BETTER else normalised)
         return total / sum(w for _, w in self.members)
+
+    def raw(self, x):
+        """pyiqa's own score of a one-metric Q, as pyiqa shows it: a lower-is-better metric not reflected."""
+        if len(self.members) > 1:
+            raise ValueError(f'--iqa {self.name}: an ensemble has no raw pyiqa score')
+        (metric, _), = self.members
+        score = self(x)
+        lo, hi = METRIC_RANGES[metric]
+        return lo + hi - score if metric in LOWER_BETTER else score
 
     def train(self, mode=True):
         """Q stays in eval mode whatever a parent module asks."""
@@ -456,18 +464,15 @@ def add_quality_flags(parser, device):
 
 
 def score_column(quality):
-    """The score table's column name, and the note that says so when a lower-is-better metric is
-    reflected (Q is always higher-is-better)."""
-    reflected = [m for m, _ in quality.members if m in LOWER_BETTER]
-    if not reflected:
-        return quality.name, None
+    """The score table's column: a metric's name and direction with pyiqa's raw scores ('piqe (lower is better)');
+    an ensemble's name, and the note that says what its score is."""
     if len(quality.members) == 1:
-        lo, hi = METRIC_RANGES[reflected[0]]
-        column = f'{lo + hi:g}-{reflected[0]}'
-        return column, (f'note: {reflected[0]} is lower-is-better; the score column is {column}, reflected in its '
-                        f'range [{lo:g}, {hi:g}] so that higher is better')
+        metric = quality.members[0][0]
+        return f"{metric} ({'lower' if metric in LOWER_BETTER else 'higher'} is better)", None
+    reflected = [m for m, _ in quality.members if m in LOWER_BETTER]
     return quality.name, (f'note: {quality.name} is the weighted mean of range-normalised scores in [0, 1], '
-                          f'with lower-is-better {", ".join(reflected)} entering as 1 - normalised score')
+                          'higher is better' + (f', with lower-is-better {", ".join(reflected)} entering as 1 - '
+                                                'normalised score' if reflected else ''))
 
 
 def run_score(args):
@@ -496,7 +501,9 @@ def run_score(args):
     print(f'name,{column}')
     for path in images:
         with torch.no_grad():
-            print(f'{path.name},{quality(to_rgb(load_image(path))[None]).item():.4f}')
+            image = to_rgb(load_image(path))[None]
+            score = quality.raw(image) if len(quality.members) == 1 else quality(image)
+            print(f'{path.name},{score.item():.4f}')
 
 
 def run_agreement(args):
@@ -520,7 +527,7 @@ def run_upscale(args):
     upscale.check_inputs(pairs, args.outscale)
     model = upscale.inference_model(args.ckpt, args.device, args.channels_last)
     scale = generator_scale(model)
-    for src, dst in tqdm(pairs, desc='upscale', unit='image'):
+    for src, dst in progress(pairs, 'upscale', 'image'):
         upscale.upscale_file(model, src, dst, scale, args.tile, args.tile_pad, args.outscale, args.amp)
     print(f'{len(pairs)} image(s) x{args.outscale or scale:g} -> {args.output}')
 

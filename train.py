@@ -250,7 +250,8 @@ def monitor(model, quality, second, held_out):
     positive = positive.clone()
     positive[:, 0] |= ~positive.any(dim=1)
     psnr = (-10 * torch.log10(mse.clamp_min(1e-10)) * positive).sum(1) / positive.sum(1)
-    return {'q': quality(sr).mean().item(), second.name: second(sr).mean().item(), 'psnr': psnr.mean().item()}
+    # the second metric as pyiqa shows it (PIQE raw, lower is better), Q as the run optimises it (higher is better)
+    return {'q': quality(sr).mean().item(), second.name: second.raw(sr).mean().item(), 'psnr': psnr.mean().item()}
 
 
 # ----------------------------------------------------------------------------- the run
