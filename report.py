@@ -249,10 +249,10 @@ def perception_distortion_png(res):
     title = f'Perception-distortion: PSNR vs {TITLES[y]}'
     ax.set_title(title + ('' if y == 'musiq' else f'\n(MUSIQ not available: {TITLES[y]} used instead)'))
     ax.set(xlabel='PSNR (dB) ↑', ylabel=f'{TITLES[y]} ↑')
-    if res.random_iqa:
-        ax.text(0.5, 0.02, 'RANDOM NR weights: meaningless', transform=ax.transAxes, ha='center', color='red')
+    if res.random_iqa:  # under the axes, where no point can sit
+        fig.text(0.5, 0.01, 'RANDOM NR weights: meaningless', ha='center', va='bottom', color='red')
     buf = io.BytesIO()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 if res.random_iqa else 0, 1, 1))
     fig.savefig(buf, format='png', dpi=100)
     plt.close(fig)
     return buf.getvalue()
