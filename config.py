@@ -89,6 +89,9 @@ class TrainConfig:
     sample_every: int = arg(1000, 'iterations between sample images (0 = never)')
     monitor_every: int = arg(1000, 'FT: iterations between reward-hacking checks (0 = never)')
     monitor_size: int = arg(4, 'FT: training sets held out for the reward-hacking monitor')
+    val: str = arg('', "paired validation folder, as HGGT's option files validate on Set5: ROOT/GT/NAME.png with "
+                       'ROOT/LQ/NAME.png, or RealSR-named NAME_HR.png + NAME_LR4.png in ROOT (demo_data/pairs)')
+    val_every: int = arg(0, 'iterations between validations of --val (PSNR, Q, SR images; 0 = never; HGGT: 50000)')
     save_every: int = arg(5000, 'iterations between checkpoints')
     keep: int = arg(3, 'checkpoints kept in --out')
     max_bad_steps: int = arg(10, 'stop after this many non-finite losses in a row')
@@ -171,6 +174,7 @@ def check_config(cfg):
                                ('--max-bad-steps', cfg.max_bad_steps, 1), ('--num-workers', cfg.num_workers, 0),
                                ('--queue-size', cfg.queue_size, 0), ('--sample-every', cfg.sample_every, 0),
                                ('--monitor-every', cfg.monitor_every, 0), ('--monitor-size', cfg.monitor_size, 0),
+                               ('--val-every', cfg.val_every, 0),
                                ('--lora-rank', cfg.lora_rank, 0), ('--d-num-feat', cfg.d_num_feat, 1)):
         if value < least:
             problems.append(f'{flag}: must be at least {least}, got {value}')
@@ -210,6 +214,16 @@ def score_flags(cfg):
 
 
 
+def val_pairs(root):
+    """The LQ/GT pairs of --val (evaluate.pair_sets): ROOT/GT + ROOT/LQ with the same names (BasicSR's paired
+    layout of HGGT's Set5), else RealSR-named pairs in ROOT."""
+    import evaluate  # the test-set readers live there; imported here only, as train.py needs them only with --val
+    root = Path(root)
+    if (root / 'GT').is_dir():
+        return evaluate.pair_sets([root / 'GT'], root / 'LQ', '*.png', '*.png')
+    return evaluate.pair_sets([root], None, '*_HR.png', '*_LR4.png')
+
+
 NO_INIT = ('--init: not given, so stage 1 starts from random weights; the paper starts from a PSNR-oriented '
            "model (HGGT's SwinIR_DF2K_OST_Blind_PSNR_x4.pth / RRDB_DF2K_OST_Blind_PSNR_x4.pth)")
 
@@ -226,6 +240,13 @@ def check_files(cfg):
     elif not (Path(cfg.data) / 'images' / 'original').is_dir():
         problems.append(f'{Path(cfg.data) / "images" / "original"}: no such folder (--data needs the HGGT layout '
                         'images/original/NAME.png, images/01..04/NAME_0k.png, labels/A|B|C/NAME.json)')
+    if bool(cfg.val) != bool(cfg.val_every):
+        problems.append('--val / --val-every: give both (the folder and the iterations between validations)')
+    elif cfg.val:
+        try:
+            val_pairs(cfg.val)
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(f'--val: {err}')
     for flag, path in (('--init', cfg.init), ('--resume', cfg.resume if cfg.resume != 'auto' else '')):
         if path and not Path(path).is_file():
             problems.append(f'{flag} {path}: checkpoint file not found')

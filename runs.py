@@ -259,7 +259,8 @@ def last_good(out):
 # Settings a resumed run may change: where things are, how long, how it runs and reports. Everything else
 # defines the run's math (data, losses, schedule, sampler, models) and must match the checkpoint.
 MAY_CHANGE = {'out', 'resume', 'data', 'score_cache', 'total_iters', 'num_workers', 'device', 'amp', 'channels_last',
-              'compile', 'log_every', 'sample_every', 'monitor_every', 'save_every', 'keep', 'max_bad_steps', 'preset'}
+              'compile', 'log_every', 'sample_every', 'monitor_every', 'save_every', 'keep', 'max_bad_steps', 'preset',
+              'val', 'val_every'}
 
 
 def resume_changes(saved, now, defaults):
@@ -424,7 +425,8 @@ class Logs:
     def __init__(self, cfg, out, step, resumed):
         fields = ['step', 'lr', 'loss_g', 'l1'] + ['perceptual'] * (cfg.perceptual_weight > 0)
         fields += ['gan', 'loss_d', 'd_real', 'd_fake'] * (cfg.gan_weight > 0) + ['q'] * (cfg.lambda_q > 0)
-        self.csv = CsvLog(out / 'log.csv', fields + ['bad_steps', 'it_per_s'], step if resumed else None)
+        fields += ['bad_steps', 'it_per_s'] + ['val_psnr', 'val_q'] * bool(cfg.val)
+        self.csv = CsvLog(out / 'log.csv', fields, step if resumed else None)
         self.writer = SummaryWriter(out / 'tb', purge_step=step if resumed else None)
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=cfg.total_iters, initial=step, dynamic_ncols=True, disable=not self.tty,
@@ -451,6 +453,13 @@ class Logs:
 
     def write(self, text):
         tqdm.write(text) if self.tty else print(text, flush=True)
+
+    def validation(self, step, values):
+        """A --val result: its own log.csv row, TensorBoard's val/ scalars, one line."""
+        self.csv.write({'step': step, **{f'val_{k}': v for k, v in values.items()}})
+        for k, v in values.items():
+            self.writer.add_scalar(f'val/{k}', v, step)
+        self.write(f'validation at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in values.items()))
 
     def close(self):
         self.bar.close()

@@ -40,10 +40,12 @@ import data
 import degradations
 import files
 import lora
+import metrics
 import models
 import nriqa_sr
 import runs
 import score_cache
+import upscale
 
 
 # ----------------------------------------------------------------------------- setup
@@ -254,6 +256,27 @@ def monitor(model, quality, second, held_out):
     return {'q': quality(sr).mean().item(), second.name: second.raw(sr).mean().item(), 'psnr': psnr.mean().item()}
 
 
+def validate(model, pairs, quality, psnr, out, step):
+    """HGGT's validation (its option files: Set5 every 50K steps): each LQ of `pairs` super-resolved by `model` (the
+    EMA), saved as out/val/<step>/NAME.png; the mean PSNR against its GT (BasicSR's: RGB, 4 border pixels cropped,
+    the GT cut to the SR size) and, where the run has a Q, the mean Q of the SR images (Q's own direction)."""
+    device, training = next(model.parameters()).device, model.training
+    psnrs, qs = [], []
+    model.eval()
+    with torch.no_grad():
+        for pair in pairs:
+            lq = files.to_rgb(files.load_image(pair.lq))[None].to(device)
+            sr = upscale.upscale_image(model, lq, models.generator_scale(model))
+            sr = torch.round(sr.float().clamp(0, 1) * 255) / 255  # as the saved 8-bit image
+            gt = files.to_rgb(files.load_image(pair.refs[0]))[None].to(device)[..., :sr.shape[-2], :sr.shape[-1]]
+            psnrs.append(psnr(sr, gt).item())
+            if quality is not None:
+                qs.append(quality(sr).item())
+            files.save_image(sr[0].cpu(), out / 'val' / f'{step:07d}' / f'{pair.name}.png')
+    model.train(training)
+    return {'psnr': sum(psnrs) / len(psnrs), **({'q': sum(qs) / len(qs)} if qs else {})}
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -355,8 +378,11 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
     if held_out is not None:  # FT: Q, a second NR metric and PSNR of held-out sets over the run
         second = nriqa_sr.QualityModel('piqe', device=device)
         baseline = monitor(ema, quality[1], second, held_out)
-        logs.write(f'monitor at step {step} (held-out sets; all higher is better): '
+        logs.write(f'monitor at step {step} (held-out sets; q and psnr higher is better, piqe lower): '
                    + ', '.join(f'{k} {v:.4g}' for k, v in baseline.items()))
+    if master and cfg.val:  # the pairs were checked before the run; Q: the reward's, else the sampler's
+        val = (config.val_pairs(cfg.val), quality[1] if quality[1] is not None else quality[0],
+               metrics.pyiqa_psnr(device))
     side = torch.cuda.Stream(device) if device.type == 'cuda' and cfg.sampler in nriqa_sr.SCORES_ONLINE else None
     bad_in_a_row = 0
     with runs.StopSignals() as signals, closing(batches(train_set, cfg, dist_info.world, rank, step,
@@ -409,9 +435,11 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
                     for k, v in now.items():
                         logs.writer.add_scalar(f'monitor/{k}', v, step)
                     logs.write(f'monitor at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in now.items()))
-                    if now['q'] > baseline['q'] and now['piqe'] < baseline['piqe'] and now['psnr'] < baseline['psnr']:
-                        logs.write('warning: possible reward hacking: Q rose since this run started while PIQE and '
-                                   'PSNR fell (check samples/, consider a lower --lambda-q or LoRA)')
+                    if now['q'] > baseline['q'] and now['piqe'] > baseline['piqe'] and now['psnr'] < baseline['psnr']:
+                        logs.write('warning: possible reward hacking: Q rose since this run started while PIQE got '
+                                   'worse (rose) and PSNR fell (check samples/, consider a lower --lambda-q or LoRA)')
+                if cfg.val and step % cfg.val_every == 0:
+                    logs.validation(step, validate(ema, *val, out, step))
             if step % cfg.save_every == 0 or step == cfg.total_iters or stop:
                 runs.save(cfg, dist_info, step, bad_steps, gen_config, fingerprints, state)
             if stop:
