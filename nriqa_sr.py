@@ -421,7 +421,7 @@ def add_upscale_command(commands, device):
                     help='name outputs NAME_TEXT.png, as Real-ESRGAN (default: NAME.png)')
     up.add_argument('--ext', choices=upscale.EXTENSIONS, default='png',
                     help="output format in a folder: png (default), jpg, or auto (the input's own, as "
-                         'Real-ESRGAN; an image with alpha stays PNG)')
+                         'Real-ESRGAN); an image with alpha needs png')
     up.add_argument('-s', '--outscale', type=positive_float, metavar='S',
                     help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
                          '(default: the model scale)')
