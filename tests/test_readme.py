@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / 'README.md'
 BLOCK = re.compile(r'^<!-- readme-test: (demo|paper|skip)\b[^\n]*-->\n```bash\n(.*?)^```', re.M | re.S)
-MISSING = ('HGGT/train', 'Test-100', 'RealSR_V3', 'runs/swinir_upos', 'not found', 'no such')
+MISSING = ('HGGT/train', 'Test-100', 'RealSR_V3', 'runs/swinir_upos', 'not found', 'no such', 'weights --download')
 
 
 def readme_blocks(text):
