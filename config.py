@@ -100,6 +100,9 @@ class TrainConfig:
     sample_every: int = arg(1000, 'iterations between sample images (0 = never)')
     monitor_every: int = arg(1000, 'FT: iterations between reward-hacking checks (0 = never)')
     monitor_size: int = arg(4, 'FT: training sets held out for the reward-hacking monitor')
+    val: str = arg('', "paired validation folder, as HGGT's option files validate on Set5: ROOT/GT/NAME.png with "
+                       'ROOT/LQ/NAME.png, or RealSR-named NAME_HR.png + NAME_LR4.png in ROOT (demo_data/pairs)')
+    val_every: int = arg(0, 'iterations between validations of --val (PSNR, Q, SR images; 0 = never; HGGT: 50000)')
     save_every: int = arg(5000, 'iterations between checkpoints')
     keep: int = arg(3, 'checkpoints kept in --out')
     max_bad_steps: int = arg(10, 'stop after this many non-finite losses in a row')
@@ -124,8 +127,7 @@ FINETUNE = {  # paper supp. §8.3: 20K steps of Eq. 2 with lambda_Q 0.05 and lam
 
 DEMO = dict(  # a small generator, random VGG19 and a tiny random MUSIQ: every stage in minutes on 2 CPU cores
     both=dict(gt_size=64, batch_size=2, queue_size=0, d_num_feat=32, random_vgg=True, random_iqa=True, num_workers=0,
-              iqa_opts={'musiq': dict(longer_side_lengths=[64], num_layers=1, hidden_size=32, mlp_dim=64,
-                                      num_heads=2)},
+              iqa_opts=nriqa_sr.DEMO_IQA_OPTS,
               milestones=(), ema_decay=0.95, log_every=10, sample_every=50, save_every=100),  # 0.999 keeps the init
     stage1=dict(total_iters=200),
     finetune=dict(total_iters=100, lr=1e-4, monitor_every=25, monitor_size=2),
@@ -190,7 +192,7 @@ def int_limits(cfg):
             ('--queue-size', cfg.queue_size, 0, 65536), ('--sample-every', cfg.sample_every, 0, MAX_STEP),
             ('--monitor-every', cfg.monitor_every, 0, MAX_STEP), ('--monitor-size', cfg.monitor_size, 0, 4096),
             ('--lora-rank', cfg.lora_rank, 0, 4096), ('--d-num-feat', cfg.d_num_feat, 1, 1024),
-            ('--seed', cfg.seed, *SEED_RANGE),
+            ('--val-every', cfg.val_every, 0, MAX_STEP), ('--seed', cfg.seed, *SEED_RANGE),
             *(('--milestones', m, 1, MAX_STEP) for m in cfg.milestones))
 
 
@@ -244,6 +246,16 @@ def score_flags(cfg):
 
 
 
+def val_pairs(root):
+    """The LQ/GT pairs of --val (evaluate.pair_sets): ROOT/GT + ROOT/LQ with the same names (BasicSR's paired
+    layout of HGGT's Set5), else RealSR-named pairs in ROOT."""
+    import evaluate  # the test-set readers live there; imported here only, as train.py needs them only with --val
+    root = Path(root)
+    if (root / 'GT').is_dir():
+        return evaluate.pair_sets([root / 'GT'], root / 'LQ', '*.png', '*.png')
+    return evaluate.pair_sets([root], None, '*_HR.png', '*_LR4.png')
+
+
 NO_INIT = ('--init: not given, so stage 1 starts from random weights; the paper starts from a PSNR-oriented '
            "model (HGGT's SwinIR_DF2K_OST_Blind_PSNR_x4.pth / RRDB_DF2K_OST_Blind_PSNR_x4.pth)")
 
@@ -260,6 +272,13 @@ def check_files(cfg):
     elif not (Path(cfg.data) / 'images' / 'original').is_dir():
         problems.append(f'{Path(cfg.data) / "images" / "original"}: no such folder (--data needs the HGGT layout '
                         'images/original/NAME.png, images/01..04/NAME_0k.png, labels/A|B|C/NAME.json)')
+    if bool(cfg.val) != bool(cfg.val_every):
+        problems.append('--val / --val-every: give both (the folder and the iterations between validations)')
+    elif cfg.val:
+        try:
+            val_pairs(cfg.val)
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(f'--val: {err}')
     for flag, path in (('--init', cfg.init), ('--resume', cfg.resume if cfg.resume != 'auto' else '')):
         if path and not Path(path).is_file():
             problems.append(f'{flag} {path}: checkpoint file not found')
@@ -277,10 +296,11 @@ def check_files(cfg):
             if member.startswith(nriqa_sr.PYTHON_Q) and not nriqa_sr.python_q_file(member).is_file():
                 problems.append(f'{nriqa_sr.python_q_file(member)}: no such file (--iqa {member}, {why})')
             absent = weights.missing_weights(member, iqa_weights)
-            if cfg.random_iqa:
-                absent = [p for p in absent if p.name != weights.weight_file(member)]
+            if cfg.random_iqa and weights.weight_file(member):  # random weights, its backbone's too
+                absent = []
+            hint = '' if cfg.random_iqa else ' (or --random-iqa for meaningless random scores)'
             problems += [f'{p}: weights of {member} ({why}) not found; fetch them with: python nriqa_sr.py weights '
-                         f'--download {member} (or --random-iqa for meaningless random scores)' for p in absent]
+                         f'--download {member}{hint}' for p in absent]
     vgg = Path(cfg.vgg_weights) if cfg.vgg_weights else weights.backbone_path('perceptual')
     if cfg.perceptual_weight > 0 and not cfg.random_vgg and not vgg.is_file():
         problems.append(f'{vgg}: VGG19 weights of the perceptual loss not found; fetch them with: python nriqa_sr.py '

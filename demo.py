@@ -51,7 +51,11 @@ DIAL_PLOT = Path('docs') / 'demo_dial.png'  # where --readme puts the dial's plo
 
 
 # ----------------------------------------------------------------------------- demo data
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: the Table 8 layout (pairs/) beside the HGGT splits
+
+
+
+DEMO_SEED = 1  # the draws of the photographs' crops, labels and degradations
 
 
 
@@ -138,7 +142,7 @@ def _demo_stats(votes: dict) -> dict:
 
 def _build_demo(root: Path, num_train: int, num_test: int) -> dict:
     """Write both splits under `root`; returns their label statistics."""
-    g = torch.Generator().manual_seed(DEMO_VERSION)
+    g = torch.Generator().manual_seed(DEMO_SEED)
     sources = _demo_sources()
     stats = {}
     for split, count, size in (('train', num_train, 192), ('test', num_test, 128)):
@@ -153,7 +157,10 @@ def _build_demo(root: Path, num_train: int, num_test: int) -> dict:
             votes[name] = _write_demo_set(root / split, name, img.crop((x, y, x + size, y + size)), g)
             if split == 'test':
                 hr = load_image(gt_paths(root / split, name)[0])
-                save_image(degrade(hr, OneStageDegradation(), g), root / split / 'Blind_LR' / f'{name}.png')
+                lq = degrade(hr, OneStageDegradation(), g)
+                save_image(lq, root / split / 'Blind_LR' / f'{name}.png')
+                save_image(hr, root / 'pairs' / f'{name}_HR.png')  # Table 8's single-GT layout (RealSR v3)
+                save_image(lq, root / 'pairs' / f'{name}_LR4.png')
         stats[split] = _demo_stats(votes)
     return stats
 
@@ -175,7 +182,8 @@ def make_demo_dataset(dest, num_train: int = 24, num_test: int = 6) -> tuple[Pat
 
     Train sets are 192 px crops, test sets 128 px crops from the right-most 128 columns of the
     same photographs (no overlap). GT 01..04 = `_enhance` at DEMO_STRENGTHS times a per-set factor;
-    labels by `_demo_votes`; the test split gets a pre-degraded x4 LQ in test/Blind_LR.
+    labels by `_demo_votes`; the test split gets a pre-degraded x4 LQ in test/Blind_LR, and each test set's
+    original and LQ also lie in pairs/ as RealSR v3 names them (NAME_HR.png, NAME_LR4.png: Table 8's layout).
     Deterministic. Built in a temp folder with `manifest.json` written last, then renamed into
     place, so a folder without a manifest is half-built and gets rebuilt. Returns (train, test) roots.
     """
@@ -183,7 +191,7 @@ def make_demo_dataset(dest, num_train: int = 24, num_test: int = 6) -> tuple[Pat
     wanted = {'version': DEMO_VERSION, 'num_train': num_train, 'num_test': num_test}
     manifest = _demo_manifest(dest, wanted)
     if manifest is None:
-        if dest.exists() and not {p.name for p in dest.iterdir()} <= {'train', 'test', 'manifest.json'}:
+        if dest.exists() and not {p.name for p in dest.iterdir()} <= {'train', 'test', 'pairs', 'manifest.json'}:
             raise ValueError(f'{dest}: exists and is not a demo dataset folder (choose an empty or new folder)')
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}.tmp-'))
@@ -255,7 +263,7 @@ README_END = '<!-- end of demo results -->'
 
 
 def wall_times(timings, total):
-    """'step 6 s, ...; total 346 s': the wall time of each demo step and of the whole run."""
+    """'step 6 s, ...; total 346 s': the wall time of each step that ran in this call, and of the call."""
     return ', '.join(f'{k} {v:.0f} s' for k, v in timings.items()) + f'; total {total:.0f} s'
 
 
@@ -282,6 +290,22 @@ def readme_block_bounds(text, path):
     return start, end + len(README_END)
 
 
+def table_lines(block):
+    """The lines of a demo-results block that a clean run must reproduce: all but the machine and wall times."""
+    return [line for line in block.splitlines() if not line.startswith('Machine: ')]
+
+
+def check_readme(path, block):
+    """Exit 1, naming the first difference, when the demo-results block of `path` is not this run's table."""
+    text = path.read_text()
+    start, end = readme_block_bounds(text, path)
+    for old, new in zip(table_lines(text[start:end]) + [''], table_lines(block) + [''], strict=False):
+        if old != new:
+            sys.exit(f'error: {path}: the demo-results block differs from this clean run:\n  README: {old}\n  '
+                     f'demo:   {new}\nrewrite it with: python demo.py --readme {path} (on a clean --data/--out)')
+    print(f'{path}: the demo-results table equals this run\'s')
+
+
 def update_readme(path, block):
     """Replace the demo-results block of `path` with `block`, atomically."""
     text = path.read_text()
@@ -298,6 +322,8 @@ def main(argv=None):
     parser.add_argument('--data-only', action='store_true', help='only build the demo data set (seconds), then stop')
     parser.add_argument('--readme', type=Path, metavar='README.md',
                         help="write the results table and wall times into this file's demo-results block")
+    parser.add_argument('--check-readme', type=Path, metavar='README.md',
+                        help="exit 1 unless this file's demo-results table equals this run's (CI); needs a clean run")
     args = parser.parse_args(argv)
     with interruptible():
         try:
@@ -310,9 +336,11 @@ def main(argv=None):
 
 
 def run_demo(args):
-    """Data, score, the three stage-1 runs and FT, evaluation, each step skipped when its result is there."""
-    if args.readme is not None:
-        readme_block_bounds(args.readme.read_text() if args.readme.is_file() else '', args.readme)  # fail early
+    """Data, score, fit Q, the three stage-1 runs and FT, evaluation, the dial; each step skipped when its result
+    is there."""
+    for readme in (args.readme, args.check_readme):
+        if readme is not None:
+            readme_block_bounds(readme.read_text() if readme.is_file() else '', readme)  # fail early
 
     timings = {}
     start = time.perf_counter()
@@ -327,6 +355,11 @@ def run_demo(args):
         print(f'WARNING: {line}', file=sys.stderr)
 
     cache = score_cache.score_cache_path(train_root, rank_q[1])
+    runs = {sampler: args.out / 'runs' / sampler for sampler in (*STAGE1, 'amo_ft')}
+    done = [str(path) for path in [cache, fitted, *(out / 'generator.pth' for out in runs.values())] if path.is_file()]
+    if (args.readme or args.check_readme) is not None and done:  # the README's block comes from a clean run only
+        sys.exit(f'error: --readme/--check-readme: the demo would skip steps whose outputs exist ({", ".join(done)}); '
+                 'the README block needs a clean run: remove them, or pass --data and --out folders that do not exist')
     if not cache.is_file():
         run([PY, str(HERE / 'nriqa_sr.py'), 'score', '--data', str(train_root), *rank_q[:2], '--cache', str(cache)],
             timings, 'score')
@@ -335,11 +368,9 @@ def run_demo(args):
              '--resume', 'auto', *fit_flags, *DEMO_FIT], timings, 'fit Q')
     common = [PY, str(HERE / 'train.py'), '--preset', 'demo', '--arch', args.arch, '--data', str(train_root), *vgg,
               '--resume', 'auto']
-    runs = {sampler: args.out / 'runs' / sampler for sampler in STAGE1}
-    for sampler, out in runs.items():
-        if not (out / 'generator.pth').is_file():
-            run([*common, '--sampler', sampler, *rank_q, '--out', str(out)], timings, f'stage 1 {sampler}')
-    runs['amo_ft'] = args.out / 'runs' / 'amo_ft'
+    for sampler in STAGE1:
+        if not (runs[sampler] / 'generator.pth').is_file():
+            run([*common, '--sampler', sampler, *rank_q, '--out', str(runs[sampler])], timings, f'stage 1 {sampler}')
     if not (runs['amo_ft'] / 'generator.pth').is_file():
         run([*common, '--finetune', '--init', str(runs['amo'] / 'generator.pth'), *reward_q,
              '--out', str(runs['amo_ft'])], timings, 'stage 2 amo+FT')
@@ -369,18 +400,22 @@ def run_demo(args):
           f"{fit['after']['pairwise_accuracy']:.1f} %, label pairs ranked right "
           f"{fit['before']['label_pair_accuracy']:.1f} % -> {fit['after']['label_pair_accuracy']:.1f} % on "
           f"{len(fit['held_out_sets'])} held-out training sets")
-    print('wall time per step: ' + wall_times(timings, total))
+    print('wall time per step: ' + wall_times(timings, total)
+          + (f' (skipped, their outputs existed: {", ".join(done)})' if done else ''))
     dial_md = (args.out / 'dial' / 'results.md').read_text()
     print('\n' + dial_md)
     print(f'report: {args.out / "eval" / "report.html"}; the dial: {args.out / "dial" / "report.html"}')
     for line in meaningless:
         print(f'WARNING: {line}')
+    block = results_block(results_md, timings, total, dial_md)
     if args.readme is not None:
         plot = args.readme.parent / DIAL_PLOT
         with atomic_open(plot) as f:
             f.write((args.out / 'dial' / 'perception_distortion.png').read_bytes())
-        update_readme(args.readme, results_block(results_md, timings, total, dial_md))
+        update_readme(args.readme, block)
         print(f'{args.readme}: demo results updated; {plot}: the dial\'s plot')
+    if args.check_readme is not None:
+        check_readme(args.check_readme, block)
 
 
 if __name__ == '__main__':

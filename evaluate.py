@@ -25,8 +25,9 @@ One pass over the test sets: a set's references are read once, every row is scor
   - No-reference metrics (MUSIQ, NIMA, Q-Align, TOPIQ-NR, PaQ-2-PiQ) score the SR image alone. The Gold
     Standard row (paper Table 5) is, per NR metric, the best score among a set's GTs, averaged over sets; for
     single-GT pairs it is the HR's own score.
-  - A metric whose weight files are absent shows "missing (file X)" (pyiqa would try to download it) and
-    the others still compute; --strict makes that an error.
+  - A requested metric whose weight files are absent stops the run before any work, with one block naming
+    each file and the command that fetches it (pyiqa would download it); --random-iqa gives every pyiqa metric
+    random weights, backbones included (meaningless scores, for offline demos and tests).
   - --agreement: how often NR metrics agree with the human labels of --data, over every labelled set
     (paper §3, supplementary §7.1), the numbers `python nriqa_sr.py agreement` prints.
 SR images are scored as the 8-bit PNGs saved in out/sr/<row>/NAME.png (what HGGT's scripts read). Every
@@ -43,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import lora
 import models
@@ -51,9 +51,9 @@ import nriqa_sr
 import score_cache
 import upscale
 from data import gt_paths, read_effective_labels
-from files import (Interrupted, image_size, interrupted_exit, interruptible, load_checkpoint, load_image, save_image,
-                   to_rgb)
-from metrics import FULL_REFERENCE, METRICS, build_metric, parse_metric_list
+from files import (Interrupted, image_size, interrupted_exit, interruptible, load_checkpoint, load_image, progress,
+                   save_image, to_rgb)
+from metrics import FULL_REFERENCE, METRICS, build_metric, parse_metric_list, unavailable, unavailable_error
 from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
 from weights import WEIGHT_FILES
 
@@ -292,8 +292,6 @@ def score_sr(sr, positives, metrics, metric_names):
     """Every available metric of one SR image (1,3,H,W); FR = mean over the effective positives (P,3,H,W)."""
     row = {}
     for n in metric_names:
-        if metrics[n].fn is None:
-            continue
         if n in FULL_REFERENCE:  # HGGT's multi-GT scripts: the mean over the set's effective positive GTs
             row[n] = metrics[n].fn(sr.expand_as(positives), positives).mean().item()
         else:
@@ -304,10 +302,10 @@ def score_sr(sr, positives, metrics, metric_names):
 def score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, args):
     """The one pass: per set, every reference's NR scores and every method's row (SR / LQ / GT PNGs saved
     under args.out) -> (per-image rows, {metric: {set name: reference scores}})."""
-    scored_refs = [n for n, m in metrics.items() if m.fn is not None and n not in FULL_REFERENCE]
+    scored_refs = [n for n in metrics if n not in FULL_REFERENCE]
     ref_scores, per_image = {n: {} for n in scored_refs}, []
     with torch.no_grad():
-        for s in tqdm(sets, desc='evaluate', unit='set'):
+        for s in progress(sets, 'evaluate', 'set'):
             refs = torch.stack([to_rgb(load_image(p)) for p in s.refs]).to(args.device)  # (K,3,H,W)
             lq = to_rgb(load_image(s.lq)) if use_lq else None
             if lq is not None:
@@ -329,13 +327,13 @@ def score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, a
     return per_image, ref_scores
 
 
-def table_rows(per_image, labels, metrics, metric_names):
-    """Per method and Gold Standard: each metric's mean over images, or its 'missing' note."""
+def table_rows(per_image, labels, metric_names):
+    """Per method and Gold Standard: each metric's mean over images."""
     def value(label, n):
         if label == GOLD and n in FULL_REFERENCE:
             return None  # the Gold Standard has NR columns only
         values = [r[n] for r in per_image if r['method'] == label and n in r]
-        return metrics[n].missing or sum(values) / len(values)
+        return sum(values) / len(values)
     return [{'method': label, **{n: value(label, n) for n in metric_names}} for label in labels]
 
 
@@ -344,9 +342,6 @@ def agreement_rows(args, metrics, labels, ref_scores):
     others' from a score cache or scored now (score_cache.labelled_scores)."""
     rows = []
     for n in args.agreement or ():
-        if metrics[n].missing:
-            rows.append({'metric': n, 'missing': metrics[n].missing})
-            continue
         scores = score_cache.labelled_scores(args.data, metrics[n].fn, list(labels), known=ref_scores[n])
         rows.append({'metric': n, **nriqa_sr.agreement(scores, labels)})
     return rows
@@ -357,10 +352,14 @@ def evaluate(args):
     metric_names = parse_metric_list(args.metrics)
     methods = resolve_methods(args.sources)
     check_flags(args, methods)
-    weighted = [n for n in dict.fromkeys(metric_names + tuple(args.agreement or ())) if n in WEIGHT_FILES]
+    names = list(dict.fromkeys(metric_names + tuple(args.agreement or ())))
+    weighted = [n for n in names if n in WEIGHT_FILES]
     if args.iqa_weights is not None and args.iqa_weights.is_file() and len(weighted) > 1:
         raise ValueError(f'--iqa-weights {args.iqa_weights}: one weight file for {len(weighted)} metrics '
                          f"({', '.join(weighted)}); give --metrics / --agreement the one it is for, or a folder")
+    absent = unavailable(names, args.iqa_weights, args.random_iqa)
+    if absent:
+        raise FileNotFoundError(unavailable_error(absent, args.random_iqa))
     sets, labels = (pair_sets(args.hr, args.lq, args.hr_name, args.lq_name), {}) if args.hr else \
         hggt_sets(args.data, args.lq)
     if not sets:
@@ -372,14 +371,12 @@ def evaluate(args):
     sources.update({m.name: index_sr_dir(m.sr_dir, sets) for m in methods if m.sr_dir})
     if args.random_iqa:
         print(RANDOM_WARNING, file=sys.stderr)
-    names = list(dict.fromkeys(metric_names + tuple(args.agreement or ())))
-    metrics = {n: build_metric(n, args.device, args.iqa_weights, args.random_iqa, args.strict) for n in names}
+    metrics = {n: build_metric(n, args.device, args.iqa_weights, args.random_iqa) for n in names}
     compare = args.compare or [m.name for m in methods[:2]] + ['GT'] * (len(methods) < 2)
     per_image, ref_scores = score_sets(sets, methods, sources, metrics, metric_names, use_lq, compare, args)
-    table = table_rows(per_image, [m.name for m in methods] + [GOLD], metrics, metric_names)
+    table = table_rows(per_image, [m.name for m in methods] + [GOLD], metric_names)
     return Results(metric_names, table, per_image, agreement_rows(args, metrics, labels, ref_scores), len(sets),
-                   compare, absent={n: [str(f) for f in metrics[n].absent] for n in names if metrics[n].absent},
-                   source=' + '.join(map(str, args.hr)) if args.hr else str(args.data), single_gt=bool(args.hr),
+                   compare, source=' + '.join(map(str, args.hr)) if args.hr else str(args.data), single_gt=bool(args.hr),
                    dropped=len(labels) - len(sets) if labels else 0, has_lq=use_lq, random_iqa=args.random_iqa,
                    dial={m.name: {'curve': m.curve, 'lora_scale': m.lora_scale} for m in methods if m.curve})
 
@@ -414,7 +411,6 @@ def build_parser():
                    help="LQ file names of --hr pairs, '*' = set name (default RealSR v3's '*_LR4.png')")
     p.add_argument('--out', type=Path, required=True, help='output folder')
     p.add_argument('--metrics', default=','.join(METRICS), help=f"comma list (default all): {','.join(METRICS)}")
-    p.add_argument('--strict', action='store_true', help='a metric with absent weights is an error, not a note')
     p.add_argument('--device', type=nriqa_sr.parse_device, default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='torch device')
     p.add_argument('--amp', action='store_true', help='generator under autocast (fp16 on CUDA, bf16 on CPU)')
@@ -428,7 +424,8 @@ def build_parser():
                    help='folder of pyiqa weight files (default $TORCH_HOME/hub/pyiqa), or one file for the one '
                         "weighted metric of --metrics (e.g. fit-q's q_fitted.pth with --metrics psnr,ssim,musiq)")
     p.add_argument('--random-iqa', action='store_true',
-                   help='NR metrics with RANDOM weights: meaningless scores, for offline demos and tests')
+                   help='every pyiqa metric (LPIPS, DISTS, MUSIQ, ...) with RANDOM weights, backbones included: '
+                        'meaningless scores, runnable offline, for demos and tests')
     p.add_argument('--agreement', nargs='+', metavar='METRIC',
                    help='agreement of these NR metrics (or ensembles, or py:FILE.py:NAME Q) with the human labels '
                         'of --data (paper §3)')

@@ -1,4 +1,5 @@
-"""Files in and out: images (8/16-bit, gray/RGB/RGBA), atomic writes, and checkpoints loaded safely.
+"""Files in and out: images (8/16-bit, gray/RGB/RGBA), atomic writes, checkpoints loaded safely, and the progress
+of a pass over files (a bar on a terminal, plain lines in a redirected log).
 
 Every output of the project goes through `atomic_open` (temp file, fsync, rename: never a half-written
 file, even after kill -9); every checkpoint is read with `torch.load(weights_only=True)`, so a file
@@ -17,6 +18,7 @@ import signal
 import struct
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -366,3 +369,20 @@ def save_checkpoint(obj, path, checksum=True):
     with atomic_open(path) as f:
         torch.save({**obj, CHECKSUM: content_digest(obj)} if checksum else obj, f)
 
+
+
+def progress(items, desc, unit, total=None, initial=0, every=5.0):
+    """Yield `items` with their progress on stderr: tqdm's bar on a terminal; into a file (a redirected log) a plain
+    line at most every `every` seconds and one at the end, never a bar's carriage returns."""
+    if sys.stderr.isatty():
+        yield from tqdm(items, desc=desc, unit=unit, total=total, initial=initial)
+        return
+    items = list(items)
+    total = len(items) + initial if total is None else total
+    start = last = time.monotonic()
+    for done, item in enumerate(items, initial + 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every or done == total:
+            print(f'{desc}: {done}/{total} {unit}s, {now - start:.0f} s', file=sys.stderr, flush=True)
+            last = now

@@ -4,7 +4,7 @@ Full-reference metrics compare an SR image with a GT after cropping 4 border pix
 as BasicSR (RGB, 8-bit range), LPIPS, LPIPS-ST and DISTS through pyiqa
 (PosNegGTSR/scripts/metrics/calculate_multigt_labeled_{psnr_ssim,lpips,dists}.py). No-reference metrics go
 through nriqa_sr.QualityModel (higher is better). Weight files are looked up before pyiqa is called (it
-would download what it does not find): a metric whose files are absent becomes a table note, not an error.
+would download what it does not find): a metric whose files are absent is an error naming them, before any work.
 """
 from dataclasses import dataclass
 
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import nriqa_sr
 from files import load_checkpoint
-from weights import check_unpickled, download_command, missing_weights, weight_file, weight_path
+from weights import (WEIGHT_FILES, check_unpickled, download_command, missing_weights, random_backbones,
+                     weight_path)
 
 # Paper column order (Table 5); the first five compare with the GTs, the rest score the image alone.
 METRICS = ('psnr', 'ssim', 'lpips', 'stlpips', 'dists', 'musiq', 'nima', 'qalign', 'topiq_nr', 'paq2piq')
@@ -71,14 +72,8 @@ def calculate_ssim(sr, gt):
 
 @dataclass
 class Metric:
-    """One metric: fn(sr (N,3,H,W)[, gts (N,3,H,W)]) -> (N,), or the weight files it needs that are absent."""
-    fn: object = None
-    absent: tuple = ()
-
-    @property
-    def missing(self):
-        """The table cell of a metric that cannot compute: 'missing (file X)'; None when it computes."""
-        return f'missing (file {", ".join(p.name for p in self.absent)})' if self.absent else None
+    """One metric: fn(sr (N,3,H,W)[, gts (N,3,H,W)]) -> (N,)."""
+    fn: object
 
 
 
@@ -107,30 +102,53 @@ def pyiqa_full_reference(name, device, weights):
 
 
 
-def build_metric(name, device, weights=None, random_iqa=False, strict=False):
-    """The metric `name`, or Metric(absent=files) when weight files it needs are absent.
+def unavailable(names, weights=None, random_iqa=False):
+    """{metric: its absent files} of the metrics `names` that cannot compute here. With random_iqa every pyiqa
+    metric gets random weights, its backbone's included, so none but Q-Align (a 7B repository) needs a file."""
+    absent = {}
+    for name in names:
+        if name in ('psnr', 'ssim') or (random_iqa and name in WEIGHT_FILES):
+            continue
+        files = missing_weights(name, weights)
+        if files:
+            absent[name] = files
+    return absent
 
-    Files are looked up before pyiqa is called, because pyiqa downloads whatever it does not find.
-    NR metrics go through nriqa_sr.QualityModel (higher is better); random_iqa gives them random
-    weights, which need no checkpoint (only the backbone pyiqa always builds).
+
+def unavailable_error(absent, random_iqa=False):
+    """One block: each metric that cannot compute, its absent files and the command that fetches them."""
+    lines = [f'{len(absent)} requested metric(s) cannot be computed, weight files absent (nothing was run):']
+    lines += [f"  {name}: {', '.join(map(str, files))}  ->  {download_command(name)}" for name, files in absent.items()]
+    lines.append(f"fetch them all: {download_command(' '.join(absent))}; or leave them out of --metrics/--agreement"
+                 + ('' if random_iqa else '; or --random-iqa (random weights: meaningless scores, offline tests)'))
+    return '\n'.join(lines)
+
+
+def build_metric(name, device, weights=None, random_iqa=False):
+    """The metric `name` (its files checked first with `unavailable`: pyiqa downloads whatever it does not find).
+
+    NR metrics go through nriqa_sr.QualityModel (higher is better); random_iqa gives every pyiqa metric random
+    weights, backbones included (meaningless scores, for offline demos and tests).
     """
     if name == 'psnr':
         return Metric(pyiqa_psnr(device))
     if name == 'ssim':
         return Metric(calculate_ssim)
-    absent = missing_weights(name, weights)
-    if random_iqa and name not in FULL_REFERENCE:
-        absent = [p for p in absent if p.name != weight_file(name)]
+    absent = unavailable([name], weights, random_iqa)
     if absent:
-        if strict:
-            raise FileNotFoundError(f'{absent[0]}: {name} needs this file (--strict); run '
-                                    f'`{download_command(name)}`, put it there or pass --iqa-weights DIR, '
-                                    'or drop the metric from --metrics')
-        return Metric(absent=tuple(absent))
+        raise FileNotFoundError(unavailable_error(absent, random_iqa))
     if name in FULL_REFERENCE:
-        return Metric(pyiqa_full_reference(name, device, weights))
+        return Metric(random_full_reference(name, device) if random_iqa else pyiqa_full_reference(name, device, weights))
     return Metric(nriqa_sr.QualityModel(name, device, weights=weights, pretrained=not random_iqa))
 
+
+def random_full_reference(name, device):
+    """LPIPS, LPIPS-ST or DISTS with random weights, backbone included (--random-iqa), cropped as the real one."""
+    import pyiqa
+    with torch.random.fork_rng(devices=[]), random_backbones():
+        torch.manual_seed(0)
+        metric = pyiqa.create_metric(name, device=device, pretrained=False)
+    return lambda sr, gts: metric(crop_border(sr), crop_border(gts)).reshape(len(sr))
 
 
 def parse_metric_list(text):

@@ -24,17 +24,16 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 import lora
 import score_cache
 import upscale
 from data import NUM_GTS, read_effective_labels
 from files import (Interrupted, check_writable, interrupted_exit, interruptible, load_checkpoint, load_image,
-                   to_rgb)
+                   progress, to_rgb)
 from models import PADDINGS, generator_scale
 from weights import (BACKBONES, WEIGHT_FILES, backbone_path, check_unpickled, download_command, file_sha256,
-                     hub_offline, missing_weights, snapshot, weight_path)
+                     hub_offline, missing_weights, random_backbones, snapshot, weight_path)
 from weights import run as run_weights
 
 TAU = 10.0  # softmax temperature of sma / smp (paper: 10)
@@ -52,6 +51,8 @@ NO_GRADIENT = ('piqe', 'qalign')  # they can rank GTs but cannot drive fine-tuni
 PYTHON_Q = 'py:'  # --iqa py:FILE.py:NAME: the nn.Module that NAME() in the user's file returns
 PYTHON_Q_RANGE = (0.0, 1.0)  # an ensemble's range of a py: Q without a `score_range` attribute
 PROBE_SIZE = 64  # a py: Q is run once on two random images of this size when built: its output shape is checked
+# train.py --preset demo's Q: a tiny random MUSIQ (minutes on 2 CPU cores); `score --preset demo` builds its cache
+DEMO_IQA_OPTS = {'musiq': dict(longer_side_lengths=[64], num_layers=1, hidden_size=32, mlp_dim=64, num_heads=2)}
 
 
 # ----------------------------------------------------------------------------- Q
@@ -78,7 +79,9 @@ class QualityModel(nn.Module):
         members = parse_metric(name)
         metric_opts = check_quality_args(members, as_loss, weights, metric_opts)
         if not pretrained and any(m in WEIGHT_FILES for m, _ in members):
-            warnings.warn(f'--random-iqa: {name} has RANDOM weights: its scores are meaningless', stacklevel=2)
+            backbone = ' (its ImageNet backbone too)' if any(m in BACKBONES for m, _ in members) else ''
+            warnings.warn(f'--random-iqa: {name} has RANDOM weights{backbone}: its scores are meaningless',
+                          stacklevel=2)
         self.name, self.members, self.as_loss = metric_name(members), members, as_loss
         self.flags = score_flags(self.name, weights, not pretrained, metric_opts)
         built = [python_network(m, device, weights) if m.startswith(PYTHON_Q) else
@@ -109,6 +112,15 @@ class QualityModel(nn.Module):
             normalised = (score - lo) / (hi - lo)
             total = total + weight * (1 - normalised if metric in LOWER_BETTER else normalised)
         return total / sum(w for _, w in self.members)
+
+    def raw(self, x):
+        """pyiqa's own score of a one-metric Q, as pyiqa shows it: a lower-is-better metric not reflected."""
+        if len(self.members) > 1:
+            raise ValueError(f'--iqa {self.name}: an ensemble has no raw pyiqa score')
+        (metric, _), = self.members
+        score = self(x)
+        lo, hi = METRIC_RANGES[metric]
+        return lo + hi - score if metric in LOWER_BETTER else score
 
     def train(self, mode=True):
         """Q stays in eval mode whatever a parent module asks."""
@@ -373,12 +385,14 @@ def pyiqa_network(metric, device, weights, pretrained, opts):
         fingerprint = 'hf-' + (revision.name[:16] if revision is not None else 'unknown')
     else:
         fingerprint = 'weight-free'
-    if backbone is not None and backbone in missing_weights(metric):  # a repository folder may be partial
+    random_weights = metric in WEIGHT_FILES and not pretrained  # the backbone is random too (random_backbones)
+    if backbone is not None and not random_weights and backbone in missing_weights(metric):  # a folder may be partial
         raise FileNotFoundError(f'{backbone}: backbone of {metric} not found; pyiqa would download it: '
                                 f'run `{download_command(metric)}`')
     # pyiqa prints its loading messages: keep stdout for our own output (the score table); a cached
     # Hugging Face backbone is used as it is (hub_offline), never checked online for a newer revision
-    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline():
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr), hub_offline(), \
+            random_backbones() if random_weights else contextlib.nullcontext():
         torch.manual_seed(0)  # random weights are the same every time, so 'random-weights' names them
         try:
             iqa = pyiqa.create_metric(metric, as_loss=False, device=torch.device(device), **opts)
@@ -455,9 +469,37 @@ def build_parser():
     score.add_argument('--cache', type=Path, metavar='FILE', help='cache of --data (default ROOT/scores_<NAME>.json)')
     score.add_argument('--rescore', action='store_true',
                        help='replace a --cache made with another Q (other weights or options); without it, refused')
+    score.add_argument('--preset', choices=('paper', 'demo'), default='paper',
+                       help="demo: train.py --preset demo's Q (--random-iqa and its tiny MUSIQ's --iqa-opts), so that "
+                            'its sma/smp runs accept the cache; explicit --iqa-opts win')
     add_quality_flags(score, device)
+    add_upscale_command(commands, device)
+    add_agreement_command(commands, device)
+    commands.add_parser('fit-q', add_help=False, help='fit Q to the human labels of a labelled root (fit_q.py; '
+                        'its flags: fit-q --help)')
+    listing = commands.add_parser('weights', help='list the pretrained weight files: place, present or missing, '
+                                  'size, source URL (no network)')
+    listing.add_argument('--download', nargs='*', metavar='NAME',
+                         help='fetch the missing files and check their hashes: all, or those of the NAMEs '
+                              '(a metric such as nima, or a file name from the list)')
+    return parser
+
+
+class RealEsrganOnly(argparse.Action):
+    """A Real-ESRGAN flag with no counterpart here: one line saying what to pass instead."""
+
+    def __init__(self, option_strings, dest, instead, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f'{option_string}: {self.instead}')
+
+
+def add_upscale_command(commands, device):
+    """`upscale`, with Real-ESRGAN's inference_realesrgan.py spellings where the meaning is the same."""
     up = commands.add_parser('upscale', help='super-resolve images with a generator checkpoint')
-    up.add_argument('--ckpt', type=Path, required=True,
+    up.add_argument('--ckpt', '--model_path', type=Path, required=True,
                     help='generator checkpoint (params_ema or params); with --adapters, their base generator')
     up.add_argument('--adapters', type=Path, metavar='FILE',
                     help="a fine-tuning run's lora_adapters.pth, applied to --ckpt (the generator it fine-tuned)")
@@ -468,36 +510,35 @@ def build_parser():
                     help="SwinIR input padding (default: the file's; a released file: 'hggt', HGGT's; use "
                          "'official' for the SwinIR repository's checkpoints)")
     up.add_argument('-i', '--input', type=Path, required=True, metavar='IMG_OR_DIR',
-                         help='an image or a folder of PNG/JPEG images')
-    up.add_argument('-o', '--output', type=Path, required=True, metavar='OUT',
-                         help='output folder (NAME.png per input; never an input\'s own file), or a .png/.jpg '
-                              'file for one input image')
+                    help='an image or a folder of PNG/JPEG images')
+    up.add_argument('-o', '--output', type=Path, default=Path('results'), metavar='OUT',
+                    help="output folder (NAME.png per input; never an input's own file), or a .png/.jpg "
+                         'file for one input image (default results/, as Real-ESRGAN)')
     up.add_argument('--suffix', default='', metavar='TEXT',
-                         help='name outputs NAME_TEXT.png, as Real-ESRGAN (default: NAME.png)')
+                    help='name outputs NAME_TEXT.png, as Real-ESRGAN (default: NAME.png)')
+    up.add_argument('--ext', choices=upscale.EXTENSIONS, default='png',
+                    help="output format in a folder: png (default), jpg, or auto (the input's own, as "
+                         'Real-ESRGAN); an image with alpha needs png')
     up.add_argument('-s', '--outscale', type=positive_float, metavar='S',
-                         help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
-                              '(default: the model scale)')
-    up.add_argument('--tile', type=int, metavar='N',
-                         help='tile size in LQ pixels: memory grows with the tile, not the image (default: whole '
-                              'image)')
-    up.add_argument('--tile-pad', type=int, default=32, metavar='P',
-                         help='LQ pixels of context on each side of a tile (default 32)')
+                    help='resize the result to S x the input size with Lanczos, as Real-ESRGAN '
+                         '(default: the model scale)')
+    up.add_argument('-t', '--tile', type=int, metavar='N',
+                    help='tile size in LQ pixels: memory grows with the tile, not the image (default: whole image)')
+    up.add_argument('--tile-pad', '--tile_pad', type=int, default=32, metavar='P',
+                    help='LQ pixels of context on each side of a tile (default 32)')
     up.add_argument('--amp', '--fp16', action='store_true',
-                         help='half precision: autocast to fp16 on CUDA, bf16 on CPU (about 1e-2 from fp32; slow on '
-                              'CPUs without native bf16)')
+                    help='half precision: autocast to fp16 on CUDA, bf16 on CPU (about 1e-2 from fp32; slow on '
+                         'CPUs without native bf16)')
+    up.add_argument('--fp32', dest='amp', action='store_false', default=False,
+                    help='full precision, as Real-ESRGAN\'s --fp32 (the default here)')
     up.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
-                         help='run RRDBNet in channels-last memory format (default on; same output within fp32 '
-                              'rounding)')
+                    help='run RRDBNet in channels-last memory format (default on; same output within fp32 '
+                         'rounding)')
     up.add_argument('--device', type=parse_device, default=device, help=f'torch device (default {device})')
-    add_agreement_command(commands, device)
-    commands.add_parser('fit-q', add_help=False, help='fit Q to the human labels of a labelled root (fit_q.py; '
-                        'its flags: fit-q --help)')
-    listing = commands.add_parser('weights', help='list the pretrained weight files: place, present or missing, '
-                                  'size, source URL (no network)')
-    listing.add_argument('--download', nargs='*', metavar='NAME',
-                         help='fetch the missing files and check their hashes: all, or those of the NAMEs '
-                              '(a metric such as nima, or a file name from the list)')
-    return parser
+    up.add_argument('-n', '--model_name', action=RealEsrganOnly, metavar='NAME',
+                    instead='models are chosen by their file here: pass --ckpt FILE (or --model_path FILE)')
+    up.add_argument('--face_enhance', action=RealEsrganOnly, nargs=0,
+                    instead='GFPGAN face restoration is not part of this project; run without it')
 
 
 def add_agreement_command(commands, device):
@@ -520,23 +561,22 @@ def add_quality_flags(parser, device):
 
 
 def score_column(quality):
-    """The score table's column name, and the note that says so when a lower-is-better metric is
-    reflected (Q is always higher-is-better)."""
-    reflected = [m for m, _ in quality.members if m in LOWER_BETTER]
-    if not reflected:
-        return quality.name, None
+    """The score table's column: a metric's name and direction with pyiqa's raw scores ('piqe (lower is better)');
+    an ensemble's name, and the note that says what its score is."""
     if len(quality.members) == 1:
-        lo, hi = METRIC_RANGES[reflected[0]]
-        column = f'{lo + hi:g}-{reflected[0]}'
-        return column, (f'note: {reflected[0]} is lower-is-better; the score column is {column}, reflected in its '
-                        f'range [{lo:g}, {hi:g}] so that higher is better')
+        metric = quality.members[0][0]
+        return f"{metric} ({'lower' if metric in LOWER_BETTER else 'higher'} is better)", None
+    reflected = [m for m, _ in quality.members if m in LOWER_BETTER]
     return quality.name, (f'note: {quality.name} is the weighted mean of range-normalised scores in [0, 1], '
-                          f'with lower-is-better {", ".join(reflected)} entering as 1 - normalised score')
+                          'higher is better' + (f', with lower-is-better {", ".join(reflected)} entering as 1 - '
+                                                'normalised score' if reflected else ''))
 
 
 def run_score(args):
     """Flags, paths and every input image are checked before Q is built; no row before all decode."""
     members = parse_metric(args.iqa)
+    if args.preset == 'demo':
+        args.random_iqa, args.iqa_opts = True, DEMO_IQA_OPTS if args.iqa_opts is None else args.iqa_opts
     if args.data is not None:
         if not args.data.is_dir():
             raise FileNotFoundError(f'{args.data}: no such dataset folder')
@@ -558,7 +598,9 @@ def run_score(args):
     print(f'name,{column}')
     for path in images:
         with torch.no_grad():
-            print(f'{path.name},{quality(to_rgb(load_image(path))[None]).item():.4f}')
+            image = to_rgb(load_image(path))[None]
+            score = quality.raw(image) if len(quality.members) == 1 else quality(image)
+            print(f'{path.name},{score.item():.4f}')
 
 
 def run_agreement(args):
@@ -578,7 +620,7 @@ def run_agreement(args):
 def run_upscale(args):
     """Flags, output paths and every input are checked before the model is built."""
     upscale.check_tile(args.tile, args.tile_pad)
-    pairs = upscale.output_paths(upscale.list_images(args.input), args.input, args.output, args.suffix)
+    pairs = upscale.output_paths(upscale.list_images(args.input), args.input, args.output, args.suffix, args.ext)
     upscale.check_inputs(pairs, args.outscale)
     dial = None
     if args.lora_scale is not None and args.adapters is None:
@@ -592,7 +634,7 @@ def run_upscale(args):
     model = upscale.inference_model(args.ckpt, args.device, args.channels_last, swinir_padding=args.swinir_padding,
                                     dial=dial)
     scale = generator_scale(model)
-    for src, dst in tqdm(pairs, desc='upscale', unit='image'):
+    for src, dst in progress(pairs, 'upscale', 'image'):
         upscale.upscale_file(model, src, dst, scale, args.tile, args.tile_pad, args.outscale, args.amp)
     print(f'{len(pairs)} image(s) x{args.outscale or scale:g} -> {args.output}')
 

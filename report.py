@@ -19,7 +19,6 @@ from urllib.parse import quote
 
 from files import atomic_open
 from nriqa_sr import AGREEMENT_COLUMNS, agreement_cells
-from weights import download_command
 
 GOLD = 'Gold Standard'  # the row of the best GT's NR scores (paper Table 5): NR columns only
 LOWER_BETTER = ('lpips', 'stlpips', 'dists')
@@ -28,8 +27,6 @@ TITLES = {'psnr': 'PSNR', 'ssim': 'SSIM', 'lpips': 'LPIPS', 'stlpips': 'LPIPS-ST
 FORMATS = {**dict.fromkeys(TITLES, '.4f'), 'psnr': '.2f', 'musiq': '.2f', 'paq2piq': '.2f', 'nima': '.3f',
            'qalign': '.3f', 'topiq_nr': '.3f'}  # the paper's decimals
 RANDOM_WARNING = 'WARNING: --random-iqa: NR metrics have RANDOM weights, their scores are meaningless (demo/test only)'
-ABSENT_HEAD = ('Missing weight files (pyiqa would download them; fetch them with the command shown, put them '
-               'there or pass --iqa-weights DIR):')
 PLOT = 'perception_distortion.png'
 
 
@@ -42,7 +39,6 @@ class Results:
     agreement: list
     num_sets: int
     compare: list
-    absent: dict  # metric -> the full paths of its absent weight files
     source: str  # what was evaluated, for the titles
     single_gt: bool
     dropped: int  # sets left out: no effective positive
@@ -117,21 +113,20 @@ def header(metric_names):
 
 def cells(rows, metric_names):
     """Per row: (method, [(text, is_best)]) in metric order. Best = the best method value of the column
-    (Gold Standard is a reference, not a contender); a missing metric shows its note, '–' no value."""
+    (Gold Standard is a reference, not a contender); '–' no value."""
     best = {}
     for n in metric_names:
         values = [r[n] for r in rows if r['method'] != GOLD and isinstance(r.get(n), float)]
         best[n] = (min if n in LOWER_BETTER else max)(values) if values else None
     for r in rows:
-        yield r['method'], [('–' if v is None else v if isinstance(v, str) else format(v, FORMATS[n]),
+        yield r['method'], [('–' if v is None else format(v, FORMATS[n]),
                              r['method'] != GOLD and isinstance(v, float) and v == best[n])
                             for n, v in ((n, r.get(n)) for n in metric_names)]
 
 
 def agreement_rows(res):
     """(metric, texts in AGREEMENT_COLUMNS order) per --agreement metric."""
-    return [(a['metric'], [a['missing']] * len(AGREEMENT_COLUMNS) if 'missing' in a else agreement_cells(a))
-            for a in res.agreement]
+    return [(a['metric'], agreement_cells(a)) for a in res.agreement]
 
 
 def notes(res):
@@ -152,11 +147,6 @@ def notes(res):
     return lines
 
 
-def absent_note(res):
-    """One line per metric that could not compute: its absent files, full paths, and the command fetching them."""
-    return [f"{TITLES.get(n, n)}: {', '.join(files)} (`{download_command(n)}`)" for n, files in res.absent.items()]
-
-
 def markdown(res):
     lines = [f'# Evaluation on {res.source} ({res.num_sets} sets)', '']
     if res.random_iqa:
@@ -165,8 +155,6 @@ def markdown(res):
     for method, row in cells(res.table, res.metric_names):
         lines.append('| ' + ' | '.join([method] + [f'**{t}**' if best else t for t, best in row]) + ' |')
     lines += [''] + notes(res)
-    if res.absent:
-        lines += ['', ABSENT_HEAD] + [f'- {line}' for line in absent_note(res)]
     if res.agreement:
         lines += ['', '## Agreement with the human labels (paper §3, supplementary §7.1)', '',
                   '| Metric | ' + ' | '.join(AGREEMENT_COLUMNS) + ' |', '|---' * (len(AGREEMENT_COLUMNS) + 1) + '|']
@@ -179,7 +167,7 @@ SLIDER_JS = ("function slide(r){r.parentNode.querySelector('img.top').style.clip
              "'inset(0 '+(100-r.value)+'% 0 0)';}")
 STYLE = ('body{font-family:sans-serif;margin:1em;max-width:100%;overflow-wrap:anywhere}'
          '.wide{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.5em 0}'
-         'td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}.warn{color:#b00;font-weight:bold}'
+         'td,th{border:1px solid #bbb;padding:2px 6px;text-align:right;white-space:nowrap}.warn{color:#b00;font-weight:bold}'
          'img.plot{max-width:100%}.pair{display:flex;flex-wrap:wrap;gap:1em;max-width:1200px}'
          '.pair>div{flex:1 1 300px;position:relative;min-width:0}'
          '.pair img{width:100%;display:block;image-rendering:pixelated}.cmp input{width:100%}'
@@ -221,7 +209,7 @@ def image_section(res, name, computed):
 
 def report_html(res):
     """Self-contained page (inline CSS/JS; images by relative path to the saved PNGs): the table, notes,
-    missing weights, the agreement table, the perception-distortion plot, then every test image."""
+    the agreement table, the perception-distortion plot, then every test image."""
     parts = [('<!doctype html><html><head><meta charset="utf-8"><title>nriqa-sr evaluation</title>'
               f'<style>{STYLE}</style><script>{SLIDER_JS}</script></head><body>'),
              f'<h1>Evaluation on {html.escape(res.source)} ({res.num_sets} sets)</h1>']
@@ -229,9 +217,6 @@ def report_html(res):
         parts.append(f'<p class="warn">{html.escape(RANDOM_WARNING)}</p>')
     parts.append(html_rows(header(res.metric_names), cells(res.table, res.metric_names)))
     parts += [f'<p>{html.escape(line)}</p>' for line in notes(res)]
-    if res.absent:
-        parts.append(f'<p>{html.escape(ABSENT_HEAD)}</p><ul>' + ''.join(
-            f'<li>{html.escape(line)}</li>' for line in absent_note(res)) + '</ul>')
     if res.agreement:
         parts += ['<h2>Agreement with the human labels (paper §3, supplementary §7.1)</h2>',
                   html_rows(['Metric', *AGREEMENT_COLUMNS],
@@ -239,8 +224,7 @@ def report_html(res):
     if plot_axes(res)[0]:
         alt = '; '.join(f'{TITLES[x]} vs {TITLES[y]}' for x, y in plot_axes(res)[0])
         parts.append(f'<h2>Perception-distortion</h2><img class="plot" src="{attr(PLOT)}" alt="{html.escape(alt)}">')
-    computed = [n for n in res.metric_names if n not in res.absent]
-    parts += [image_section(res, name, computed) for name in dict.fromkeys(r['image'] for r in res.per_image)]
+    parts += [image_section(res, name, res.metric_names) for name in dict.fromkeys(r['image'] for r in res.per_image)]
     return '\n'.join(parts) + '\n</body></html>\n'
 
 
@@ -296,7 +280,8 @@ def perception_distortion_figure(res):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     panels = plot_axes(res)[0]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2, 4.5), squeeze=False)
+    markers = 'osD^vP*Xh<>p'
     for ax, (x, y) in zip(axes[0], panels):
         points = plot_points(res, x, y)
         for curve, values in points['curves'].items():
@@ -304,22 +289,19 @@ def perception_distortion_figure(res):
             ax.plot(xs, ys, marker='o', label=f'{curve} (dial)')
             for s, px, py in values:
                 ax.annotate(f'x{s:g}', (px, py), textcoords='offset points', xytext=(4, -10), fontsize=8)
-        for name, (px, py) in points['markers'].items():
-            ax.scatter(px, py)
-            ax.annotate(name, (px, py), textcoords='offset points', xytext=(4, 4))
+        for i, (name, (px, py)) in enumerate(points['markers'].items()):  # named in the legend: none overprint
+            ax.scatter(px, py, marker=markers[i % len(markers)], s=50, label=name)
         if points['gold'] is not None:
             ax.axhline(points['gold'], linestyle='--', color='gray', label=GOLD)
-        if points['curves'] or points['gold'] is not None:
-            ax.legend()
         fallback = y not in ('musiq', *PIXEL, *MID_LEVEL)  # an NR metric other than the paper's Q
         ax.set_title(f'{TITLES[x]} vs {TITLES[y]}' + (f'\n(MUSIQ not available: {TITLES[y]} used instead)'
                                                       if fallback else ''))
         ax.set(xlabel=axis_label(x), ylabel=axis_label(y))
-        if res.random_iqa and y not in PIXEL + MID_LEVEL:
-            ax.text(0.5, 0.97, 'RANDOM NR weights: meaningless', transform=ax.transAxes, ha='center', va='top',
-                    color='red')
+    axes[0][-1].legend(loc='upper left', bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize='small')
+    if res.random_iqa and any(y not in PIXEL + MID_LEVEL for _, y in panels):  # under the axes: no point sits there
+        fig.text(0.5, 0.01, 'RANDOM NR weights: meaningless', ha='center', va='bottom', color='red')
     fig.suptitle('Perception-distortion trade-off')
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 if res.random_iqa else 0, 1, 1))
     return fig
 
 
@@ -337,7 +319,7 @@ def write_reports(res, out):
     """Every report of `res` into the folder `out`; the plot only where it has something to show."""
     info = {'data': res.source, 'sets': res.num_sets, 'sets_left_out': res.dropped, 'metrics': list(res.metric_names),
             'lower_better': [n for n in res.metric_names if n in LOWER_BETTER], 'random_iqa': res.random_iqa,
-            'table': res.table, 'dial': res.dial, 'agreement': res.agreement, 'absent_weights': res.absent}
+            'table': res.table, 'dial': res.dial, 'agreement': res.agreement}
     write_atomic(out / 'results.json', json.dumps(finite_or_none(info), indent=1, ensure_ascii=False, allow_nan=False))
     write_atomic(out / 'results.csv', to_csv(res.table, ['method', *res.metric_names]))
     write_atomic(out / 'per_image.csv', to_csv(res.per_image, ['method', 'image', *res.metric_names]))

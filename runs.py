@@ -7,6 +7,8 @@ train.py calls these; none of them knows about the method.
     RUN/generator.pth      the export (EMA weights, LoRA merged; the discriminator beside them)
     RUN/lora_adapters.pth  FT only: the export's change to its base, per adapted layer (lora.adapter_file)
     RUN/log.csv, tb/, samples/
+    RUN/config.json        the resolved configuration (every TrainConfig field), rewritten by each resume
+    RUN/train.log          everything rank 0 printed, appended by each resume
     RUN/.lock              pid and host of the run that holds the folder
 
 A checkpoint is written only from a sane state (finite weights, none beyond EXPLODED), atomically, and older
@@ -290,7 +292,7 @@ def last_good(out):
 # defines the run's math (data, losses, schedule, sampler, models) and must match the checkpoint.
 MAY_CHANGE = {'out', 'resume', 'data', 'score_cache', 'total_iters', 'num_workers', 'device', 'amp', 'channels_last',
               'd_format', 'q_bf16', 'side_stream', 'compile', 'log_every', 'sample_every', 'monitor_every',
-              'save_every', 'keep', 'max_bad_steps', 'preset'}
+              'save_every', 'keep', 'max_bad_steps', 'preset', 'val', 'val_every'}
 
 
 def resume_changes(saved, now, defaults):
@@ -359,6 +361,49 @@ def load_training_state(ckpt, path, g, ema, raw_d, opts, scheds, scaler, queue, 
 
 
 # ----------------------------------------------------------------------------- what the user sees
+def write_config(cfg, out):
+    """RUN/config.json: the configuration the run resolved from presets and flags (BasicSR copies its option file)."""
+    with files.atomic_open(Path(out) / 'config.json') as f:
+        f.write(json.dumps(asdict(cfg), indent=1).encode())
+
+
+class TrainLog:
+    """Everything rank 0 prints to stdout and stderr also goes to RUN/train.log (appended across resumes). What is
+    printed before the run folder is taken waits in memory and is written when `attach` opens the file; progress-bar
+    redraws (text with a carriage return) stay on the terminal."""
+
+    def __init__(self):
+        self.pending, self.file, self.streams = io.StringIO(), None, (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = (_Tee(stream, self) for stream in self.streams)
+
+    def write(self, text):
+        if '\r' not in text:
+            (self.file or self.pending).write(text)
+
+    def attach(self, out):
+        self.file = open(Path(out) / 'train.log', 'a', encoding='utf-8', buffering=1)
+        self.file.write(self.pending.getvalue())
+
+    def close(self):
+        sys.stdout, sys.stderr = self.streams
+        if self.file is not None:
+            self.file.close()
+
+
+class _Tee:
+    """A stream that also hands what is written to a TrainLog."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding: the stream's own
+        return getattr(self.stream, name)
+
+
 class CsvLog:
     """log.csv, one row per logged step. A resumed run first drops the rows after its checkpoint's step
     (written before a kill), so every step appears once."""
@@ -414,7 +459,8 @@ class Logs:
     def __init__(self, cfg, out, step, resumed):
         fields = ['step', 'lr', 'loss_g', 'l1'] + ['perceptual'] * (cfg.perceptual_weight > 0)
         fields += ['gan', 'loss_d', 'd_real', 'd_fake'] * (cfg.gan_weight > 0) + ['q'] * (cfg.lambda_q > 0)
-        self.csv = CsvLog(out / 'log.csv', fields + ['bad_steps', 'it_per_s'], step if resumed else None)
+        fields += ['bad_steps', 'it_per_s'] + ['val_psnr', 'val_q'] * bool(cfg.val)
+        self.csv = CsvLog(out / 'log.csv', fields, step if resumed else None)
         self.writer = SummaryWriter(out / 'tb', purge_step=step if resumed else None)
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=cfg.total_iters, initial=step, dynamic_ncols=True, disable=not self.tty,
@@ -441,6 +487,13 @@ class Logs:
 
     def write(self, text):
         tqdm.write(text) if self.tty else print(text, flush=True)
+
+    def validation(self, step, values):
+        """A --val result: its own log.csv row, TensorBoard's val/ scalars, one line."""
+        self.csv.write({'step': step, **{f'val_{k}': v for k, v in values.items()}})
+        for k, v in values.items():
+            self.writer.add_scalar(f'val/{k}', v, step)
+        self.write(f'validation at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in values.items()))
 
     def close(self):
         self.bar.close()

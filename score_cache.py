@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from data import NUM_GTS, MultiGTDataset, gt_paths
-from files import atomic_open, load_image, to_rgb
+from files import atomic_open, load_image, progress, to_rgb
 
 CACHE_VERSION = 1
 
@@ -96,8 +95,8 @@ def score_dataset(root, quality, cache_path=None, flush_every=50, rescore=False)
                   f'{quality.name} ({quality.fingerprint}) (--rescore)', file=sys.stderr)
     header = {'version': CACHE_VERSION, 'metric': quality.name, 'fingerprint': quality.fingerprint}
     todo = [name for name in names if name not in scores]
-    for done, name in enumerate(tqdm(todo, desc=f'score {quality.name}', unit='set',
-                                     total=len(names), initial=len(names) - len(todo)), 1):
+    for done, name in enumerate(progress(todo, f'score {quality.name}', 'set', total=len(names),
+                                         initial=len(names) - len(todo)), 1):
         scores[name] = score_set(root, name, quality)
         if done % flush_every == 0:
             _write_cache({**header, 'scores': scores, 'complete': False}, cache_path)
@@ -156,7 +155,7 @@ def labelled_scores(root, quality, names, known=None):
     if todo:
         print(f'{quality.name}: scoring the GTs of {len(todo)} sets now; {score_command(root, quality.flags)} '
               'would cache them (resumable)', file=sys.stderr)
-    for name in tqdm(todo, desc=f'score {quality.name}', unit='set', disable=not todo):
+    for name in progress(todo, f'score {quality.name}', 'set'):
         scores[name] = score_set(root, name, quality)
     return {name: scores[name] for name in names}
 

@@ -40,10 +40,12 @@ import data
 import degradations
 import files
 import lora
+import metrics
 import models
 import nriqa_sr
 import runs
 import score_cache
+import upscale
 
 
 # ----------------------------------------------------------------------------- setup
@@ -287,7 +289,29 @@ def monitor(model, quality, second, held_out):
     positive = positive.clone()
     positive[:, 0] |= ~positive.any(dim=1)
     psnr = (-10 * torch.log10(mse.clamp_min(1e-10)) * positive).sum(1) / positive.sum(1)
-    return {'q': quality(sr).mean().item(), second.name: second(sr).mean().item(), 'psnr': psnr.mean().item()}
+    # the second metric as pyiqa shows it (PIQE raw, lower is better), Q as the run optimises it (higher is better)
+    return {'q': quality(sr).mean().item(), second.name: second.raw(sr).mean().item(), 'psnr': psnr.mean().item()}
+
+
+def validate(model, pairs, quality, psnr, out, step):
+    """HGGT's validation (its option files: Set5 every 50K steps): each LQ of `pairs` super-resolved by `model` (the
+    EMA), saved as out/val/<step>/NAME.png; the mean PSNR against its GT (BasicSR's: RGB, 4 border pixels cropped,
+    the GT cut to the SR size) and, where the run has a Q, the mean Q of the SR images (Q's own direction)."""
+    device, training = next(model.parameters()).device, model.training
+    psnrs, qs = [], []
+    model.eval()
+    with torch.no_grad():
+        for pair in pairs:
+            lq = files.to_rgb(files.load_image(pair.lq))[None].to(device)
+            sr = upscale.upscale_image(model, lq, models.generator_scale(model))
+            sr = torch.round(sr.float().clamp(0, 1) * 255) / 255  # as the saved 8-bit image
+            gt = files.to_rgb(files.load_image(pair.refs[0]))[None].to(device)[..., :sr.shape[-2], :sr.shape[-1]]
+            psnrs.append(psnr(sr, gt).item())
+            if quality is not None:
+                qs.append(quality(sr).item())
+            files.save_image(sr[0].cpu(), out / 'val' / f'{step:07d}' / f'{pair.name}.png')
+    model.train(training)
+    return {'psnr': sum(psnrs) / len(psnrs), **({'q': sum(qs) / len(qs)} if qs else {})}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -316,8 +340,9 @@ def preflight(cfg, dist_info):
     return lock
 
 
-def train(cfg, dist_info):
-    """Set up data, models, Q, optimisers and the run folder; resume; run the loop; export."""
+def train(cfg, dist_info, log=None):
+    """Set up data, models, Q, optimisers and the run folder; resume; run the loop; export. `log` (rank 0's
+    runs.TrainLog) starts writing RUN/train.log once the folder is taken."""
     dataset, train_set, held, about = build_data(cfg, dist_info.world)
     device, master, out = dist_info.device, dist_info.master, Path(cfg.out)
     g, ema, raw_d, perceptual, gen_config = build_models(cfg, device)
@@ -379,6 +404,9 @@ def train(cfg, dist_info):
                     images(torch.stack([it['gts'] for it in items]), device),
                     torch.stack([it['positive'] for it in items]).to(device)]
     state = (g, ema, raw_d, opts, scheds, scaler, queue)
+    if master:
+        runs.write_config(cfg, out)
+        log.attach(out)
     step, bad_steps = loop(cfg, dist_info, train_set, nets, (sampling_q, reward_q, scores), state, step, bad_steps,
                            held_out, fingerprints, gen_config)
     if master:
@@ -395,8 +423,11 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
     if held_out is not None:  # FT: Q, a second NR metric and PSNR of held-out sets over the run
         second = nriqa_sr.QualityModel('piqe', device=device)
         baseline = monitor(ema, quality[1], second, held_out)
-        logs.write(f'monitor at step {step} (held-out sets; all higher is better): '
+        logs.write(f'monitor at step {step} (held-out sets; q and psnr higher is better, piqe lower): '
                    + ', '.join(f'{k} {v:.4g}' for k, v in baseline.items()))
+    if master and cfg.val:  # the pairs were checked before the run; Q: the reward's, else the sampler's
+        val = (config.val_pairs(cfg.val), quality[1] if quality[1] is not None else quality[0],
+               metrics.pyiqa_psnr(device))
     side = torch.cuda.Stream(device) if device.type == 'cuda' and cfg.side_stream and \
         cfg.sampler in nriqa_sr.SCORES_ONLINE else None
     bad_in_a_row, first = 0, step
@@ -456,9 +487,11 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
                     for k, v in now.items():
                         logs.writer.add_scalar(f'monitor/{k}', v, step)
                     logs.write(f'monitor at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in now.items()))
-                    if now['q'] > baseline['q'] and now['piqe'] < baseline['piqe'] and now['psnr'] < baseline['psnr']:
-                        logs.write('warning: possible reward hacking: Q rose since this run started while PIQE and '
-                                   'PSNR fell (check samples/, consider a lower --lambda-q or LoRA)')
+                    if now['q'] > baseline['q'] and now['piqe'] > baseline['piqe'] and now['psnr'] < baseline['psnr']:
+                        logs.write('warning: possible reward hacking: Q rose since this run started while PIQE got '
+                                   'worse (rose) and PSNR fell (check samples/, consider a lower --lambda-q or LoRA)')
+                if cfg.val and step % cfg.val_every == 0:
+                    logs.validation(step, validate(ema, *val, out, step))
             if step % cfg.save_every == 0 or step == cfg.total_iters or stop:
                 runs.save(cfg, dist_info, step, bad_steps, gen_config, fingerprints, state)
             if stop:
@@ -474,12 +507,13 @@ def main(argv=None):
     """Errors before training are the same on every rank: rank 0 prints them; every rank exits with 2. SIGTERM
     or Ctrl-C before the loop (or after it) ends the run in one line, its lock and temp files removed."""
     dist_info, lock, code = None, None, 0
+    log = runs.TrainLog() if int(os.environ.get('RANK', 0)) == 0 else None
     with files.interruptible():
         try:
             cfg = config.parse_config(argv)
             dist_info = setup_distributed(cfg)
             lock = preflight(cfg, dist_info)
-            train(cfg, dist_info)
+            train(cfg, dist_info, log)
         except runs.StartError as err:
             if dist_info is None or dist_info.master:
                 head = [f'error: {err.problems[0]}'] if len(err.problems) == 1 else \
@@ -504,6 +538,8 @@ def main(argv=None):
                 lock.release()
             if dist_info is not None and dist_info.ddp and dist.is_initialized():
                 dist.destroy_process_group()
+            if log is not None:
+                log.close()
     if code:
         sys.exit(code)
 

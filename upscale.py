@@ -16,6 +16,7 @@ import models
 from files import check_writable, load_image, png_bit_depth, quantize, save_pixels, to_rgb
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+EXTENSIONS = ('png', 'jpg', 'auto')  # `upscale --ext`, Real-ESRGAN's choices
 
 
 def tiled(fn, x, scale, tile=None, pad=0):
@@ -114,12 +115,18 @@ def list_images(path):
 
 
 
-def output_paths(images, source, output, suffix=''):
+def output_name(src, suffix='', ext='png'):
+    """NAME.png, NAME_SUFFIX.png, or with ext 'jpg' / 'auto' (the input's own extension) as Real-ESRGAN's --ext."""
+    extension = src.suffix.lower() if ext == 'auto' else '.' + ext
+    return f'{src.stem}{"_" + suffix if suffix else ""}{extension}'
+
+
+def output_paths(images, source, output, suffix='', ext='png'):
     """[(input, output file)] of `upscale`, refused with one line before any work when it would lose work.
 
     -o is one file when it ends in .png/.jpg/.jpeg and is not an existing folder (then -i must be one
-    image file); otherwise a folder that gets NAME.png per input, NAME_SUFFIX.png with --suffix (as
-    Real-ESRGAN). Refused: an output that is an input file (same file on disk, so also through
+    image file); otherwise a folder that gets NAME.png per input, NAME_SUFFIX.png with --suffix, NAME.jpg
+    with ext 'jpg' or the input's extension with 'auto' (as Real-ESRGAN). Refused: an output that is an input file (same file on disk, so also through
     symlinks, hard links or '..'); two inputs with one output (a.png and a.jpg: named, never renamed
     silently); an output that cannot be written (a folder, or a path under a file).
     """
@@ -133,7 +140,7 @@ def output_paths(images, source, output, suffix=''):
         pairs = [(images[0], output)]
     else:
         check_writable(output, '-o', folder=True)
-        pairs = [(src, output / f'{src.stem}{"_" + suffix if suffix else ""}.png') for src in images]
+        pairs = [(src, output / output_name(src, suffix, ext)) for src in images]
         outside = [dst for _, dst in pairs if dst.parent != output or dst.name in ('.', '..')]
         if outside:  # a name made from user text that is not a plain name
             raise ValueError(f'-o {output}: {outside[0]} would be outside the output folder')

@@ -104,6 +104,27 @@ def hub_offline():
         constants.HF_HUB_OFFLINE = before
 
 
+@contextlib.contextmanager
+def random_backbones():
+    """The ImageNet backbones pyiqa builds pretrained (torchvision's alexnet / vgg16 / resnet18, timm's models for
+    NIMA and TOPIQ) get random weights in this block: what --random-iqa means for them (no file, no download)."""
+    import timm
+    import torchvision.models as tv
+
+    def without_weights(build):
+        return lambda *args, **kwargs: build(*args, **{k: v for k, v in kwargs.items() if k not in ('weights',
+                                                                                                     'pretrained')})
+    patched = {(tv, n): getattr(tv, n) for n in ('alexnet', 'vgg16', 'resnet18')} | {(timm, 'create_model'):
+                                                                                       timm.create_model}
+    for (module, name), build in patched.items():
+        setattr(module, name, without_weights(build))
+    try:
+        yield
+    finally:
+        for (module, name), build in patched.items():
+            setattr(module, name, build)
+
+
 def download_command(name):
     """The command that fetches what `name` (a metric or a file's name) needs."""
     return f'python nriqa_sr.py weights --download {name}'

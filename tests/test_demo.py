@@ -1,5 +1,6 @@
 """demo.py: the demo data set it builds, and with no weight file, the offline stand-ins it picks and flags."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,37 @@ def test_the_readme_demo_table_is_the_generated_block():
     text = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
     start, end = demo.readme_block_bounds(text, 'README.md')
     assert 'Wall time: ' in text[start:end] and '| Method |' in text[start:end]
+
+
+def test_check_readme_compares_the_table_and_ignores_only_the_machine_and_wall_times(tmp_path):
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'# intro\n{demo.README_START}\nold\n{demo.README_END}\n')
+    demo.update_readme(readme, demo.results_block(RESULTS_MD, {'score': 6.2}, 300))
+    demo.check_readme(readme, demo.results_block(RESULTS_MD, {'score': 9.0, 'evaluate': 1.0}, 999))
+    with pytest.raises(SystemExit, match=r'README: \| UPos \| 20.72 \|\n  demo:   \| UPos \| 20.73 \|'):
+        demo.check_readme(readme, demo.results_block(RESULTS_MD.replace('20.72', '20.73'), {}, 1))
+
+
+def test_readme_needs_a_clean_run_and_says_which_outputs_exist(demo_train, tmp_path, monkeypatch):
+    """A resumed demo skips steps: their wall times would be missing from the README's total."""
+    (tmp_path / 'out' / 'runs' / 'upos').mkdir(parents=True)
+    (tmp_path / 'out' / 'runs' / 'upos' / 'generator.pth').touch()
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'{demo.README_START}\n{demo.README_END}\n')
+    monkeypatch.setattr(sys, 'argv', ['demo.py', '--data', str(demo_train.parent), '--out', str(tmp_path / 'out'),
+                                      '--readme', str(readme)])
+    with pytest.raises(SystemExit, match='needs a clean run') as excinfo:
+        demo.main()
+    assert str(tmp_path / 'out' / 'runs' / 'upos' / 'generator.pth') in str(excinfo.value)
+
+
+def test_the_demo_builds_table_8_pairs_from_the_test_split(demo_train):
+    pairs = demo_train.parent / 'pairs'
+    sets = evaluate.pair_sets([pairs], None, '*_HR.png', '*_LR4.png')
+    assert [s.name for s in sets] == [f'test_{i:03d}' for i in range(6)]
+    assert evaluate.check_sets(sets, [4], need_lq=True)
+    for s in sets:
+        assert torch.equal(files.load_image(s.refs[0]), files.load_image(data.gt_paths(demo_train.parent / 'test',
+                                                                                     s.name)[0]))
+        assert torch.equal(files.load_image(s.lq), files.load_image(demo_train.parent / 'test' / 'Blind_LR' /
+                                                                    f'{s.name}.png'))

@@ -414,10 +414,13 @@ def test_rrdbnet_channels_last_equals_contiguous_and_is_the_default(tmp_path):
 
 
 # ----------------------------------------------------------------------------- demo split, every output
+DEMO_RUN_METRICS = ('psnr', 'ssim', 'lpips', 'musiq', 'paq2piq')
+
+
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     """evaluate.py once on a small demo test split with two tiny random generators, each a run folder's
-    generator.pth, all metrics."""
+    generator.pth; with --random-iqa, LPIPS and PaQ-2-PiQ compute offline on random weights, backbones included."""
     root = tmp_path_factory.mktemp('demo')
     _, test_root = make_demo_dataset(root / 'demo', num_train=1, num_test=2)
     torch.manual_seed(0)
@@ -432,7 +435,7 @@ def demo_run(tmp_path_factory):
         evaluate.main([str(a) for a in ['--ckpt', root / 'rrdbnet' / 'generator.pth', '--ckpt',
                                         root / 'swinir' / 'generator.pth', '--data', test_root, '--out', out,
                                         '--random-iqa', '--tile', '16', '--tile-pad', '4', '--agreement', 'musiq',
-                                        'piqe']])
+                                        'piqe', '--metrics', ','.join(DEMO_RUN_METRICS)]])
     return out
 
 
@@ -450,12 +453,11 @@ def test_demo_run_writes_every_output(demo_run):
     # results.md: every column, in the paper's order, with its direction arrow
     md = (demo_run / 'results.md').read_text()
     header = next(line for line in md.splitlines() if line.startswith('| Method'))
-    assert header == ('| Method | PSNR ↑ | SSIM ↑ | LPIPS ↓ | LPIPS-ST ↓ | DISTS ↓ | MUSIQ ↑ | NIMA ↑ | Q-Align ↑ '
-                      '| TOPIQ ↑ | PaQ-2-PiQ ↑ |')
+    assert header == '| Method | PSNR ↑ | SSIM ↑ | LPIPS ↓ | MUSIQ ↑ | PaQ-2-PiQ ↑ |'
     assert 'RANDOM' in md and '**' in md
     # JSON and CSV agree, cell by cell; only the weight-free and random metrics computed here
     rows = list(csv.DictReader((demo_run / 'results.csv').open()))
-    assert list(rows[0]) == ['method', *metrics.METRICS]
+    assert list(rows[0]) == ['method', *DEMO_RUN_METRICS]
     for json_row, csv_row in zip(result['table'], rows):
         for key, value in json_row.items():
             if isinstance(value, float):
@@ -463,8 +465,7 @@ def test_demo_run_writes_every_output(demo_run):
             else:
                 assert csv_row[key] == ('' if value is None else value)
     computed = {k for k, v in result['table'][0].items() if isinstance(v, float)}
-    assert computed == {'psnr', 'ssim', 'musiq'}
-    assert all(result['table'][0][m].startswith('missing (file ') for m in metrics.METRICS if m not in computed)
+    assert computed == set(DEMO_RUN_METRICS)
     per_image = list(csv.DictReader((demo_run / 'per_image.csv').open()))
     assert len(per_image) == 3 * 2  # (2 methods + Gold Standard) x 2 sets
     rrdb = [float(r['psnr']) for r in per_image if r['method'] == 'rrdbnet']
@@ -685,3 +686,24 @@ def test_bad_inputs_give_one_line_errors_before_any_work(tmp_path, capsys, monke
         code, err = run_main(argv, capsys)
         assert code == 2 and message in one_error_line(err), err
     assert not calls and not (tmp_path / 'out').exists() and (tmp_path / 'a_file').read_text() == 'not a folder'
+
+
+def test_a_metric_that_cannot_compute_stops_before_any_work(tmp_path, capsys, monkeypatch):
+    """Without its files a requested metric is an error (exit 2) naming every absent file and the command that
+    fetches it, before any image is super-resolved; --random-iqa is offered only where it is not given."""
+    go_offline(monkeypatch, tmp_path)  # caches of its own: other tests put files into the shared ones
+    _, test_root = make_demo_dataset(tmp_path / 'demo', num_train=1, num_test=1)
+    argv = ['--sr-dir', str(tmp_path / 'no_such_sr'), '--data', str(test_root), '--out', str(tmp_path / 'out'),
+            '--metrics', 'psnr,lpips,nima']
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and not (tmp_path / 'out').exists(), err
+    assert 'LPIPS_v0.1_alex-df73285e.pth' in err and 'alexnet-owt-7be5be79.pth' in err, err
+    assert 'NIMA_InceptionV2_ava-b0c77c00.pth' in err and 'models--timm--inception_resnet_v2.tf_in1k' in err
+    assert 'weights --download lpips' in err and 'weights --download nima' in err and '--random-iqa' in err
+    assert 'no_such_sr' not in err  # the metrics are checked first
+    with pytest.raises(SystemExit):
+        evaluate.main(argv[:-1] + ['psnr,qalign', '--random-iqa'])
+    err = capsys.readouterr().err
+    assert 'models--q-future--one-align' in err and '--random-iqa' not in err.split('\n', 1)[1]

@@ -201,7 +201,8 @@ def train_truncated_gt_in_worker(w, tmp):
         gt = data.gt_paths(root, name)[4]
         gt.write_bytes(gt.read_bytes()[:300])
     return Bad('train', train_args(w, tmp, '--num-workers', '1', root=root), data.gt_paths(root, 'a')[4].parent,
-               'cannot read image', leaves=('run', 'run/log.csv', 'run/tb', 'run/tb/events.out.tfevents.*'))
+               'cannot read image', leaves=('run', 'run/log.csv', 'run/config.json', 'run/train.log', 'run/tb',
+                                            'run/tb/events.out.tfevents.*'))
 
 
 def evaluate_truncated_gt(w, tmp):

@@ -314,7 +314,7 @@ def test_cli_score_dataset_and_images(hggt_root, capsys):
     capsys.readouterr()
     assert nriqa_sr.main(['score', '-i', str(images), '--iqa', 'piqe', '--device', 'cpu']) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == 'name,100-piqe'
+    assert lines[0] == 'name,piqe (lower is better)'
     assert [line.split(',')[0] for line in lines[1:]] == ['a.png', 'b.png', 'c.png', 'gray.png']
     assert nriqa_sr.main(['score', '-i', str(hggt_root / 'nope'), '--iqa', 'piqe']) == 2
     err = capsys.readouterr().err
@@ -476,6 +476,36 @@ print((status('VmHWM') - before) / (2000 * 1600))
 '''
 
 
+def test_upscale_takes_real_esrgans_spellings_with_the_same_meaning(tmp_path, capsys, monkeypatch):
+    config = dict(num_feat=8, num_block=1, num_grow_ch=4)
+    ckpt = tmp_path / 'g.pth'
+    files.save_checkpoint({'params_ema': models.build_generator('rrdbnet', **config).state_dict(), 'arch': 'rrdbnet',
+                           'config': config, 'scale': 4}, ckpt)
+    src = tmp_path / 'in'
+    save_image(torch.rand(3, 8, 8), src / 'a.png')
+    save_image(torch.rand(3, 8, 8), src / 'b.jpg')
+    monkeypatch.chdir(tmp_path)
+    ours = ['upscale', '--ckpt', str(ckpt), '-i', str(src), '-o', str(tmp_path / 'ours'), '--tile', '4',
+            '--tile-pad', '2', '--device', 'cpu']
+    theirs = ['upscale', '--model_path', str(ckpt), '-i', str(src), '-t', '4', '--tile_pad', '2', '--fp32',
+              '--device', 'cpu']
+    assert nriqa_sr.main(ours) == 0 and nriqa_sr.main(theirs) == 0  # without -o: results/, as Real-ESRGAN
+    for name in ('a.png', 'b.png'):
+        assert torch.equal(load_image(tmp_path / 'ours' / name), load_image(tmp_path / 'results' / name))
+    assert nriqa_sr.main(theirs + ['-o', str(tmp_path / 'auto'), '--ext', 'auto']) == 0
+    assert nriqa_sr.main(theirs + ['-o', str(tmp_path / 'jpg'), '--ext', 'jpg']) == 0
+    assert sorted(p.name for p in (tmp_path / 'auto').iterdir()) == ['a.png', 'b.jpg']
+    assert sorted(p.name for p in (tmp_path / 'jpg').iterdir()) == ['a.jpg', 'b.jpg']
+    parser = nriqa_sr.build_parser()
+    assert parser.parse_args(theirs).amp is False and parser.parse_args(theirs + ['--fp16']).amp is True
+    capsys.readouterr()
+    for flag, instead in ((['-n', 'RealESRGAN_x4plus'], '--model_path'), (['--face_enhance'], 'GFPGAN')):
+        with pytest.raises(SystemExit) as exit_info:
+            nriqa_sr.main(theirs + flag)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and instead in err[-1] and err[-1].count('\n') == 0
+
+
 def test_tiled_upscale_memory_grows_with_the_tile_not_the_float_image(tmp_path):
     """A 500x400 input (3.2 MP out) in 32-px tiles: the earlier code held the float32 output and its
     copies (~47 bytes per output pixel); now the uint8 output (3), Pillow's copy (4) and the file."""
@@ -539,17 +569,30 @@ def test_score_table_decodes_every_image_before_the_first_row(tmp_path, capsys):
     assert out == '' and err.count('\n') == 1 and 'z.png: cannot read image' in err
 
 
-def test_score_names_a_reflected_column_and_says_so(tmp_path, capsys):
+def test_score_prints_pyiqas_raw_value_with_its_direction(tmp_path, capsys):
+    """`score -i` shows a metric as pyiqa does: PIQE raw (lower is better), not the reflected Q of the samplers."""
+    import pyiqa
     save_image(torch.rand(3, 64, 64), tmp_path / 'a.png')
     argv = ['score', '-i', str(tmp_path), '--device', 'cpu']
     assert nriqa_sr.main(argv + ['--iqa', 'piqe']) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines()[0] == 'name,100-piqe' and 'piqe is lower-is-better' in err and 'reflected' in err
+    raw = pyiqa.create_metric('piqe', device='cpu')(load_image(tmp_path / 'a.png')[None]).item()
+    assert out.splitlines() == ['name,piqe (lower is better)', f'a.png,{raw:.4f}'] and 'note' not in err
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         assert nriqa_sr.main(argv + ['--iqa', 'musiq', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q)]) == 0
+        assert nriqa_sr.main(argv + ['--iqa', 'musiq+piqe', '--random-iqa', '--iqa-opts', json.dumps(TINY_Q)]) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines()[0] == 'name,musiq' and 'note' not in err
+    assert out.splitlines()[0] == 'name,musiq (higher is better)' and 'name,musiq+piqe' in out
+    assert err.count('note') == 1 and 'piqe entering as 1 - normalised score' in err
+
+
+def test_progress_into_a_file_is_a_line_every_few_seconds_not_a_bar(capsys):
+    assert list(files.progress(range(3), 'upscale', 'image', every=0)) == [0, 1, 2]
+    assert list(files.progress(range(3), 'score', 'set', every=3600)) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert '\r' not in err
+    assert err.splitlines() == [f'upscale: {i}/3 images, 0 s' for i in (1, 2, 3)] + ['score: 3/3 sets, 0 s']
 
 
 @pytest.mark.filterwarnings('ignore:--random-iqa')

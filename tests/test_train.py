@@ -1,12 +1,14 @@
 """train.py: the two stages as the paper and HGGT train them. DDP on CPU (gloo) against one process with the same
 global batch, exact resume after a kill, LoRA FT on Eq. 2 with an EMA, the FT critic, presets per option file.
 Tiny configurations on the demo data, random weights only (VGG19, MUSIQ)."""
+import csv
 import json
 import os
 import signal
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import config
 import data
 import files
 import lora
+import metrics
 import models
 import nriqa_sr
 import runs
@@ -415,3 +418,48 @@ def test_progress_lines_when_output_is_not_a_terminal(demo_train, tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith('step ')]
     assert [line.split()[1] for line in lines] == ['2/4', '4/4']
     assert all(' it/s | ETA ' in line and 'l1 ' in line for line in lines)
+
+
+def test_the_run_folder_holds_its_resolved_configuration_and_everything_printed(tmp_path, capsys):
+    """config.json (every TrainConfig field as resolved from the presets and flags) and train.log (what rank 0
+    printed, the lines before the folder was taken included)."""
+    for i in range(2):
+        write_random_set(tmp_path / 'root', f's{i}', 48, i, [['Positive', 'Similar', 'Negative', 'Similar']] * 3)
+    args = tiny_args(tmp_path / 'root', tmp_path / 'run', '--sampler', 'upos', '--batch-size', '1', '--gan-weight',
+                     '0', '--perceptual-weight', '0', '--resume', 'auto')
+    train.main(args + ['--total-iters', '1'])
+    printed = capsys.readouterr()
+    saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert saved == json.loads(json.dumps(asdict(config.parse_config(args + ['--total-iters', '1']))))
+    assert saved['gt_size'] == 32 and saved['lr'] == 1e-4  # a flag and a preset value
+    log = (tmp_path / 'run' / 'train.log').read_text()
+    assert log == printed.out + printed.err and 'stage 1 (upos' in log and 'done: 1 steps' in log
+
+
+def test_val_logs_psnr_and_q_and_saves_the_sr_images_as_hggts_option_files(demo_train, tmp_path, capsys):
+    """--val ROOT --val-every N: the EMA's PSNR against each GT and Q of its SR (log.csv, TensorBoard, one line),
+    the SR images under val/<step>/; BasicSR's GT/ + LQ/ layout and RealSR-named pairs both read."""
+    pairs = demo_train.parent / 'pairs'
+    args = tiny_args(demo_train, tmp_path / 'run', '--sampler', 'amo', '--total-iters', '2', '--val', pairs,
+                     '--val-every', '1', '--gan-weight', '0', '--perceptual-weight', '0')
+    train.main(args)
+    out = capsys.readouterr().out
+    rows = [r for r in csv.DictReader((tmp_path / 'run' / 'log.csv').open()) if r['val_psnr']]
+    assert [r['step'] for r in rows] == ['1', '2'] and all(r['val_q'] for r in rows)
+    assert 'validation at step 2: psnr ' in out
+    saved = sorted(p.name for p in (tmp_path / 'run' / 'val' / '0000002').iterdir())
+    assert saved == [f'test_{i:03d}.png' for i in range(6)]
+    ckpt = load(tmp_path / 'run' / 'generator.pth')
+    g = models.build_generator('swinir', **ckpt['config'])
+    g.load_state_dict(ckpt['params_ema'])
+    psnrs = []
+    for pair in config.val_pairs(pairs):
+        with torch.no_grad():
+            sr = torch.round(g.eval()(files.load_image(pair.lq)[None]).clamp(0, 1) * 255) / 255
+        assert torch.equal(files.load_image(tmp_path / 'run' / 'val' / '0000002' / f'{pair.name}.png')[None], sr)
+        psnrs.append(metrics.pyiqa_psnr('cpu')(sr, files.load_image(pair.refs[0])[None]).item())
+    assert float(rows[-1]['val_psnr']) == pytest.approx(sum(psnrs) / len(psnrs), rel=1e-6)
+    bad = tiny_args(demo_train, tmp_path / 'run2', '--val', tmp_path / 'nowhere', '--val-every', '1')
+    with pytest.raises(SystemExit):
+        train.main(bad)
+    assert '--val: ' in capsys.readouterr().err
