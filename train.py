@@ -406,7 +406,8 @@ def train(cfg, dist_info, log=None):
     state = (g, ema, raw_d, opts, scheds, scaler, queue)
     if master:
         runs.write_config(cfg, out)
-        log.attach(out)
+        if log is not None:  # train() called from code (bench/, tests) rather than main()
+            log.attach(out)
     step, bad_steps = loop(cfg, dist_info, train_set, nets, (sampling_q, reward_q, scores), state, step, bad_steps,
                            held_out, fingerprints, gen_config)
     if master:

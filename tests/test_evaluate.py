@@ -621,7 +621,7 @@ def test_three_tier_plot_draws_pixel_vs_mid_and_mid_vs_nr_from_the_table():
     table = [{'method': f'F x{s:g}', 'psnr': 25.0 - 2 * s, 'stlpips': 0.3 - 0.1 * s, 'musiq': 40.0 + 10 * s}
              for s in (0, 0.5, 1)] + [{'method': 'Other', 'psnr': 24.0, 'stlpips': 0.25, 'musiq': 45.0},
                                       {'method': report.GOLD, 'psnr': None, 'stlpips': None, 'musiq': 60.0}]
-    res = report.Results(('psnr', 'stlpips', 'musiq'), table, [], [], 3, [], {}, 'hand', False, 0, False, False,
+    res = report.Results(('psnr', 'stlpips', 'musiq'), table, [], [], 3, [], 'hand', False, 0, False, False,
                          dial={f'F x{s:g}': {'curve': 'F', 'lora_scale': s} for s in (0, 0.5, 1)})
     assert report.plot_axes(res) == ([('psnr', 'stlpips'), ('stlpips', 'musiq')], None)
     fig = report.perception_distortion_figure(res)

@@ -7,7 +7,7 @@ Each ```bash block of the README follows a marker line that says which it is:
                                          one-block error (no Python traceback) that names a missing path
   <!-- readme-test: skip (why) -->      installs, the full demo and the suite, or several machines
 Only the step and process counts are changed: `train.py` gets `--total-iters 1`, `--nproc_per_node=4` becomes 1.
-The commands run in a temp folder holding links to the scripts, offline, with empty weight caches.
+The commands run in a temp folder holding links to the scripts and tests/, offline, with empty weight caches.
 """
 import os
 import re
@@ -62,6 +62,7 @@ def workdir(tmp_path_factory):
     folder = tmp_path_factory.mktemp('readme')
     for script in ROOT.glob('*.py'):
         (folder / script.name).symlink_to(script)
+    (folder / 'tests').symlink_to(ROOT / 'tests')  # the README's `py:tests/user_q.py:TinyQ`
     env = {**os.environ, 'TORCH_HOME': str(folder / 'torch_home'), 'HF_HUB_CACHE': str(folder / 'hf'),
            'HF_HUB_OFFLINE': '1', 'PYTHONWARNINGS': 'ignore', 'OMP_NUM_THREADS': '2'}
     bin_dir = Path(sys.executable).parent  # `python` and `torchrun` of this interpreter
