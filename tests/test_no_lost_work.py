@@ -224,6 +224,20 @@ def wait_until(proc, ready, timeout=120):
     return proc.poll() is None
 
 
+def sigterm_group_when(proc, ready, delay=0.0):
+    """SIGTERM to the process group of `proc` once `ready()` holds (then `delay` s later); its output. A run that
+    outlives the test is killed."""
+    try:
+        assert wait_until(proc, ready)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGTERM)
+        return proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.parametrize('rows, delay', [(2, 0.0), (3, 0.004)])
 def test_sigterm_to_the_process_group_at_an_epoch_boundary_saves_the_step(root, tmp_path, rows, delay):
     """One step per epoch here, so every step ends at an epoch boundary, where the loader starts new workers:
@@ -231,15 +245,7 @@ def test_sigterm_to_the_process_group_at_an_epoch_boundary_saves_the_step(root, 
     out = tmp_path / 'run'
     log = out / 'log.csv'
     proc = start_train(root, out)
-    try:
-        assert wait_until(proc, lambda: log.is_file() and log.read_text().count('\n') > rows)
-        time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGTERM)
-        output = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    output = sigterm_group_when(proc, lambda: log.is_file() and log.read_text().count('\n') > rows, delay)
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
     saved = runs.saved_checkpoints(out)
     assert saved and f'stopped by SIGTERM after step {saved[-1][0]}: {saved[-1][1]} saved' in output, output[-2000:]
@@ -250,14 +256,7 @@ def test_sigterm_to_the_process_group_at_an_epoch_boundary_saves_the_step(root, 
 def test_sigterm_during_setup_leaves_no_lock_and_one_line(root, tmp_path):
     out = tmp_path / 'run'
     proc = start_train(root, out)
-    try:
-        assert wait_until(proc, (out / '.lock').is_file)
-        os.killpg(proc.pid, signal.SIGTERM)
-        output = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    output = sigterm_group_when(proc, (out / '.lock').is_file)
     assert proc.returncode == 128 + signal.SIGTERM and 'Traceback' not in output, output[-2000:]
     assert 'stopped by SIGTERM' in output and not (out / '.lock').exists() and not list(out.glob('.*.tmp'))
 
