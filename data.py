@@ -10,6 +10,11 @@ Layout read by `MultiGTDataset` (and by evaluate.py's HGGT test sets):
     <root>/labels/{A,B,C}/NAME.json = {"Picture_2": {"Label": "Positive"}, ..., "Picture_5": {...}}
     <root>/packed/{gts.u8,index.json}   optional: `python data.py pack --data ROOT` (no PNG decode per sample)
 """
+import stops  # first: a stop while the imports below load torch is one line, not their traceback
+
+if __name__ == '__main__':
+    stops.while_importing()
+
 import argparse
 import contextlib
 import hashlib
@@ -25,8 +30,8 @@ import numpy as np
 import torch
 
 from degradations import JPEG_MCU, OneStageDegradation, crop_context, degrade
-from files import Interrupted, atomic_open, image_size, interrupted_exit, interruptible, read_rgb8
-
+from files import atomic_open, image_size, read_rgb8
+from stops import Interrupted, interrupted_exit, interruptible
 logger = logging.getLogger(__name__)
 
 LABELS = ('Positive', 'Similar', 'Negative')

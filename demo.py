@@ -17,6 +17,11 @@ better, no gradient), the FT reward to a small MUSIQ fitted from random weights 
 (step 3), the perceptual loss to a random VGG19.
 Put the files where the messages say and the same command uses them.
 """
+import stops  # first: a stop while the imports below load torch is one line, not their traceback
+
+if __name__ == '__main__':
+    stops.while_importing()
+
 import argparse
 import json
 import os
@@ -41,8 +46,8 @@ import score_cache
 import weights
 from data import ANNOTATORS, LABELS, effective_labels, gt_paths
 from degradations import OneStageDegradation, degrade
-from files import Interrupted, atomic_open, interrupted_exit, interruptible, load_image, save_image
-
+from files import atomic_open, load_image, save_image
+from stops import Interrupted, interrupted_exit, interruptible
 PY = sys.executable
 HERE = Path(__file__).resolve().parent  # the scripts run from any working folder
 STAGE1 = ('origins', 'upos', 'amo')  # the paper's Table 5 rows the demo reproduces, plus AMO+FT

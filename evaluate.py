@@ -35,6 +35,11 @@ input, flag and output folder is checked before the first image is super-resolve
 to a staging folder beside --out and are moved in once the run has finished, so a failed run leaves --out
 as it was.
 """
+import stops  # first: a stop while the imports below load torch is one line, not their traceback
+
+if __name__ == '__main__':
+    stops.while_importing()
+
 import argparse
 import functools
 import re
@@ -51,8 +56,8 @@ import nriqa_sr
 import score_cache
 import upscale
 from data import gt_paths, read_effective_labels
-from files import (Interrupted, image_size, interrupted_exit, interruptible, load_checkpoint, load_image, progress,
-                   save_image, to_rgb)
+from files import image_size, load_checkpoint, load_image, progress, save_image, to_rgb
+from stops import Interrupted, interrupted_exit, interruptible
 from metrics import FULL_REFERENCE, METRICS, build_metric, parse_metric_list, unavailable, unavailable_error
 from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
 from weights import WEIGHT_FILES

@@ -14,7 +14,6 @@ import io
 import os
 import pickle
 import re
-import signal
 import struct
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+import stops
 from PIL import Image
 from tqdm import tqdm
 
@@ -159,7 +160,8 @@ def atomic_open(path):
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+        with stops.signals_held():  # never a temp file that no name in this frame points to
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
         os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         with os.fdopen(fd, 'wb') as f:
             yield f
@@ -180,39 +182,6 @@ def atomic_open(path):
 
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO,
                   errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)  # the storage's fault, not a bug
-
-
-class Interrupted(BaseException):
-    """SIGTERM (or SIGHUP) while a command runs: raised where the process is, so `finally` blocks and atomic_open
-    remove what it was writing (temp files, a run's lock); a BaseException, so no `except Exception` swallows it."""
-
-    def __init__(self, signum):
-        super().__init__(f'stopped by {signal.Signals(signum).name}')
-        self.signal = signum
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def interruptible():
-    """SIGTERM / SIGHUP raise Interrupted in the main thread for this block (Ctrl-C already raises
-    KeyboardInterrupt): the commands' mains run in it and turn either into one line and exit code 128 + signal."""
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def interrupted_exit(err):
-    """The exit code of an Interrupted / KeyboardInterrupt (128 + signal, as the shell's), its line printed."""
-    signum = getattr(err, 'signal', signal.SIGINT)
-    print(f'error: stopped by {signal.Signals(signum).name}; nothing half-written was left', file=sys.stderr)
-    return 128 + signum
-
 
 
 def quantize(tensor: torch.Tensor, bits: int = 8) -> np.ndarray:
@@ -353,6 +322,8 @@ def check_writable(path, flag, folder=False):
         raise ValueError(f'{flag} {path}: is a {found}, not a {wanted}')
     for above in ((path,) if folder else ()) + tuple(path.parents):
         if above.is_dir():
+            if os.statvfs(above).f_flag & os.ST_RDONLY:
+                raise ValueError(f'{flag} {path}: {above} is on a read-only file system')
             if not os.access(above, os.W_OK | os.X_OK):
                 raise ValueError(f'{flag} {path}: {above} is not writable')
             return

@@ -24,6 +24,11 @@ fitted Q with LoRA merged, in the format its loader reads: pyiqa's file of the m
 q_fitted.pth, with the same --iqa-opts) or a py: Q's state_dict (--iqa py:FILE.py:NAME --iqa-weights ...).
 Its fingerprint is its file's hash, so a score cache of the original Q is refused for it and vice versa.
 """
+import stops  # first: a stop while the imports below load torch is one line, not their traceback
+
+if __name__ == '__main__':
+    stops.while_importing()
+
 import argparse
 import copy
 import json
@@ -401,8 +406,9 @@ def main(argv=None):
         out_cfg = types.SimpleNamespace(out=cfg.out, init='', resume=cfg.resume)
         if problems:
             raise runs.StartError(problems + (runs.check_out(out_cfg) if dist_info.master else []))
-        lock, out_problems = runs.take_out(out_cfg) if dist_info.master else (None, [])  # held until the fit ends
+        lock = runs.RunLock(cfg.out) if dist_info.master else None  # held until the fit ends
         try:
+            out_problems = runs.take_out(out_cfg, lock) if dist_info.master else []
             if dist_info.ddp:
                 dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
             runs.agree_or_raise(out_problems, dist_info)

@@ -26,6 +26,11 @@ The FT export is the EMA of the merged weights; lora_adapters.pth holds its chan
     python lora.py merge --base runs/upos/generator.pth --adapters runs/upos_ft/lora_adapters.pth --lora-scale 0.5 \
         --out half.pth
 """
+import stops  # first: a stop while the imports below load torch is one line, not their traceback
+
+if __name__ == '__main__':
+    stops.while_importing()
+
 import argparse
 import copy
 import hashlib
@@ -46,7 +51,10 @@ LORA_PRESETS = {
     'rrdbnet': (r'body\.\d+\.rdb[123]\.conv[1-5]', 24),
 }
 LORA_NAMES = ('lora_A', 'lora_B')
-ADAPTER_KEY = 'lora_delta'  # marks an adapter file: {layer name: dense EMA delta}; models.py refuses it as a generator
+ADAPTER_KEY = 'lora_delta'  # marks an adapter file: {layer name: W_ema - W_base}; models.py refuses it as a generator
+
+
+_SUMMED = object()  # marks what autograd keeps of a summed weight (with_summed_weight)
 
 
 class _LoRAMixin:
@@ -88,6 +96,32 @@ class _LoRAMixin:
         """True when forward can use one layer with W + delta W: the LoRA branch has no active dropout."""
         return not (self.training and isinstance(self.dropout, nn.Dropout))
 
+
+    def with_summed_weight(self, op, x):
+        """op(x, W + delta W): the layer as one conv / linear with the summed weight. Autograd would keep that
+        weight (or a view of it: linear keeps its transpose) for the backward, a second copy of every adapted
+        weight; it keeps where the view lies instead and sums again there (one rank-r product a layer), so a
+        LoRA step holds less memory than a full one."""
+        weight = self.summed_weight()
+        if torch.compiler.is_compiling():  # the compiler plans what its backward keeps
+            return op(x, weight)
+        storage = weight.untyped_storage().data_ptr()
+        device = weight.device.type  # under AMP the sum ran in the autocast dtype: the backward sums it alike
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+        def pack(saved):
+            if saved.untyped_storage().data_ptr() != storage:
+                return saved
+            return _SUMMED, saved.size(), saved.stride(), saved.storage_offset()
+
+        def unpack(saved):
+            if not (isinstance(saved, tuple) and saved[0] is _SUMMED):
+                return saved
+            with torch.no_grad(), torch.autocast(device, dtype=cast, enabled=cast is not None):
+                return self.summed_weight().as_strided(*saved[1:])
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return op(x, weight)
+
     def extra_repr(self):
         return f'{super().extra_repr()}, rank={self.rank}, scaling={self.scaling}, merged={self.merged}'
 
@@ -103,11 +137,15 @@ class LoRALinear(_LoRAMixin, nn.Linear):
     def delta_weight(self):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
+    def summed_weight(self):
+        """W + scaling * B @ A, in one op: the weight this layer computes with (W itself once merged)."""
+        return self.weight if self.merged else torch.addmm(self.weight, self.lora_B, self.lora_A, alpha=self.scaling)
+
     def forward(self, x):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         if self.weight_space():
-            return F.linear(x, self.weight + self.delta_weight(), self.bias)
+            return self.with_summed_weight(lambda x, weight: F.linear(x, weight, self.bias), x)
         y = F.linear(x, self.weight, self.bias)
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
@@ -134,11 +172,21 @@ class LoRAConv2d(_LoRAMixin, nn.Conv2d):
         b = self.lora_B.reshape(out_ch, self.rank)  # (out, r)
         return (b @ a).reshape(out_ch, in_ch, kh, kw) * self.scaling  # (out, in, kh, kw)
 
+    def summed_weight(self):
+        """W + scaling * B @ A, in one op: the weight this layer computes with (W itself once merged)."""
+        if self.merged:
+            return self.weight
+        out_ch = self.weight.shape[0]
+        summed = torch.addmm(self.weight.reshape(out_ch, -1), self.lora_B.reshape(out_ch, self.rank),
+                             self.lora_A.reshape(self.rank, -1), alpha=self.scaling)
+        return summed.reshape(self.weight.shape)
+
     def forward(self, x):
         if self.merged:
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if self.weight_space():
-            return F.conv2d(x, self.weight + self.delta_weight(), self.bias, self.stride, self.padding, self.dilation)
+            return self.with_summed_weight(
+                lambda x, weight: F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation), x)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         low = F.conv2d(self.dropout(x), self.lora_A, None, self.stride, self.padding, self.dilation)
         return y + F.conv2d(low, self.lora_B) * self.scaling  # (N, r, H', W') -> (N, out, H', W')
@@ -232,60 +280,69 @@ def merge_lora(model: nn.Module) -> nn.Module:
     one) and its cost: LoRA is merged at inference (paper, supp. §8.3), no runtime cost."""
     for name, layer in lora_layers(model):
         layer.merge()
-        if isinstance(layer, LoRALinear):
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device='meta')
-        else:
-            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                              layer.padding, layer.dilation, bias=layer.bias is not None, device='meta')
-        plain.weight, plain.bias = layer.weight, layer.bias
-        plain.train(layer.training)
-        parent, _, child = name.rpartition('.')
-        setattr(model.get_submodule(parent), child, plain)
+        _replace(model, name, _plain_layer(layer, layer.weight))
     return model
 
 
+def _plain_layer(layer, weight):
+    """The nn.Linear / nn.Conv2d of a LoRA layer's shape, with `weight` and the layer's bias."""
+    if isinstance(layer, LoRALinear):
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device='meta')
+    else:
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                          layer.padding, layer.dilation, bias=layer.bias is not None, device='meta')
+    plain.weight, plain.bias = weight, layer.bias
+    return plain.train(layer.training)
+
+
+def _replace(model, name, module):
+    parent, _, child = name.rpartition('.')
+    setattr(model.get_submodule(parent), child, module)
+
+
 # ----------------------------------------------------------------------------- the FT export's EMA and its adapter file
-# The FT export is the EMA of the merged weight W_base + scaling * B @ A of each adapted layer, kept as
-# W_base + EMA(delta): the EMA of the factors, EMA(B) @ EMA(A), is another weight (the factors co-vary over
-# the ~1000 steps a 0.999 decay spans). An EMA of rank-r deltas is not rank r, so lora_adapters.pth keeps the
-# dense EMA delta of each adapted layer (ADAPTER_KEY), with the arch, config, rank, alpha and the hash of
-# the base it was trained on.
-EMA_DELTA = 'lora_delta_ema'  # buffer of the EMA generator's adapted layers (not in its state_dict)
+# The FT export is the EMA of the merged weight W_base + scaling * B @ A of each adapted layer: the EMA
+# generator's weight is lerped toward it each step, as HGGT's EMA lerps a fully trained weight (same
+# precision). The EMA of the factors, EMA(B) @ EMA(A), would be another weight (the factors co-vary over the
+# ~1000 steps a 0.999 decay spans), and an EMA of rank-r deltas is not rank r, so lora_adapters.pth keeps the
+# dense delta W_ema - W_base of each adapted layer (ADAPTER_KEY), with the arch, config, rank, alpha and the
+# hash of the base it was trained on.
 
 
 def ema_of_merged(model: nn.Module) -> nn.Module:
-    """The EMA generator of a LoRA-wrapped model: a plain copy, merged (= the base: B is zero), whose adapted
-    layers hold their EMA delta as a non-persistent buffer, so that its state_dict is a plain generator's."""
-    ema = merge_lora(copy.deepcopy(model)).requires_grad_(False)
-    for name, layer in lora_layers(model):
-        ema.get_submodule(name).register_buffer(EMA_DELTA, torch.zeros_like(layer.weight), persistent=False)
-    return ema
+    """The EMA generator of a LoRA-wrapped model: a plain generator with its merged weights (at the start of FT
+    the base: B is zero), whose state_dict is a plain generator's. Built without copying the adapters and the
+    base weights they adapt: a copy made only to be dropped would still raise the process's peak memory."""
+    layers = lora_layers(model)
+    ema = copy.deepcopy(model, memo={id(p): None for _, layer in layers
+                                     for p in (layer.weight, layer.lora_A, layer.lora_B)})
+    for name, layer in layers:
+        merged = nn.Parameter(layer.summed_weight().detach(), requires_grad=False)
+        _replace(ema, name, _plain_layer(ema.get_submodule(name), merged))
+    return ema.requires_grad_(False)
 
 
-def ema_deltas(ema: nn.Module) -> dict[str, torch.Tensor]:
-    """{layer name: EMA delta} of an ema_of_merged generator; {} for any other model."""
-    return {name: m.get_buffer(EMA_DELTA) for name, m in ema.named_modules() if hasattr(m, EMA_DELTA)}
+def ema_deltas(ema: nn.Module, model: nn.Module) -> dict[str, torch.Tensor]:
+    """{adapted layer name: W_ema - W_base}: what the EMA generator adds to the base (model: G, base frozen)."""
+    return {name: ema.get_submodule(name).weight.detach() - layer.weight.detach()
+            for name, layer in lora_layers(model)}
 
 
 @torch.no_grad()
 def set_ema_deltas(ema: nn.Module, model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
-    """Adapted layers of the EMA generator: EMA delta <- deltas[name], W <- W_base + delta (W_base: model's)."""
+    """Adapted layers of the EMA generator: W_ema <- W_base + deltas[name] (W_base: model's)."""
     for name, layer in lora_layers(model):
-        target = ema.get_submodule(name)
-        target.get_buffer(EMA_DELTA).copy_(deltas[name])
-        torch.add(layer.weight, target.get_buffer(EMA_DELTA), out=target.weight)
+        torch.add(layer.weight, deltas[name], out=ema.get_submodule(name).weight)
 
 
 @torch.no_grad()
-def update_ema_deltas(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """EMA delta <- decay * EMA delta + (1 - decay) * scaling * B @ A per adapted layer, and the EMA generator's
-    weight <- W_base + EMA delta: the EMA of the merged weight (W_base is constant)."""
+def update_ema_of_merged(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """W_ema <- decay * W_ema + (1 - decay) * (W_base + scaling * B @ A) per adapted layer: the EMA of the
+    merged weight."""
     layers = lora_layers(model)
-    if not layers:  # a model without adapters: nothing to do
-        return
-    torch._foreach_lerp_([ema.get_submodule(n).get_buffer(EMA_DELTA) for n, _ in layers],
-                         [layer.delta_weight() for _, layer in layers], 1.0 - decay)
-    set_ema_deltas(ema, model, ema_deltas(ema))
+    if layers:  # a model without adapters: nothing to do
+        torch._foreach_lerp_([ema.get_submodule(n).weight for n, _ in layers],
+                             [layer.summed_weight() for _, layer in layers], 1.0 - decay)
 
 
 def base_digest(model: nn.Module) -> str:
@@ -302,9 +359,10 @@ def base_digest(model: nn.Module) -> str:
 
 def adapter_file(model: nn.Module, ema: nn.Module, arch: str, config: dict, rank: int, alpha: float,
                  base: str) -> dict:
-    """lora_adapters.pth of an FT run: the EMA deltas, and what they fit (model: G, its base weights frozen)."""
-    return {ADAPTER_KEY: ema_deltas(ema), 'arch': arch, 'config': config, 'lora_rank': rank, 'lora_alpha': alpha,
-            'base_sha256': base_digest(model), 'base': base}
+    """lora_adapters.pth of an FT run: the EMA's change of each adapted weight, and what it fits (model: G, its
+    base weights frozen)."""
+    return {ADAPTER_KEY: ema_deltas(ema, model), 'arch': arch, 'config': config, 'lora_rank': rank,
+            'lora_alpha': alpha, 'base_sha256': base_digest(model), 'base': base}
 
 
 def read_adapters(path) -> dict:
@@ -401,7 +459,8 @@ def main(argv=None):
                        help='dial: W_base + S * (W_ft - W_base); 0 = the base, 1 = the FT export (default), '
                             'between: an interpolation, above 1: an extrapolation')
     args = parser.parse_args(argv)
-    from files import Interrupted, check_writable, interrupted_exit, interruptible
+    from files import check_writable
+    from stops import Interrupted, interrupted_exit, interruptible
     if args.out.resolve() in (args.base.resolve(), args.adapters.resolve()):
         print(f'error: --out {args.out}: is one of the inputs; choose a new file', file=sys.stderr)
         return 2

@@ -11,6 +11,11 @@ find) or, with `--iqa py:FILE.py:NAME`, from the user's own code; and the comman
 scores, score_cache.py), `agreement`, `fit-q` (fit Q to the human labels, fit_q.py), `upscale` (upscale.py)
 and `weights` (weights.py).
 """
+import stops  # first: a stop while the imports below load torch is one line, not their traceback
+
+if __name__ == '__main__':
+    stops.while_importing()
+
 import argparse
 import contextlib
 import hashlib
@@ -29,8 +34,8 @@ import lora
 import score_cache
 import upscale
 from data import NUM_GTS, read_effective_labels
-from files import (Interrupted, check_writable, interrupted_exit, interruptible, load_checkpoint, load_image,
-                   progress, to_rgb)
+from files import check_writable, load_checkpoint, load_image, progress, to_rgb
+from stops import Interrupted, interrupted_exit, interruptible
 from models import PADDINGS, generator_scale
 from weights import (BACKBONES, WEIGHT_FILES, backbone_path, check_unpickled, download_command, file_sha256,
                      hub_offline, missing_weights, random_backbones, snapshot, weight_path)

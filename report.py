@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from files import atomic_open
+from files import atomic_open, check_writable
 from nriqa_sr import AGREEMENT_COLUMNS, agreement_cells
 
 GOLD = 'Gold Standard'  # the row of the best GT's NR scores (paper Table 5): NR columns only
@@ -57,8 +57,7 @@ def check_out(out):
             if not path.is_dir():
                 raise ValueError(f'--out {out}: ' + ('is a file' if path == out else f'{path} is a file') +
                                  ', not a folder')
-            if not os.access(path, os.W_OK | os.X_OK):
-                raise ValueError(f'--out {out}: {path} is not writable')
+            check_writable(out, '--out', folder=True)  # not writable, or on a read-only file system
             return
 
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 import files
 import lora
 import models
+import stops
 
 
 # ----------------------------------------------------------------------------- before a run starts
@@ -80,25 +81,25 @@ def check_out(cfg):
     return problems
 
 
-def take_out(cfg):
-    """Rank 0's lock on --out, taken atomically before --out is judged and held until the run ends: of two
+def take_out(cfg, lock):
+    """Rank 0's `lock` on --out (a RunLock the caller holds and releases in its `finally`, so a signal at any
+    moment leaves no lock behind), taken atomically before --out is judged and held until the run ends: of two
     runs started on one folder, in whatever order and however slow their setup, one holds it and the other
-    is refused, or finds the first one's files. -> (the lock, or None with the problems)."""
+    is refused, or finds the first one's files. -> the problems (none: the lock is held)."""
     problems = check_out(cfg)  # a file or an unwritable folder in the way: said before anything is created
     if problems:
-        return None, problems
-    lock = RunLock(cfg.out)
+        return problems
     try:
         note = lock.acquire()
     except ValueError as err:
-        return None, [str(err)]
+        return [str(err)]
     problems = check_out(cfg)  # judged again under the lock: what a run that finished meanwhile left counts
     if problems:
         lock.release()
-        return None, problems
+        return problems
     if note:
         print(note)
-    return lock, []
+    return []
 
 
 # ----------------------------------------------------------------------------- one run per folder
@@ -119,7 +120,10 @@ class RunLock:
         note = None
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with stops.signals_held():  # a lock is never left empty: release() must see whose it is
+                    with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), 'w') as f:
+                        json.dump(self.mine, f)
+                return note
             except FileExistsError:
                 holder = self._holder()
                 if holder.get('host') == self.mine['host'] and not _alive(holder.get('pid')):
@@ -129,9 +133,9 @@ class RunLock:
                 raise ValueError(f'--out {self.path.parent}: in use by pid {holder.get("pid")} on host '
                                  f'{holder.get("host")} since {holder.get("started")}; if that run has ended, '
                                  f'delete {self.path}') from None
-            with os.fdopen(fd, 'w') as f:
-                json.dump(self.mine, f)
-            return note
+            except OSError as err:  # a full disk while writing it: no empty lock stays behind
+                self.path.unlink(missing_ok=True)
+                raise ValueError(f'{self.path}: cannot write ({os.strerror(err.errno)})') from None
         raise ValueError(f'{self.path}: could not take the lock')
 
     def release(self):
@@ -232,13 +236,13 @@ def lora_meta(cfg):
 def checkpoint_state(step, bad_steps, cfg, world, gen_config, fingerprints, g, ema, raw_d, opts, scheds, scaler,
                      queues):
     """Everything a resume needs, plus the export keys so evaluate.py reads any checkpoint. `params` is G as
-    trained (with its LoRA adapters in FT); in FT the EMA deltas are kept as `ema_delta` (its base is G's)."""
+    trained (with its LoRA adapters in FT; `params_ema` is then the EMA of the merged weights)."""
     ckpt = {'step': step, 'bad_steps': bad_steps, 'train_config': asdict(cfg), 'world_size': world,
             'iqa_fingerprint': fingerprints, 'params': g.state_dict(),
             **generator_export(ema, cfg, gen_config, raw_d), 'optimizer_g': opts[0].state_dict(),
             'scheduler_g': scheds[0].state_dict(), 'scaler': scaler.state_dict(), 'queue': queues}
     if cfg.finetune and cfg.lora:
-        ckpt.update(ema_delta=lora.ema_deltas(ema), **lora_meta(cfg))
+        ckpt.update(**lora_meta(cfg))
     if raw_d is not None:
         ckpt.update(optimizer_d=opts[1].state_dict(), scheduler_d=scheds[1].state_dict())
     return ckpt
@@ -272,7 +276,8 @@ def save(cfg, dist_info, step, bad_steps, gen_config, fingerprints, state):
 
 def export(cfg, g, ema, raw_d, gen_config, out):
     """generator.pth (the EMA, LoRA merged, with the discriminator beside it) and, in FT, lora_adapters.pth:
-    the EMA deltas with the hash of G's frozen base, from which `lora.py merge` rebuilds generator.pth exactly."""
+    the EMA's change of each adapted weight with the hash of G's frozen base, from which `lora.py merge` rebuilds
+    generator.pth (to float rounding)."""
     files.save_checkpoint(generator_export(ema, cfg, gen_config, raw_d), out / 'generator.pth')
     if cfg.finetune and cfg.lora:
         meta = lora_meta(cfg)
@@ -342,9 +347,7 @@ def load_training_state(ckpt, path, g, ema, raw_d, opts, scheds, scaler, queue, 
     """Weights, optimisers, schedulers, scaler and this rank's sample queue from a checkpoint."""
     models.load_strict(g, ckpt['params'], path)  # one line when --generator/--arch changed
     models.load_strict(ema, ckpt['params_ema'], path)
-    if 'ema_delta' in ckpt:
-        lora.set_ema_deltas(ema, g, ckpt['ema_delta'])
-    elif 'ema_lora' in ckpt:  # an older FT checkpoint kept the EMA of the factors: go on from their product
+    if 'ema_lora' in ckpt:  # an older FT checkpoint kept the EMA of the factors: go on from their product
         factors = copy.deepcopy(g)
         lora.load_lora_state_dict(factors, ckpt['ema_lora'])
         lora.set_ema_deltas(ema, g, {name: layer.delta_weight() for name, layer in lora.lora_layers(factors)})
@@ -510,14 +513,14 @@ def save_sample(lq, sr, gt, path):
 
 # ----------------------------------------------------------------------------- stopping
 class StopSignals:
-    """SIGTERM (what SLURM and Kubernetes send before preemption) and SIGINT set `received`; the training
+    """SIGTERM (what SLURM and Kubernetes send before preemption), SIGINT and SIGHUP set `received`; the training
     loop stops after the current step, with a checkpoint. A second SIGINT quits at once."""
 
     def __init__(self):
         self.received = None
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         return self
 
     def __exit__(self, *exc):
@@ -545,6 +548,16 @@ class Stopped(Exception):
     def __init__(self, message, signal):
         super().__init__(message)
         self.signal = signal
+
+
+def agree_to_stop(signals, dist_info, device):
+    """Whether any rank got a stop signal: every rank asks before each step, so all of them stop together
+    (and save together: the save is a collective), whichever rank the signal reached and wherever it was."""
+    if not dist_info.ddp:
+        return signals.received is not None
+    stop = torch.tensor(float(signals.received is not None), device=device)
+    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return bool(stop.item())
 
 
 def stopped(signals, step, out):

@@ -20,6 +20,11 @@ by (seed, epoch, index) and the data position follows from the step.
 Read in order: setup (distributed, data, models, Q), one training step, the loop. config.py holds the
 hyper-parameters and the checks before a run; runs.py its folder, checkpoints, log and stop signals.
 """
+import stops  # first: a stop while the imports below load torch is one line, not their traceback
+
+if __name__ == '__main__':
+    stops.while_importing()
+
 import copy
 import hashlib
 import os
@@ -262,17 +267,16 @@ def optimizer_step(opts, scaler, grad_clip):
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """params_ema <- decay * params_ema + (1 - decay) * params for the trained parameters; with LoRA, the
-    merged weight of each adapted layer (lora.update_ema_deltas); buffers copied. (Frozen parameters are
+    merged weight of each adapted layer (lora.update_ema_of_merged); buffers copied. (Frozen parameters are
     equal in both and stay so.)"""
     own = dict(model.named_parameters())
     pairs = [(e, own[name]) for name, e in ema.named_parameters() if own[name].requires_grad]
     if pairs:  # none in LoRA FT: its EMA is of the merged weights
         torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
-    lora.update_ema_deltas(ema, model, decay)
+    lora.update_ema_of_merged(ema, model, decay)
     buffers = dict(model.named_buffers())
     for name, b_ema in ema.named_buffers():
-        if name in buffers:  # not the EMA's own deltas
-            b_ema.copy_(buffers[name])
+        b_ema.copy_(buffers[name])
 
 
 # ----------------------------------------------------------------------------- what the user sees
@@ -317,10 +321,10 @@ def validate(model, pairs, quality, psnr, out, step):
 # ----------------------------------------------------------------------------- the run
 
 
-def preflight(cfg, dist_info):
+def preflight(cfg, dist_info, lock):
     """Every problem of flags, files and --out at once, before any work. Flags and files look the same from
-    every rank; --out is rank 0's to judge (it may be a node-local folder), under its lock (runs.take_out):
-    every rank gets its verdict. Returns rank 0's lock on --out (None on other ranks)."""
+    every rank; --out is rank 0's to judge (it may be a node-local folder), under its `lock` (runs.take_out;
+    None on other ranks): every rank gets its verdict. The caller releases the lock."""
     problems = config.check_config(cfg)
     try:
         problems += config.check_files(cfg)
@@ -328,16 +332,10 @@ def preflight(cfg, dist_info):
         problems.append(str(err))
     if problems:
         raise runs.StartError(problems + (runs.check_out(cfg) if dist_info.master else []))
-    lock, out_problems = runs.take_out(cfg) if dist_info.master else (None, [])
-    try:
-        if dist_info.ddp:
-            dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
-        runs.agree_or_raise(out_problems, dist_info)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    return lock
+    out_problems = runs.take_out(cfg, lock) if dist_info.master else []
+    if dist_info.ddp:
+        dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
+    runs.agree_or_raise(out_problems, dist_info)
 
 
 def train(cfg, dist_info, log=None):
@@ -416,8 +414,8 @@ def train(cfg, dist_info, log=None):
 
 
 def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_out, fingerprints, gen_config):
-    """The training loop: one step, one host sync (skip a non-finite update, stop on a signal, every rank alike),
-    then logging, samples, the monitor and checkpoints."""
+    """The training loop: stop on a signal before a step (every rank alike, the last step saved), the step, one
+    host sync (skip a non-finite update, every rank alike), then logging, samples, the monitor and checkpoints."""
     g, ema, raw_d, opts, scheds, scaler, queue = state
     device, master, rank, out = dist_info.device, dist_info.master, dist_info.rank, Path(cfg.out)
     logs = runs.Logs(cfg, out, step, resumed=cfg.resume != '') if master else None
@@ -431,7 +429,7 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
                metrics.pyiqa_psnr(device))
     side = torch.cuda.Stream(device) if device.type == 'cuda' and cfg.side_stream and \
         cfg.sampler in nriqa_sr.SCORES_ONLINE else None
-    bad_in_a_row, first = 0, step
+    bad_in_a_row, saved = 0, step  # the resume checkpoint (or nothing, at step 0) holds `saved`
     with runs.StopSignals() as signals, closing(batches(train_set, cfg, dist_info.world, rank, step,
                                                         device.type == 'cuda')) as data_iter:
         while step < cfg.total_iters:
@@ -443,13 +441,13 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
             except RuntimeError:
                 if signals.received is None:
                     raise
-                # the workers got the job's SIGTERM too (at an epoch boundary, before the next batch came):
-                # the last completed step is saved all the same (one process: no other rank to wait for)
-                if step > first and not dist_info.ddp and not runs.checkpoint_path(out, step).is_file():
+                batch = None  # the workers got the job's stop signal too (at an epoch boundary, before a batch came)
+            if runs.agree_to_stop(signals, dist_info, device):  # every rank, before the step's collectives
+                if step > saved:
                     runs.save(cfg, dist_info, step, bad_steps, gen_config, fingerprints, state)
                 if master:
                     logs.close()
-                raise runs.stopped(signals, step, out) from None
+                raise runs.stopped(signals, step, out)
             torch.manual_seed(step_seed(cfg.seed, rank, step, 'torch'))  # drop-path
             if queue is not None:
                 batch = queue(batch)
@@ -458,12 +456,10 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
             rng = torch.Generator().manual_seed(step_seed(cfg.seed, rank, step, 'sampler'))
             loss_g, loss_d, terms, sr, gt, lq, choice = training_step(cfg, nets, batch, quality, rng, side, device)
             total = loss_g if loss_d is None else loss_g + loss_d
-            flags = torch.stack([~torch.isfinite(total), torch.tensor(signals.received is not None, device=device)])
-            flags = flags.float()
+            bad = (~torch.isfinite(total)).float()
             if dist_info.ddp:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stop = flags.tolist()
-            if bad:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
                 bad_steps, bad_in_a_row = bad_steps + 1, bad_in_a_row + 1
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
@@ -493,12 +489,9 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
                                    'worse (rose) and PSNR fell (check samples/, consider a lower --lambda-q or LoRA)')
                 if cfg.val and step % cfg.val_every == 0:
                     logs.validation(step, validate(ema, *val, out, step))
-            if step % cfg.save_every == 0 or step == cfg.total_iters or stop:
+            if step % cfg.save_every == 0 or step == cfg.total_iters:
                 runs.save(cfg, dist_info, step, bad_steps, gen_config, fingerprints, state)
-            if stop:
-                if master:
-                    logs.close()
-                raise runs.stopped(signals, step, out)
+                saved = step
     if master:
         logs.close()
     return step, bad_steps
@@ -509,11 +502,12 @@ def main(argv=None):
     or Ctrl-C before the loop (or after it) ends the run in one line, its lock and temp files removed."""
     dist_info, lock, code = None, None, 0
     log = runs.TrainLog() if int(os.environ.get('RANK', 0)) == 0 else None
-    with files.interruptible():
+    with stops.interruptible():
         try:
             cfg = config.parse_config(argv)
             dist_info = setup_distributed(cfg)
-            lock = preflight(cfg, dist_info)
+            lock = runs.RunLock(cfg.out) if dist_info.master else None  # creates nothing yet
+            preflight(cfg, dist_info, lock)
             train(cfg, dist_info, log)
         except runs.StartError as err:
             if dist_info is None or dist_info.master:
@@ -532,8 +526,8 @@ def main(argv=None):
             if dist_info.master:
                 print(stop, file=sys.stderr)
             code = 128 + stop.signal
-        except (KeyboardInterrupt, files.Interrupted) as err:  # before or after the loop: nothing to save
-            code = files.interrupted_exit(err)
+        except (KeyboardInterrupt, stops.Interrupted) as err:  # before or after the loop: nothing to save
+            code = stops.interrupted_exit(err)
         finally:
             if lock is not None:
                 lock.release()

@@ -274,7 +274,7 @@ def fetch_file(w, progress=True, chunk=2**20):
     """Stream `w.url` into a temp file beside its place; renamed into place only when size and hash check.
     Bounded: no byte for STALL_S seconds or fewer than STALL_BYTES in any STALL_S (a trickle), more than
     TOTAL_S seconds in all, or more bytes than the Content-Length (without one, MAX_BYTES) stop it, and the
-    temp file goes on every way out (an error, Ctrl-C, SIGTERM through files.interruptible)."""
+    temp file goes on every way out (an error, Ctrl-C, SIGTERM through stops.interruptible)."""
     target = location(w)
     by_hand = f'download it by hand from {w.url} and put it at {target}'
     try:

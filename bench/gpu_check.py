@@ -42,6 +42,7 @@ import config  # noqa: E402
 import data  # noqa: E402
 import files  # noqa: E402
 import models  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from common import machine  # noqa: E402
 
@@ -146,8 +147,13 @@ def run_branch(branch, work, cuda, steps, workers):
             with mock.patch.object(train, 'optimizer_step', stamped):
                 cfg = config.parse_config(train_argv(branch, work, cuda, steps, workers))
                 dist_info = train.setup_distributed(cfg)
-                train.preflight(cfg, dist_info)
-                train.train(cfg, dist_info)
+                lock = runs.RunLock(cfg.out) if dist_info.master else None
+                try:
+                    train.preflight(cfg, dist_info, lock)
+                    train.train(cfg, dist_info)
+                finally:
+                    if lock is not None:
+                        lock.release()
         except Exception as err:  # noqa: BLE001 - a branch's failure is its row, the others still run
             traceback.print_exc()
             first = str(getattr(err, 'problems', [err])[0]).strip().splitlines() or ['']

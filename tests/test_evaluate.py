@@ -576,7 +576,7 @@ def dial_files(folder, arch, config):
         with torch.no_grad():
             for p in lora.lora_parameters(model):
                 p.normal_(0, 0.5)
-        lora.update_ema_deltas(ema, model, 0.5)
+        lora.update_ema_of_merged(ema, model, 0.5)
     files.save_checkpoint(lora.adapter_file(model, ema, arch, config, 2, 2.0, 'base.pth'), folder / 'dial.pth')
     files.save_checkpoint({'params_ema': ema.state_dict(), 'arch': arch, 'config': config, 'scale': 4},
                           folder / 'export.pth')  # what train.py exports beside the adapter file

@@ -917,7 +917,7 @@ def adapter_file_of(w, tmp):
     ema = lora.ema_of_merged(model)
     with torch.no_grad():
         lora.lora_parameters(model)[1].normal_()
-    lora.update_ema_deltas(ema, model, 0.5)
+    lora.update_ema_of_merged(ema, model, 0.5)
     files.save_checkpoint(lora.adapter_file(model, ema, 'rrdbnet', TINY_RRDB, 2, 2.0, str(w.rrdb)), tmp / 'dial.pth')
     return tmp / 'dial.pth'
 

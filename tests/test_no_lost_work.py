@@ -76,11 +76,12 @@ def test_the_lock_is_taken_before_out_is_judged_in_every_order(root, tmp_path, c
     out = tmp_path / 'run'
     solo = train.Dist(False, 0, 0, 1, torch.device('cpu'))
     cfg_a, cfg_b = (config.parse_config(args(root, out, '--seed', s)) for s in '12')
-    lock = train.preflight(cfg_a, solo)  # A has started: nothing in --out yet but its lock
-    assert lock is not None and sorted(p.name for p in out.iterdir()) == ['.lock']
+    lock = runs.RunLock(out)
+    train.preflight(cfg_a, solo, lock)  # A has started: nothing in --out yet but its lock
+    assert sorted(p.name for p in out.iterdir()) == ['.lock']
     for cfg in (cfg_b, cfg_a):  # another run, or the same command again
         with pytest.raises(runs.StartError, match=f'--out {out}: in use by pid {os.getpid()}'):
-            train.preflight(cfg, solo)
+            train.preflight(cfg, solo, runs.RunLock(out))
     lock.release()
     assert not out.exists()  # A stopped before writing: the folder it made is gone again
     assert exit_of(train.main, args(root, out), capsys)[0] == 0  # A runs to its end
@@ -88,7 +89,8 @@ def test_the_lock_is_taken_before_out_is_judged_in_every_order(root, tmp_path, c
     code, err = exit_of(train.main, args(root, out, '--seed', 2), capsys)  # B after A: refused
     assert code == 2 and 'holds a run' in err and hashes(out) == before and not (out / '.lock').exists()
     other = tmp_path / 'other'
-    lock_b = train.preflight(config.parse_config(args(root, other)), solo)  # B first, A second
+    lock_b = runs.RunLock(other)
+    train.preflight(config.parse_config(args(root, other)), solo, lock_b)  # B first, A second
     code, err = exit_of(train.main, args(root, other, '--seed', 3), capsys)
     assert code == 2 and f'--out {other}: in use by pid' in err
     lock_b.release()
@@ -208,6 +210,39 @@ def test_other_commands_bound_their_numbers(tmp_path, capsys):
     assert code == 2 and 'must be at most 64' in err
 
 
+def on_a_read_only_mount(folder, argv):
+    """`argv` run where `folder` is a read-only tmpfs (a private mount namespace: no root needed, nothing
+    mounted outside the command). -> (exit code, output), or a skip where the kernel allows no namespace."""
+    mount = subprocess.run(['unshare', '--mount', '--map-root-user', 'mount', '-t', 'tmpfs', '-o', 'ro', 'tmpfs',
+                            str(folder)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f'no read-only mount here: {mount.stderr.strip()}')
+    proc = subprocess.run(['unshare', '--mount', '--map-root-user', 'sh', '-c',
+                           f'mount -t tmpfs -o ro tmpfs "{folder}" && exec "$@"', 'sh', *argv],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_an_out_on_a_read_only_mount_is_one_line_before_setup(root, tmp_path):
+    """train / fit-q / upscale / score with their output on a read-only file system (EROFS: root may not
+    write there either): exit 2 with one line naming the folder, before any setup."""
+    ro = tmp_path / 'ro'
+    ro.mkdir()
+    image = tmp_path / 'in.png'
+    Image.new('RGB', (8, 8)).save(image)
+    for argv in ([sys.executable, 'train.py', *args(root, ro / 'run')],
+                 [sys.executable, 'train.py', *args(root, ro)],
+                 [sys.executable, 'nriqa_sr.py', 'fit-q', '--data', root, '--held-out', '1', '--gt-size', '32', '--out', ro / 'fit'],
+                 [sys.executable, 'evaluate.py', '--hr', root, '--sr-dir', root, '--out', ro / 'eval'],
+                 [sys.executable, 'nriqa_sr.py', 'upscale', '--ckpt', image, '-i', image, '-o', ro / 'sr'],
+                 [sys.executable, 'nriqa_sr.py', 'score', '--data', root, '--cache', ro / 'scores.json']):
+        code, output = on_a_read_only_mount(ro, [str(a) for a in argv])
+        errors = error_lines(output)
+        assert code == 2 and len(errors) == 1 and f'{ro} is on a read-only file system' in errors[0], output
+        assert 'Traceback' not in output
+
+
 # ----------------------------------------------------------------------------- BUG 6: a stop saves the step
 def start_train(root, out, *extra):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'PYTHONUNBUFFERED': '1'}
@@ -224,13 +259,13 @@ def wait_until(proc, ready, timeout=120):
     return proc.poll() is None
 
 
-def sigterm_group_when(proc, ready, delay=0.0):
-    """SIGTERM to the process group of `proc` once `ready()` holds (then `delay` s later); its output. A run that
-    outlives the test is killed."""
+def sigterm_group_when(proc, ready, delay=0.0, signum=signal.SIGTERM):
+    """SIGTERM (or `signum`) to the process group of `proc` once `ready()` holds (then `delay` s later); its
+    output. A run that outlives the test is killed."""
     try:
         assert wait_until(proc, ready)
         time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
         return proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
@@ -253,12 +288,50 @@ def test_sigterm_to_the_process_group_at_an_epoch_boundary_saves_the_step(root, 
     assert not list(out.glob('.*.tmp'))
 
 
-def test_sigterm_during_setup_leaves_no_lock_and_one_line(root, tmp_path):
+@pytest.mark.parametrize('signum, delay', [(signal.SIGTERM, 0.0), (signal.SIGTERM, 0.05), (signal.SIGINT, 0.0),
+                                           (signal.SIGINT, 0.05)])
+def test_a_stop_during_setup_leaves_no_lock_and_one_line(root, tmp_path, signum, delay):
     out = tmp_path / 'run'
     proc = start_train(root, out)
-    output = sigterm_group_when(proc, (out / '.lock').is_file)
-    assert proc.returncode == 128 + signal.SIGTERM and 'Traceback' not in output, output[-2000:]
-    assert 'stopped by SIGTERM' in output and not (out / '.lock').exists() and not list(out.glob('.*.tmp'))
+    output = sigterm_group_when(proc, (out / '.lock').is_file, delay, signum)
+    assert proc.returncode == 128 + signum and 'Traceback' not in output, output[-2000:]
+    assert f'stopped by {signal.Signals(signum).name}' in output and not (out / '.lock').exists()
+    assert not list(out.glob('.*.tmp'))
+
+
+COMMANDS = ('train.py', 'evaluate.py', 'nriqa_sr.py', 'lora.py', 'data.py', 'demo.py', 'fit_q.py')
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_while_a_command_imports_is_one_line(signum):
+    """Before main() runs, torch takes seconds to import: a stop then is one line and 128 + signal, never
+    the KeyboardInterrupt traceback of whichever import was running (two timings per command)."""
+    for command, delay in zip(COMMANDS * 2, [0.3] * len(COMMANDS) + [0.7] * len(COMMANDS)):
+        proc = subprocess.Popen([sys.executable, command, '--help'], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        time.sleep(delay)
+        proc.send_signal(signum)
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 128 + signum and output.splitlines() == \
+            [f'error: stopped by {signal.Signals(signum).name} while starting; nothing was written'], (command, output)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_while_the_lock_is_written_leaves_no_lock(root, tmp_path, capsys, monkeypatch, signum):
+    """The signal lands between creating .lock and writing whose it is (where the test above once left a
+    stale, empty lock): it waits for the write, then stops the run, and the lock and the folder are gone."""
+    dump = json.dump
+
+    def signalled_dump(obj, f, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.01)
+        dump(obj, f, **kwargs)
+    monkeypatch.setattr(runs.json, 'dump', signalled_dump)
+    code, err = exit_of(train.main, args(root, tmp_path / 'run'), capsys)
+    monkeypatch.undo()
+    assert code == 128 + signum and error_lines(err) == \
+        [f'error: stopped by {signal.Signals(signum).name}; nothing half-written was left'], err
+    assert not (tmp_path / 'run').exists(), list((tmp_path / 'run').iterdir())
 
 
 def test_ctrl_c_during_setup_is_one_line(root, tmp_path, capsys, monkeypatch):

@@ -397,7 +397,7 @@ def test_cli_upscale_with_a_dial_is_the_base_at_0_and_the_export_at_1(tmp_path, 
     with torch.no_grad():
         for p in lora.lora_parameters(model):
             p.normal_(0, 0.5)
-    lora.update_ema_deltas(ema, model, 0.0)
+    lora.update_ema_of_merged(ema, model, 0.0)
     files.save_checkpoint(lora.adapter_file(model, ema, 'rrdbnet', config, 2, 2.0, 'b.pth'), tmp_path / 'ad.pth')
     files.save_checkpoint({'params_ema': ema.state_dict(), 'arch': 'rrdbnet', 'config': config}, tmp_path / 'ft.pth')
     save_image(torch.rand(3, 10, 12), tmp_path / 'in' / 'x.png')

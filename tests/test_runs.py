@@ -148,6 +148,31 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_saved_step(demo_tr
     assert files.load_checkpoint(tmp_path / f'ckpt_{step:07d}.pth')['step'] == step
 
 
+@pytest.mark.parametrize('rows', [2, 3])
+def test_sigterm_to_a_whole_torchrun_job_at_an_epoch_boundary_saves_the_step(demo_train, tmp_path, rows):
+    """As SLURM stops a job step: SIGTERM to torchrun, both ranks and their loader workers at once, right after
+    a step at an epoch boundary (one step per epoch here, so the loaders are starting new workers): the ranks
+    agree to stop and save that step together."""
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train.py', *tiny_args(demo_train, tmp_path, '--total-iters', '100000', '--save-every',
+                                                    '100000', '--num-workers', '1', '--batch-size', '12')],
+                            cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_rows(tmp_path / 'log.csv', rows, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=180)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = [line for line in err.splitlines() if line.startswith('stopped by SIGTERM')]
+    assert len(lines) == 1 and 'saved; continue with --resume auto' in lines[0], err[-3000:]
+    step = int(lines[0].split('after step ')[1].split(':')[0])
+    assert step >= rows and files.load_checkpoint(tmp_path / f'ckpt_{step:07d}.pth')['step'] == step
+    assert 'Traceback' not in err.split('stopped by SIGTERM')[0] and not (tmp_path / '.lock').exists()
+
+
 # ----------------------------------------------------------------------------- a first run that guides
 def test_the_mission_command_without_anything_lists_every_missing_piece_at_once(tmp_path):
     env = {**os.environ, 'TORCH_HOME': str(tmp_path / 'empty'), 'PYTHONWARNINGS': 'ignore'}

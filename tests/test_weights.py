@@ -18,6 +18,7 @@ import torchvision
 from test_rehearsal import write_hf_snapshot
 
 import nriqa_sr
+import stops
 import weights
 
 REGISTRY = {w.name: w for w in weights.REGISTRY}
@@ -345,7 +346,7 @@ def test_a_hostile_transfer_ends_in_bounded_time_and_leaves_nothing(hostile_serv
 
 
 def test_total_timeout_and_a_signal_mid_transfer_leave_no_temp_file(hostile_server, monkeypatch):
-    """A trickle fast enough not to stall still ends at TOTAL_S; SIGTERM mid-transfer (files.interruptible, as
+    """A trickle fast enough not to stall still ends at TOTAL_S; SIGTERM mid-transfer (stops.interruptible, as
     the CLI runs) and Ctrl-C remove the temp file too."""
     monkeypatch.setattr(weights, 'STALL_S', 30)
     monkeypatch.setattr(weights, 'STALL_BYTES', 1)
@@ -355,15 +356,14 @@ def test_total_timeout_and_a_signal_mid_transfer_leave_no_temp_file(hostile_serv
         weights.fetch_file(w, progress=False)
     assert folder_listing(w) == []
     monkeypatch.setattr(weights, 'TOTAL_S', 30)
-    import files
     import os
     import signal
-    for signum, raised in ((signal.SIGTERM, files.Interrupted), (signal.SIGINT, KeyboardInterrupt)):
+    for signum, raised in ((signal.SIGTERM, stops.Interrupted), (signal.SIGINT, KeyboardInterrupt)):
         def kill_when_writing():
             while not any(name.endswith('.tmp') for name in folder_listing(w)):
                 threading.Event().wait(0.01)
             os.kill(os.getpid(), signum)
         threading.Thread(target=kill_when_writing, daemon=True).start()
-        with files.interruptible(), pytest.raises(raised):
+        with stops.interruptible(), pytest.raises(raised):
             weights.fetch_file(w, progress=False)
         assert folder_listing(w) == []
