@@ -31,7 +31,6 @@ import torch
 
 from degradations import JPEG_MCU, OneStageDegradation, crop_context, degrade
 from files import atomic_open, image_size, read_rgb8
-from stops import Interrupted, interrupted_exit, interruptible
 logger = logging.getLogger(__name__)
 
 LABELS = ('Positive', 'Similar', 'Negative')
@@ -460,14 +459,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.workers <= CPUS:
         parser.error(f'--workers: {args.workers} must be in [0, {CPUS}] (the CPU count)')
-    with interruptible():
+    with stops.interruptible():
         try:
             out = pack(args.data, args.out, args.workers, args.verify)
         except (ValueError, OSError) as err:
             print(f'error: {err}', file=sys.stderr)
             sys.exit(2)
-        except (KeyboardInterrupt, Interrupted) as err:
-            sys.exit(interrupted_exit(err))
+        except (KeyboardInterrupt, stops.Interrupted) as err:
+            sys.exit(stops.interrupted_exit(err))
     print(f'{out}: {os.path.getsize(out / "gts.u8") / 2 ** 30:.2f} GiB of decoded GTs, up to date')
 
 

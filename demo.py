@@ -47,7 +47,6 @@ import weights
 from data import ANNOTATORS, LABELS, effective_labels, gt_paths
 from degradations import OneStageDegradation, degrade
 from files import atomic_open, load_image, save_image
-from stops import Interrupted, interrupted_exit, interruptible
 PY = sys.executable
 HERE = Path(__file__).resolve().parent  # the scripts run from any working folder
 STAGE1 = ('origins', 'upos', 'amo')  # the paper's Table 5 rows the demo reproduces, plus AMO+FT
@@ -330,14 +329,14 @@ def main(argv=None):
     parser.add_argument('--check-readme', type=Path, metavar='README.md',
                         help="exit 1 unless this file's demo-results table equals this run's (CI); needs a clean run")
     args = parser.parse_args(argv)
-    with interruptible():
+    with stops.interruptible():
         try:
             run_demo(args)
         except (ValueError, OSError) as err:  # a bad --data / --out / --readme, a full disk: one line
             print(f'error: {err}', file=sys.stderr)
             sys.exit(2)
-        except (KeyboardInterrupt, Interrupted) as err:
-            sys.exit(interrupted_exit(err))
+        except (KeyboardInterrupt, stops.Interrupted) as err:
+            sys.exit(stops.interrupted_exit(err))
 
 
 def run_demo(args):

@@ -57,7 +57,6 @@ import score_cache
 import upscale
 from data import gt_paths, read_effective_labels
 from files import image_size, load_checkpoint, load_image, progress, save_image, to_rgb
-from stops import Interrupted, interrupted_exit, interruptible
 from metrics import FULL_REFERENCE, METRICS, build_metric, parse_metric_list, unavailable, unavailable_error
 from report import GOLD, RANDOM_WARNING, Results, make_staging, publish, write_reports
 from weights import WEIGHT_FILES
@@ -440,7 +439,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out, staging = args.out, None
-    with interruptible():
+    with stops.interruptible():
         try:
             staging = args.out = make_staging(out)
             write_reports(evaluate(args), staging)
@@ -448,8 +447,8 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as err:
             print(f'error: {err}', file=sys.stderr)
             sys.exit(2)
-        except (KeyboardInterrupt, Interrupted) as err:
-            sys.exit(interrupted_exit(err))
+        except (KeyboardInterrupt, stops.Interrupted) as err:
+            sys.exit(stops.interrupted_exit(err))
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -52,8 +52,6 @@ LORA_PRESETS = {
 }
 LORA_NAMES = ('lora_A', 'lora_B')
 ADAPTER_KEY = 'lora_delta'  # marks an adapter file: {layer name: W_ema - W_base}; models.py refuses it as a generator
-
-
 _SUMMED = object()  # marks what autograd keeps of a summed weight (with_summed_weight)
 
 
@@ -95,7 +93,6 @@ class _LoRAMixin:
     def weight_space(self):
         """True when forward can use one layer with W + delta W: the LoRA branch has no active dropout."""
         return not (self.training and isinstance(self.dropout, nn.Dropout))
-
 
     def with_summed_weight(self, op, x):
         """op(x, W + delta W): the layer as one conv / linear with the summed weight. Autograd would keep that
@@ -460,11 +457,10 @@ def main(argv=None):
                             'between: an interpolation, above 1: an extrapolation')
     args = parser.parse_args(argv)
     from files import check_writable
-    from stops import Interrupted, interrupted_exit, interruptible
     if args.out.resolve() in (args.base.resolve(), args.adapters.resolve()):
         print(f'error: --out {args.out}: is one of the inputs; choose a new file', file=sys.stderr)
         return 2
-    with interruptible():
+    with stops.interruptible():
         try:
             check_writable(args.out, '--out')  # a folder or an unwritable place: said before the merge
             scales = parse_scales(args.lora_scale)
@@ -474,8 +470,8 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as err:
             print(f'error: {err}', file=sys.stderr)
             return 2
-        except (KeyboardInterrupt, Interrupted) as err:
-            return interrupted_exit(err)
+        except (KeyboardInterrupt, stops.Interrupted) as err:
+            return stops.interrupted_exit(err)
     print(f'merged {args.adapters} x{scales[0]:g} into {args.base} -> {args.out}')
     return 0
 

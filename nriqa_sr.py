@@ -35,7 +35,6 @@ import score_cache
 import upscale
 from data import NUM_GTS, read_effective_labels
 from files import check_writable, load_checkpoint, load_image, progress, to_rgb
-from stops import Interrupted, interrupted_exit, interruptible
 from models import PADDINGS, generator_scale
 from weights import (BACKBONES, WEIGHT_FILES, backbone_path, check_unpickled, download_command, file_sha256,
                      hub_offline, missing_weights, random_backbones, snapshot, weight_path)
@@ -650,7 +649,7 @@ def main(argv=None):
         import fit_q
         return fit_q.main(argv[1:])
     args = build_parser().parse_args(argv)
-    with interruptible():
+    with stops.interruptible():
         try:
             if args.command == 'score':
                 run_score(args)
@@ -663,8 +662,8 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as err:
             print(f'error: {err}', file=sys.stderr)
             return 2
-        except (KeyboardInterrupt, Interrupted) as err:
-            return interrupted_exit(err)
+        except (KeyboardInterrupt, stops.Interrupted) as err:
+            return stops.interrupted_exit(err)
     return 0
 
 
