@@ -122,8 +122,8 @@ class QualityModel(nn.Module):
         if len(self.members) > 1:
             raise ValueError(f'--iqa {self.name}: an ensemble has no raw pyiqa score')
         (metric, _), = self.members
+        (lo, hi), = self.ranges
         score = self(x)
-        lo, hi = METRIC_RANGES[metric]
         return lo + hi - score if metric in LOWER_BETTER else score
 
     def train(self, mode=True):

@@ -316,6 +316,12 @@ def test_cli_score_dataset_and_images(hggt_root, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == 'name,piqe (lower is better)'
     assert [line.split(',')[0] for line in lines[1:]] == ['a.png', 'b.png', 'c.png', 'gray.png']
+    user_q = f"py:{Path(__file__).parent / 'user_q.py'}:TinyQ"  # a Q from the user's code: its own score
+    assert nriqa_sr.main(['score', '-i', str(images), '--iqa', user_q, '--device', 'cpu']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    with torch.no_grad():
+        expected = nriqa_sr.QualityModel(user_q)(files.to_rgb(files.load_image(images / "a.png"))[None]).item()
+    assert len(lines) == 5 and lines[1] == f'a.png,{expected:.4f}'
     assert nriqa_sr.main(['score', '-i', str(hggt_root / 'nope'), '--iqa', 'piqe']) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1
