@@ -397,42 +397,44 @@ def build_parser():
 
 
 def main(argv=None):
-    """As train.py's: problems of flags and data are the same on every rank, --out is rank 0's to judge."""
+    """As train.py's: problems of flags and data are the same on every rank, --out is rank 0's to judge; a stop
+    before or after the loop (whose StopSignals save the step) is one line, the lock and temp files removed."""
     cfg = FitConfig(**vars(build_parser().parse_args(argv)))
-    dist_info, code = None, 0
-    try:
-        problems = check_fit(cfg)
-        dist_info = train.setup_distributed(cfg)
-        out_cfg = types.SimpleNamespace(out=cfg.out, init='', resume=cfg.resume)
-        if problems:
-            raise runs.StartError(problems + (runs.check_out(out_cfg) if dist_info.master else []))
-        lock = runs.RunLock(cfg.out) if dist_info.master else None  # held until the fit ends
+    dist_info, lock, code = None, None, 0
+    with stops.interruptible():
         try:
+            problems = check_fit(cfg)
+            dist_info = train.setup_distributed(cfg)
+            out_cfg = types.SimpleNamespace(out=cfg.out, init='', resume=cfg.resume)
+            if problems:
+                raise runs.StartError(problems + (runs.check_out(out_cfg) if dist_info.master else []))
+            lock = runs.RunLock(cfg.out) if dist_info.master else None  # held until the fit ends
             out_problems = runs.take_out(out_cfg, lock) if dist_info.master else []
             if dist_info.ddp:
                 dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
             runs.agree_or_raise(out_problems, dist_info)
             fit(cfg, dist_info)
+        except runs.StartError as err:
+            if dist_info is None or dist_info.master:
+                print('\n'.join([f'error: {err.problems[0]}'] if len(err.problems) == 1 else
+                                [f'error: {len(err.problems)} problems stop this fit:']
+                                + [f'  - {p}' for p in err.problems]), file=sys.stderr)
+            code = 2
+        except (ValueError, FileNotFoundError) as err:
+            if dist_info is None or dist_info.master:
+                print(f'error: {err}', file=sys.stderr)
+            code = 2
+        except runs.Stopped as stop:
+            if dist_info.master:
+                print(stop, file=sys.stderr)
+            code = 128 + stop.signal
+        except (KeyboardInterrupt, stops.Interrupted) as err:  # before or after the loop: nothing to save
+            code = stops.interrupted_exit(err)
         finally:
             if lock is not None:
                 lock.release()
-    except runs.StartError as err:
-        if dist_info is None or dist_info.master:
-            print('\n'.join([f'error: {err.problems[0]}'] if len(err.problems) == 1 else
-                            [f'error: {len(err.problems)} problems stop this fit:']
-                            + [f'  - {p}' for p in err.problems]), file=sys.stderr)
-        code = 2
-    except (ValueError, FileNotFoundError) as err:
-        if dist_info is None or dist_info.master:
-            print(f'error: {err}', file=sys.stderr)
-        code = 2
-    except runs.Stopped as stop:
-        if dist_info.master:
-            print(stop, file=sys.stderr)
-        code = 128 + stop.signal
-    finally:
-        if dist_info is not None and dist_info.ddp and dist.is_initialized():
-            dist.destroy_process_group()
+            if dist_info is not None and dist_info.ddp and dist.is_initialized():
+                dist.destroy_process_group()
     return code
 
 

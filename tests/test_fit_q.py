@@ -3,6 +3,7 @@ raises held-out agreement on sets with a known rule, the fitted file as a Q like
 and one-line errors before any work."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import fit_q
 import models
 import nriqa_sr
 import score_cache
+import stops
 import train
 
 pytestmark = [pytest.mark.usefixtures('offline'), pytest.mark.filterwarnings('ignore:--random-iqa')]
@@ -129,6 +131,22 @@ def test_the_fitted_file_round_trips_through_iqa_weights_and_refuses_the_old_cac
                               'fingerprint': original.fingerprint, 'complete': True}, cache)
     with pytest.raises(ValueError, match='other musiq weights'):
         score_cache.load_score_cache(cache, 'musiq', fitted.fingerprint)
+
+
+@pytest.mark.parametrize('stop', [KeyboardInterrupt, lambda: stops.Interrupted(signal.SIGTERM)])
+def test_a_stop_during_setup_is_one_line_and_leaves_no_lock(rule_root, tmp_path, capsys, monkeypatch, stop):
+    """Ctrl-C or SIGTERM after the fit took --out (here: while it splits the sets): one line, 128 + signal, the lock and
+    the folder it made gone (the fit's loop saves a step instead, as train.py's)."""
+    def stopped(*args, **kwargs):
+        raise stop()
+    monkeypatch.setattr(fit_q, 'split_sets', stopped)
+    out = tmp_path / 'fit'
+    code = fit_q.main(fit_args(rule_root, out, '--iqa', TINY_Q_SPEC, '--held-out', '8'))
+    signum = signal.SIGINT if stop is KeyboardInterrupt else signal.SIGTERM
+    err = capsys.readouterr().err
+    assert code == 128 + signum and err == f'error: stopped by {signal.Signals(signum).name}; nothing half-written ' \
+        'was left\n', err
+    assert not out.exists()
 
 
 def test_a_q_without_linear_layers_is_fitted_whole_and_says_so(rule_root, tmp_path, capsys):
