@@ -223,7 +223,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     args.steps = args.steps or (4 if cuda else 2)
-    args.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
+    args.workers = args.workers if args.workers is not None else (min(8, data.CPUS) if cuda else 0)
     if args.steps < 2:
         parser.error(f'--steps: must be at least 2 (s/step is timed between steps), got {args.steps}')
     warnings.simplefilter('ignore')  # the random-weights warnings: every branch has them
