@@ -75,8 +75,21 @@ def orientation(im: Image.Image) -> int:
     return value if value in ORIENT else 1
 
 
-def file_orientation(path) -> int:
-    """orientation() from the file's header (no pixel decode)."""
+def png_without_exif(path, data=None) -> bool:
+    """True for a PNG whose bytes hold neither an eXIf chunk nor a 'Raw profile type exif' text: it has no
+    orientation, and Pillow need not be asked (it decodes a whole PNG to look for an eXIf chunk after the pixels).
+    `data`: the file's bytes when they are at hand."""
+    if data is None:
+        with open(path, 'rb') as f:
+            data = f.read()
+    data = bytes(data)
+    return data[:8] == PNG_SIGNATURE and b'eXIf' not in data and b'Raw profile type exif' not in data
+
+
+def file_orientation(path, data=None) -> int:
+    """orientation() from the file's header (no pixel decode); `data`: its bytes, when at hand."""
+    if png_without_exif(path, data):
+        return 1
     try:
         with open_image(path) as im:
             return orientation(im)
@@ -145,8 +158,8 @@ def read_rgb8(path) -> np.ndarray:
     if array.dtype == np.uint16:
         array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if array.ndim == 2:
-        return oriented(np.repeat(array[:, :, None], 3, axis=2), file_orientation(path))
-    return oriented(array[:, :, 2::-1], file_orientation(path))  # BGR(A) -> RGB, alpha dropped
+        return oriented(np.repeat(array[:, :, None], 3, axis=2), file_orientation(path, raw))
+    return oriented(array[:, :, 2::-1], file_orientation(path, raw))  # BGR(A) -> RGB, alpha dropped
 
 
 
@@ -243,7 +256,7 @@ def image_size(path: Path) -> tuple[int, int]:
         raise FileNotFoundError(f'{path}: missing image')
     try:
         with open_image(path) as im:
-            return im.size[::-1] if orientation(im) >= 5 else im.size
+            return im.size[::-1] if not png_without_exif(path) and orientation(im) >= 5 else im.size
     except TooManyPixels:
         raise
     except (OSError, SyntaxError, ValueError) as err:
