@@ -4,9 +4,9 @@ HGGT's model files (basicsr/models/*) need the whole BasicSR package (registries
 and its VGG loss downloads ImageNet weights, so they do not run standalone. What is compared is what its
 architecture files compute in a GAN step, run from the files as they are (bench_models.official_class): the
 generator's forward+backward in train mode, the U-Net discriminator's forward+backward for G's GAN term (D frozen),
-and D's step on GT and SR; the L1 and GAN losses are the same torch calls on both sides. Ours is models.py in the
-layout train.training_step uses (one D forward on GT and SR concatenated, D in the memory format train.py picks);
-HGGT's is BasicSR's RealESRGANModel order (separate D forwards on GT and SR, contiguous). The VGG perceptual loss,
+and D's step on GT and SR; the L1 and GAN losses are the same torch calls on both sides, in the order both
+train.training_step and BasicSR's RealESRGANModel use (D on GT, then on SR, each its own forward and backward).
+Ours is models.py with D in the memory format train.py picks; HGGT's is its files, contiguous. The VGG perceptual loss,
 Adam and the EMA are the same torch code in both and left out. GT 256 (LQ 64), random weights copied into HGGT's
 modules; CPU time with one thread (bench/common.py), interleaved rounds.
 
@@ -33,18 +33,15 @@ from common import clock_name, machine, ratio, spread, timed  # noqa: E402
 HGGT_D = 'PosNegGTSR/basicsr/archs/discriminator_arch.py'
 
 
-def gan_step(g, d, lq, gt, concat):
-    """One generator and one discriminator backward of a GAN step: L1 + 0.1 GAN for G, then D on GT and SR."""
+def gan_step(g, d, lq, gt):
+    """One generator and one discriminator backward of a GAN step: L1 + 0.1 GAN for G, then D on GT and on SR."""
     gan = models.GANLoss()
     sr = g(lq)
     d.requires_grad_(False)
     (F.l1_loss(sr, gt) + 0.1 * gan(d(sr), True)).backward()
     d.requires_grad_(True)
-    if concat:  # train.training_step: one D forward, real then fake
-        real, fake = d(torch.cat([gt, sr.detach()])).chunk(2)
-    else:  # BasicSR's RealESRGANModel.optimize_parameters
-        real, fake = d(gt), d(sr.detach())
-    (gan(real, True) + gan(fake, False)).backward()
+    for x, is_real in ((gt, True), (sr.detach(), False)):
+        gan(d(x), is_real).backward()
 
 
 def hggt_discriminator(hggt, ours):
@@ -64,8 +61,8 @@ def cases(hggt, arch, batches):
     result = {}
     for b in batches:
         lq, gt = torch.rand(b, 3, 64, 64), torch.rand(b, 3, 256, 256)
-        result[f'{arch} batch {b} ours'] = functools.partial(gan_step, g, d_ours, lq, gt, True)
-        result[f'{arch} batch {b} HGGT'] = functools.partial(gan_step, g_hggt, d_hggt, lq, gt, False)
+        result[f'{arch} batch {b} ours'] = functools.partial(gan_step, g, d_ours, lq, gt)
+        result[f'{arch} batch {b} HGGT'] = functools.partial(gan_step, g_hggt, d_hggt, lq, gt)
     return result
 
 
