@@ -189,6 +189,48 @@ class LoRAConv2d(_LoRAMixin, nn.Conv2d):
         return y + F.conv2d(low, self.lora_B) * self.scaling  # (N, r, H', W') -> (N, out, H', W')
 
 
+class FrozenConv2d(nn.Conv2d):
+    """An nn.Conv2d of the frozen base outside the adapters. Its backward computes only the input's gradient,
+    which needs the weight, not the input; PyTorch's convolution keeps its input whenever a gradient flows, for
+    a weight gradient a frozen layer never computes (its linear keeps nothing it does not need). So this layer
+    keeps the weight instead: RRDBNet's and SwinIR's convs after the upsampling and after the body no longer
+    hold 21-45 MB an SR image of 256^2 through the backward. Unfrozen, without gradients, or compiled (the
+    compiler plans what its backward keeps), it is the plain layer."""
+
+    def __init__(self, base: nn.Conv2d):
+        super().__init__(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                         base.dilation, base.groups, bias=base.bias is not None, device='meta')
+        self.weight, self.bias = base.weight, base.bias
+
+    def forward(self, x):
+        trained = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if trained or not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+            return super().forward(x)
+        return _InputGradientOnly.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                        self.groups)
+
+
+class _InputGradientOnly(torch.autograd.Function):
+    """conv2d(x, W, b) whose backward returns only x's gradient (torch.nn.grad.conv2d_input), keeping W."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        weight = weight.to(y.dtype)  # under autocast the conv ran in y's dtype: so does the backward
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            weight = weight.contiguous(memory_format=torch.channels_last)  # the layout the conv's backward takes
+        ctx.save_for_backward(weight)
+        ctx.conv = x.shape, x.dtype, stride, padding, dilation, groups
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups = ctx.conv
+        grad_x = torch.nn.grad.conv2d_input(shape, weight, grad.to(weight.dtype), stride, padding, dilation, groups)
+        return grad_x.to(dtype), None, None, None, None, None, None
+
+
 def lora_layers(model):
     """[(name, LoRA layer)] of a model."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _LoRAMixin)]
@@ -239,6 +281,11 @@ def inject_lora(model: nn.Module, target: str | list[str], rank: int | None = No
 
     for pname, p in model.named_parameters():
         p.requires_grad_(pname.rpartition('.')[2] in LORA_NAMES)
+    for name, layer in list(model.named_modules()):  # the frozen convs keep no input for the backward
+        if type(layer) is nn.Conv2d and layer.padding_mode == 'zeros' and not isinstance(layer.padding, str):
+            frozen = FrozenConv2d(layer)
+            frozen.train(layer.training)
+            _replace(model, name, frozen)
     return names
 
 

@@ -296,7 +296,7 @@ def last_good(out):
 # Settings a resumed run may change: where things are, how long, how it runs and reports. Everything else
 # defines the run's math (data, losses, schedule, sampler, models) and must match the checkpoint.
 MAY_CHANGE = {'out', 'resume', 'data', 'score_cache', 'total_iters', 'num_workers', 'device', 'amp', 'channels_last',
-              'd_format', 'q_bf16', 'side_stream', 'compile', 'log_every', 'sample_every', 'monitor_every',
+              'd_format', 'q_format', 'q_bf16', 'side_stream', 'compile', 'log_every', 'sample_every', 'monitor_every',
               'save_every', 'keep', 'max_bad_steps', 'preset', 'val', 'val_every'}
 
 

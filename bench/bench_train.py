@@ -16,16 +16,17 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      the D step with one forward on real and fake concatenated (train.py, as HGGT, runs two: with G's GAN term,
      3 D forwards and spectral-norm power iterations a step).
   2. amo / upos: the amo step differs from upos only by Q's no-grad forward over the batch's 5 x B GT patches
-     (nriqa_sr.sample_gt_index), so ratio = (upos step + that Q call) / upos step, per variant of Q: eager,
-     channels-last (its ResNet stem), torch.compile, and bf16 autocast (timed on 1 of the 5 patches and
-     multiplied by 5: it is many times slower on CPUs without bf16 units); Q is the same for every generator:
-     timed once. --whole-amo also times the whole amo step, a check of the sum.
+     (nriqa_sr.sample_gt_index), so ratio = (upos step + that Q call) / upos step, per variant of Q: train.py's
+     (--q-format / --q-bf16 auto for this device), the other memory format (it matters in Q's ResNet stem),
+     torch.compile, and bf16 autocast (timed on 1 of the 5 patches and multiplied by 5: it is many times slower
+     on CPUs without bf16 units); Q is the same for every generator: timed once. --whole-amo also times the whole
+     amo step, a check of the sum.
   3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos; LoRA as
      lora.py computes it (weight space) and with its adapters on the activations (lora.py before, "activation
      space"). --part ft runs this section alone, --part stage1 all but it (--part amo: section 2 for train.py's
-     Q only). --memory adds each variant's peak memory over two steps, a fresh process per variant: the peak RSS
-     (VmHWM) on CPU, torch.cuda.max_memory_allocated on CUDA, and what the setup had (models, Q, VGG) before
-     the first step.
+     Q only). --memory adds each variant's peak memory over two steps, a fresh process per variant: the peak of
+     live tensor bytes (CUDA: torch.cuda.max_memory_allocated; CPU: torch's allocation events, and the peak RSS
+     beside it), and what the setup had (models, Q, VGG) before the first step.
   4. On CUDA only: the stage-1 step under --amp bf16 and fp16 vs fp32.
 
     python bench/bench_train.py            # the demo preset's models (gt 64, batch 2, tiny Q): under a minute
@@ -58,8 +59,9 @@ BF16_PATCHES = 1  # of the 5 GTs per sample: bf16 Q is timed on these and scaled
 
 
 def bench_config(arch, paper, device, *flags):
-    """train.py's config for these flags, random weights, upos; demo preset sizes unless paper."""
-    size = ['--gt-size', '256', '--batch-size', '1'] if paper else \
+    """train.py's config for these flags, random weights, upos; paper: the paper's sizes at this batch size (0:
+    the demo preset's sizes)."""
+    size = ['--gt-size', '256', '--batch-size', str(paper)] if paper else \
         ['--preset', 'demo', '--generator', json.dumps(config.DEMO['generator'][arch])]  # FT takes no preset G
     return config.parse_config(['--arch', arch, '--sampler', 'upos', '--random-vgg', '--random-iqa', '--device',
                                device.type, *size, *flags])
@@ -157,13 +159,16 @@ def other_format(d):
     return torch.contiguous_format if weight.is_contiguous(memory_format=torch.channels_last) else torch.channels_last
 
 
-def quality_variants(cfg, device, eager_only=False):
-    """{label: Q}: the amo sampler's Q as train.py builds it (random weights), and variants that may be faster."""
-    def make():
-        return nriqa_sr.QualityModel(cfg.iqa, device, pretrained=False, metric_opts=cfg.iqa_opts or None)
+def quality_variants(cfg, device, own_only=False):
+    """{label: Q}: the amo sampler's Q as train.py builds it (random weights, its --q-format / --q-bf16 choice
+    for this device), and variants that may be faster: the other memory format, compiled, bf16 autocast."""
+    choice = train.speed_choices(cfg, device)
+    own = 'channels-last' if choice.q_channels_last else 'contiguous'
+    formats = {'channels-last': torch.channels_last, 'contiguous': torch.contiguous_format}
 
-    if eager_only:
-        return {'eager (train.py)': make()}
+    def make(fmt=own):
+        return nriqa_sr.QualityModel(cfg.iqa, device, pretrained=False, metric_opts=cfg.iqa_opts or None
+                                     ).to(memory_format=formats[fmt])
 
     def autocast_bf16(q):
         def score(x):
@@ -171,8 +176,12 @@ def quality_variants(cfg, device, eager_only=False):
                 return q(x).float()
         return score
 
-    return {'eager (train.py)': make(), 'channels-last': make().to(memory_format=torch.channels_last),
-            'torch.compile': torch.compile(make()),
+    variants = {f'train.py ({own}{", bf16" if choice.q_bf16 else ""})':
+                autocast_bf16(make()) if choice.q_bf16 else make()}
+    if own_only:
+        return variants
+    other = next(fmt for fmt in formats if fmt != own)
+    return {**variants, other: make(other), 'torch.compile': torch.compile(make()),
             f'bf16 autocast (x{nriqa_sr.NUM_GTS // BF16_PATCHES})': autocast_bf16(make())}
 
 
@@ -183,16 +192,16 @@ def no_grad_call(fn, x):
 
 def amo_cases(variants, batch, device):
     """{label: Q's no-grad forward over the batch's GT patches, as nriqa_sr.argmax_online runs it}, and each Q's
-    largest score difference to eager."""
+    largest score difference to train.py's."""
     gts = train.images(batch['gts'], device)  # (B,5,3,H,W)
     cases, diffs = {}, {}
     with torch.no_grad():
-        eager = next(iter(variants.values()))(gts.flatten(0, 1)).reshape(gts.shape[:2])  # (B,5)
+        own = next(iter(variants.values()))(gts.flatten(0, 1)).reshape(gts.shape[:2])  # (B,5)
         for label, q in variants.items():
             k = BF16_PATCHES if label.startswith('bf16') else nriqa_sr.NUM_GTS
             patches = gts[:, :k].flatten(0, 1)  # (B*k,3,H,W)
             cases[f'Q {label}'] = partial(no_grad_call, q, patches)
-            diffs[label] = (q(patches).reshape(-1, k) - eager[:, :k]).abs().max().item()
+            diffs[label] = (q(patches).reshape(-1, k) - own[:, :k]).abs().max().item()
     return cases, diffs
 
 
@@ -211,7 +220,7 @@ def build_cases(args, device):
         cases[f'{arch} step upos'] = stage1.step
         warm.append(f'{arch} step upos')  # the parts reuse its models
         if args.part == 'amo':  # section 2 with train.py's Q only
-            q_cases, info['diffs'] = amo_cases(quality_variants(cfg, device, eager_only=True), stage1.batch, device)
+            q_cases, info['diffs'] = amo_cases(quality_variants(cfg, device, own_only=True), stage1.batch, device)
             cases.update(q_cases)
             warm += list(q_cases)
             continue
@@ -261,14 +270,31 @@ def ft_cases(arch, paper, device, info):
 
 
 def ft_memory_child(arch, paper, device, variant):
-    """One FT variant's peak memory over two steps, in MiB, printed as JSON (run in a fresh process)."""
-    cuda = device.type == 'cuda'
-    trainer = ft_trainer(arch, paper, device, variant)
-    setup = torch.cuda.memory_allocated() if cuda else rss_bytes('VmRSS')
-    for _ in range(2):  # the second step has Adam's state from the first
-        trainer.step()
-    peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes('VmHWM')
-    print(json.dumps({'setup_mib': setup / 2 ** 20, 'peak_mib': peak / 2 ** 20}))
+    """One FT variant's peak memory over two steps, in MiB, printed as JSON (run in a fresh process): the peak of
+    live tensor bytes and what the setup (models, Q, VGG) held before the first step; on CUDA by
+    torch.cuda.max_memory_allocated, on the CPU from torch's allocation events (the profiler's profile_memory:
+    every tensor allocation and free, exact, whatever the C allocator keeps), and there the peak RSS (VmHWM) too."""
+    if device.type == 'cuda':
+        trainer = ft_trainer(arch, paper, device, variant)
+        setup = torch.cuda.memory_allocated()
+        for _ in range(2):  # the second step has Adam's state from the first
+            trainer.step()
+        result = {'setup_mib': setup / 2 ** 20, 'peak_mib': torch.cuda.max_memory_allocated() / 2 ** 20}
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainer = ft_trainer(arch, paper, device, variant)
+            with torch.profiler.record_function('steps'):
+                for _ in range(2):
+                    trainer.step()
+        events = prof.profiler.kineto_results.events()
+        start = next(e.start_ns() for e in events if e.name() == 'steps')
+        live = setup = peak = 0
+        for at, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]'):
+            setup = live if at < start else setup
+            live += nbytes
+            peak = max(peak, live)
+        result = {'setup_mib': setup / 2 ** 20, 'peak_mib': peak / 2 ** 20, 'rss_peak_mib': rss_bytes('VmHWM') / 2 ** 20}
+    print(json.dumps(result))
 
 
 def ft_memory(args):
@@ -277,7 +303,7 @@ def ft_memory(args):
     for arch in args.arch:
         for variant in FT_VARIANTS:
             argv = [sys.executable, __file__, '--memory-child', variant, '--arch', arch, '--device', args.device,
-                    '--threads', str(args.threads), *(['--paper'] if args.paper else [])]
+                    '--threads', str(args.threads), *(['--paper', '--batch-size', str(args.paper)] if args.paper else [])]
             out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
             result.setdefault(arch, {})[variant] = json.loads(out.strip().splitlines()[-1])
     return result
@@ -321,7 +347,7 @@ def report_stage1(times, info, archs, cfg):
         report_d_format(times, info, archs)
     print(f'\n2. amo / upos step time = (upos step + Q over {nriqa_sr.NUM_GTS} x {cfg.batch_size} GT patches of '
           f'{cfg.gt_size}^2) / upos step:')
-    print(f'   {"Q":26s} {"Q seconds":26s} ' + ''.join(f'{a:26s} ' for a in archs) + 'max |score - eager|')
+    print(f'   {"Q":26s} {"Q seconds":26s} ' + ''.join(f'{a:26s} ' for a in archs) + "max |score - train.py's|")
     for label, diff in info['diffs'].items():
         scale = nriqa_sr.NUM_GTS // BF16_PATCHES if label.startswith('bf16') else 1
         q = [scale * t for t in times[f'Q {label}']]
@@ -358,14 +384,19 @@ def report_ft(times, info, archs):
             t = times[f'{arch} FT {variant}']
             print(f'   {arch:8s} {variant:22s} {spread(t):26s} ({info["trained"][arch][variant]:,}) {ratio(t, full)}x')
     for arch, variants in info.get('memory', {}).items():
-        print(f'   {arch} peak memory over two steps (MiB; setup before the first step): ' + ', '.join(
-            f'{v} {m["peak_mib"]:.0f} ({m["setup_mib"]:.0f})' for v, m in variants.items()))
+        print(f'   {arch} peak memory of live tensors over two steps (MiB; setup before the first step'
+              + ('; peak RSS' if 'rss_peak_mib' in variants['full'] else '') + '): ' + ', '.join(
+                  f'{v} {m["peak_mib"]:.0f} ({m["setup_mib"]:.0f}' + (f'; {m["rss_peak_mib"]:.0f}' if 'rss_peak_mib' in m
+                                                                    else '') + ')' for v, m in variants.items())
+              + f'; LoRA / full {variants["LoRA"]["peak_mib"] / variants["full"]["peak_mib"]:.3f}')
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--paper', action='store_true', help='paper generators at gt 256, batch 1 (default: '
-                        'the demo preset)')
+    parser.add_argument('--paper', action='store_true', help='paper generators and Q at gt 256, batch '
+                        '--batch-size (default: the demo preset)')
+    parser.add_argument('--batch-size', type=int, default=1, help='with --paper: the batch size (the paper trains '
+                        'SwinIR with 8, RRDBNet with 12 a GPU; 1 keeps a CPU step in seconds)')
     parser.add_argument('--arch', nargs='+', default=['swinir', 'rrdbnet'], choices=tuple(models.GENERATORS),
                         help='generators to measure')
     parser.add_argument('--runs', type=int, default=3, help='timed rounds (after one warm-up round)')
@@ -382,6 +413,9 @@ def main():
         parser.error('--device cuda: no CUDA device is visible')
     if args.runs < 1:
         parser.error(f'--runs: must be at least 1, got {args.runs}')
+    if args.batch_size < 1 or (args.batch_size != 1 and not args.paper):
+        parser.error(f'--batch-size {args.batch_size}: a positive batch size, with --paper')
+    args.paper = args.batch_size if args.paper else 0  # from here: the paper size's batch, 0 for the demo sizes
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     warnings.simplefilter('ignore')  # the random-weights warnings: speed is what is measured

@@ -141,7 +141,7 @@ def test_inject_preset_wraps_the_paper_layers_and_freezes_the_rest(arch):
     if arch == 'swinir':  # 2 RSTBs x 2 blocks x (fc1, fc2)
         assert names[:2] == ['layers.0.residual_group.blocks.0.mlp.fc1', 'layers.0.residual_group.blocks.0.mlp.fc2']
         assert len(names) == 2 * 2 * 2 and all(n.split('.')[-2] == 'mlp' for n in names)
-    else:  # 2 RRDBs x 3 RDBs x 5 convs; conv_first, conv_body and the upsampling convs stay plain
+    else:  # 2 RRDBs x 3 RDBs x 5 convs; conv_first, conv_body and the upsampling convs stay frozen convs
         assert names[:2] == ['body.0.rdb1.conv1', 'body.0.rdb1.conv2'] and len(names) == 2 * 3 * 5
     assert all(model.get_submodule(n).rank == LORA_PRESETS[arch][1] for n in names)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -305,6 +305,53 @@ def test_the_backward_keeps_no_summed_weight(kind, amp, monkeypatch):
     torch.testing.assert_close(out, kept)
     for name in ('lora_A', 'lora_B'):
         torch.testing.assert_close(getattr(layer, name).grad, getattr(twin, name).grad, msg=name)
+
+
+def saved_bytes(model, x, grad, amp):
+    """Run forward and backward; (bytes of the distinct storages autograd kept for the backward, the input storages
+    of the frozen convs that nothing kept, output, gradients of x and of the adapters)."""
+    saved, inputs = {}, {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.update(
+        {args[0].untyped_storage().data_ptr(): args[0].untyped_storage().nbytes()}))
+        for m in model.modules() if isinstance(m, lora.FrozenConv2d)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast('cpu', dtype=amp, enabled=amp is not None):
+        out = model(x)
+    for hook in hooks:
+        hook.remove()
+    out.float().backward(grad)
+    unkept = sum(n for ptr, n in inputs.items() if ptr not in saved)
+    return sum(saved.values()), unkept, out, x.grad, [p.grad for p in lora_parameters(model)]
+
+
+@pytest.mark.parametrize('amp', [None, torch.bfloat16])
+@pytest.mark.parametrize('arch', ['swinir', 'rrdbnet'])
+def test_frozen_convs_keep_no_input_and_give_the_same_gradients(arch, amp, monkeypatch):
+    """inject_lora makes the convs outside the adapters FrozenConv2d: the backward keeps their weight, not their
+    input (which PyTorch's conv keeps for a weight gradient a frozen layer never computes), so autograd holds the
+    inputs nothing else keeps less; output and gradients are the plain convs', in fp32 and under bf16 autocast."""
+    model = small_generator(arch).train()
+    inject_lora(model, arch)
+    randomize_lora(model)
+    frozen = [n for n, m in model.named_modules() if isinstance(m, lora.FrozenConv2d)]
+    assert frozen and all(type(m) is not nn.Conv2d for m in model.modules())  # every other conv is frozen
+    plain = copy.deepcopy(model)
+    x, grad = torch.rand(2, 3, 8, 8), torch.randn(2, 3, 32, 32)
+    kept, unkept, out, x_grad, grads = saved_bytes(model, x.clone().requires_grad_(), grad, amp)
+    with monkeypatch.context() as patch:
+        patch.setattr(lora.FrozenConv2d, 'forward', nn.Conv2d.forward)
+        plain_kept, _, plain_out, plain_x_grad, plain_grads = saved_bytes(plain, x.clone().requires_grad_(), grad, amp)
+    assert unkept > 0 and kept < plain_kept
+    if amp is None:  # under autocast the plain conv keeps a bf16 copy of its input instead
+        assert kept == plain_kept - unkept
+    torch.testing.assert_close(out, plain_out)
+    torch.testing.assert_close(x_grad, plain_x_grad)
+    for g, plain_g in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, plain_g)
 
 
 def test_load_lora_state_dict_errors_are_one_line():
