@@ -89,9 +89,6 @@ class TrainConfig:
     d_format: str = arg('auto', "memory format of D; auto: channels-last on CUDA and on CPUs with AMX, contiguous on "
                         'other CPUs (the faster one on each CPU measured, BENCHMARKS.md)',
                         choices=('auto', 'channels-last', 'contiguous'))
-    q_format: str = arg('auto', "memory format of Q's convolutions (amo's and Eq. 2's); auto: channels-last on CPUs, "
-                        'contiguous on CUDA (the faster one on the CPU measured, BENCHMARKS.md; CUDA not measured)',
-                        choices=('auto', 'channels-last', 'contiguous'))
     q_bf16: str = arg('auto', "amo's Q (no gradient) under bf16 autocast; auto: on CPUs with AMX, where it is faster, "
                       'off elsewhere (emulated bf16 is many times slower; on CUDA Q runs beside G)',
                       choices=('auto', 'on', 'off'))

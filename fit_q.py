@@ -312,20 +312,24 @@ def loop(cfg, dist_info, model, net, opt, fit_set, step, scale, keep):
     device, master = dist_info.device, dist_info.master
     log = runs.CsvLog(Path(cfg.out) / 'log.csv', ['step', 'loss', 'pair_accuracy', 's_per_step'],
                       step if cfg.resume else None) if master else None
-    pairs_seen, t0 = [], time.perf_counter()
+    pairs_seen, t0, saved = [], time.perf_counter(), step  # the resume checkpoint (or none, at 0) holds `saved`
     with runs.StopSignals() as signals, closing(train.batches(fit_set, cfg, dist_info.world, dist_info.rank, step,
                                                               device.type == 'cuda')) as data_iter:
         while step < cfg.total_iters:
-            batch = next(data_iter)
+            batch = runs.next_batch(data_iter, signals)
+            if runs.agree_to_stop(signals, dist_info, device):  # every rank, before the step's collectives
+                if step > saved:
+                    save(cfg, dist_info, step, net, opt, keep)
+                if master:
+                    log.close()
+                raise runs.stopped(signals, step, Path(cfg.out))
             gts = train.images(batch['gts'], device)  # (B,5,3,S,S) in [0,1]
             scores = model(gts.flatten(0, 1)).reshape(gts.shape[:2])  # (B*5,3,S,S) -> (B*5,) -> (B,5)
             loss, right = ranking_loss(scores, batch['pairs'].to(device), scale)
-            flags = torch.stack([~torch.isfinite(loss), torch.tensor(signals.received is not None, device=device)])
-            flags = flags.float()
+            bad = (~torch.isfinite(loss)).float()
             if dist_info.ddp:  # every rank stops alike
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stop = flags.tolist()
-            if bad:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
                 raise ValueError(f'non-finite ranking loss at step {step + 1}; {runs.last_good(cfg.out)}; '
                                  'lower --lr')
             opt.zero_grad(set_to_none=True)
@@ -341,10 +345,9 @@ def loop(cfg, dist_info, model, net, opt, fit_set, step, scale, keep):
                 print(f'step {step}/{cfg.total_iters} | ranking loss {loss_mean:.4f} | batch pairs ranked right '
                       f'{100 * right_mean:.1f} % | {row["s_per_step"]:.2f} s/step', flush=True)
                 pairs_seen, t0 = [], time.perf_counter()
-            if step % cfg.save_every == 0 or step == cfg.total_iters or stop:
+            if step % cfg.save_every == 0 or step == cfg.total_iters:
                 save(cfg, dist_info, step, net, opt, keep)
-            if stop:
-                raise runs.stopped(signals, step, Path(cfg.out))
+                saved = step
     if master:
         log.close()
     return step
@@ -414,22 +417,8 @@ def main(argv=None):
                 dist.init_process_group('nccl' if dist_info.device.type == 'cuda' else 'gloo')
             runs.agree_or_raise(out_problems, dist_info)
             fit(cfg, dist_info)
-        except runs.StartError as err:
-            if dist_info is None or dist_info.master:
-                print('\n'.join([f'error: {err.problems[0]}'] if len(err.problems) == 1 else
-                                [f'error: {len(err.problems)} problems stop this fit:']
-                                + [f'  - {p}' for p in err.problems]), file=sys.stderr)
-            code = 2
-        except (ValueError, FileNotFoundError) as err:
-            if dist_info is None or dist_info.master:
-                print(f'error: {err}', file=sys.stderr)
-            code = 2
-        except runs.Stopped as stop:
-            if dist_info.master:
-                print(stop, file=sys.stderr)
-            code = 128 + stop.signal
-        except (KeyboardInterrupt, stops.Interrupted) as err:  # before or after the loop: nothing to save
-            code = stops.interrupted_exit(err)
+        except runs.ENDINGS as err:
+            code = runs.exit_code(err, dist_info, 'fit')
         finally:
             if lock is not None:
                 lock.release()

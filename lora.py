@@ -12,6 +12,7 @@ forward computes it so ("weight space"): the delta is formed once per call, exac
 gradients reach A and B through it. Its cost is a full fine-tuning layer's; the two-layer branch on the
 activations ("activation space") costs as much again for RRDB's 32-channel convs (bench/bench_models.py).
 With dropout active (train mode, dropout > 0) the branch sees other inputs than W and runs on activations.
+inject_lora makes every other zero-padded conv a FrozenConv2d: it keeps its weight for the backward, not its input.
 The paper does not state alpha; the default alpha = r (scaling 1) is ours, and its FT learning rates
 carry over only with the same scaling (the adapters' effective step grows with alpha / r).
 LoRALinear / LoRAConv2d subclass nn.Linear / nn.Conv2d and adopt the base layer's own
@@ -193,9 +194,9 @@ class FrozenConv2d(nn.Conv2d):
     """An nn.Conv2d of the frozen base outside the adapters. Its backward computes only the input's gradient,
     which needs the weight, not the input; PyTorch's convolution keeps its input whenever a gradient flows, for
     a weight gradient a frozen layer never computes (its linear keeps nothing it does not need). So this layer
-    keeps the weight instead: RRDBNet's and SwinIR's convs after the upsampling and after the body no longer
-    hold 21-45 MB an SR image of 256^2 through the backward. Unfrozen, without gradients, or compiled (the
-    compiler plans what its backward keeps), it is the plain layer."""
+    keeps the weight instead: in a paper RRDBNet the convs after the body and of the upsampling no longer hold
+    22 MB an SR image of 256^2 through the backward (BENCHMARKS.md). Unfrozen, without gradients, or compiled
+    (the compiler plans what its backward keeps), it is the plain layer."""
 
     def __init__(self, base: nn.Conv2d):
         super().__init__(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,

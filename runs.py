@@ -296,7 +296,7 @@ def last_good(out):
 # Settings a resumed run may change: where things are, how long, how it runs and reports. Everything else
 # defines the run's math (data, losses, schedule, sampler, models) and must match the checkpoint.
 MAY_CHANGE = {'out', 'resume', 'data', 'score_cache', 'total_iters', 'num_workers', 'device', 'amp', 'channels_last',
-              'd_format', 'q_format', 'q_bf16', 'side_stream', 'compile', 'log_every', 'sample_every', 'monitor_every',
+              'd_format', 'q_bf16', 'side_stream', 'compile', 'log_every', 'sample_every', 'monitor_every',
               'save_every', 'keep', 'max_bad_steps', 'preset', 'val', 'val_every'}
 
 
@@ -571,3 +571,42 @@ def stopped(signals, step, out):
 
 class DataError(Exception):
     """A bad training sample met in the loop, on one rank only."""
+
+
+def next_batch(data_iter, signals):
+    """The loader's next batch; None when the job's stop signal ended its workers first (at an epoch boundary,
+    before a batch came: the caller's agree_to_stop then saves and stops). A sample a worker could not read is a
+    DataError with the worker's message (its traceback's last line)."""
+    try:
+        return next(data_iter)
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(str(err).strip().splitlines()[-1].removeprefix(f'{type(err).__name__}: ')) from None
+    except RuntimeError:
+        if signals.received is None:
+            raise
+        return None
+
+
+def exit_code(err, dist_info, what):
+    """How a command (train.py, fit-q; `what` names its run) ends after `err`: its one line or block, printed by
+    rank 0 (a DataError by the rank whose sample it was), and the exit code: 2, or 128 + the stopping signal."""
+    master = dist_info is None or dist_info.master
+    if isinstance(err, DataError):
+        print(f'error: {err}' if dist_info.world == 1 else f'error (rank {dist_info.rank}): {err}', file=sys.stderr)
+        return 2
+    if isinstance(err, Stopped):
+        if master:
+            print(err, file=sys.stderr)
+        return 128 + err.signal
+    if isinstance(err, (KeyboardInterrupt, stops.Interrupted)):  # before or after the loop: nothing to save
+        return stops.interrupted_exit(err)
+    if master:  # StartError, ValueError, FileNotFoundError: the same on every rank
+        problems = err.problems if isinstance(err, StartError) else [str(err)]
+        print('\n'.join([f'error: {problems[0]}'] if len(problems) == 1 else
+                        [f'error: {len(problems)} problems stop this {what}:'] + [f'  - {p}' for p in problems]),
+              file=sys.stderr)
+    return 2
+
+
+# what exit_code handles
+ENDINGS = (ValueError, FileNotFoundError, DataError, Stopped, KeyboardInterrupt, stops.Interrupted)

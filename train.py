@@ -92,34 +92,14 @@ def cpu_flags():
     return set(next((line for line in lines if line.startswith('flags')), '').partition(':')[2].split())
 
 
-@dataclass
-class SpeedChoices:
-    """The hardware-dependent speed choices (same math either way; see speed_choices)."""
-    d_channels_last: bool
-    q_channels_last: bool
-    q_bf16: bool
-
-    def summary(self, cfg):
-        return (f'D {"channels-last" if self.d_channels_last else "contiguous"} (--d-format {cfg.d_format}), Q '
-                f'{"channels-last" if self.q_channels_last else "contiguous"} (--q-format {cfg.q_format}), amo\'s Q '
-                f'{"bf16" if self.q_bf16 else "fp32"} (--q-bf16 {cfg.q_bf16}); CPU flags: '
-                + (' '.join(sorted(f for f in cpu_flags() if f.startswith(('avx2', 'avx512f', 'amx'))))
-                   or 'none of avx2 / avx512f / amx'))
-
-
 def speed_choices(cfg, device):
-    """SpeedChoices from --d-format / --q-format / --q-bf16. 'auto' takes what was faster on each CPU measured
-    (BENCHMARKS.md): an Intel Xeon with AMX ran a channels-last D step in 0.75x and a bf16 Q in 0.60x fp32's
-    time, an AMD EPYC (AVX2) in 1.35x and 11x; on the AMD a channels-last Q scored in 0.87x the time (its
-    ResNet stem; the max-pool vectorises over channels) and took its gradient in 1.00x. On CUDA channels-last
-    is the usual format of convolutions, Q keeps pyiqa's format (not measured) and overlaps G on a side
-    stream. Same math either way (bf16 Q: scores within bf16 rounding; a format: float rounding)."""
-    cpu = device.type == 'cpu'
-    amx = cpu and 'amx_tile' in cpu_flags()
-    return SpeedChoices(
-        d_channels_last=cfg.d_format == 'channels-last' or (cfg.d_format == 'auto' and (not cpu or amx)),
-        q_channels_last=cfg.q_format == 'channels-last' or (cfg.q_format == 'auto' and cpu),
-        q_bf16=cfg.q_bf16 == 'on' or (cfg.q_bf16 == 'auto' and amx))
+    """(D in channels-last, amo's Q under bf16 autocast) from --d-format / --q-bf16. 'auto' takes what was faster
+    on each CPU measured (BENCHMARKS.md): an Intel Xeon with AMX ran a channels-last D step in 0.75x and a bf16 Q
+    in 0.60x fp32's time, an AMD EPYC (AVX2) in 1.35x and 11x; on CUDA channels-last is the usual format of
+    convolutions, and Q overlaps G on a side stream. Same math either way (bf16 Q: scores within bf16 rounding)."""
+    amx = device.type == 'cpu' and 'amx_tile' in cpu_flags()
+    channels_last = cfg.d_format == 'channels-last' or (cfg.d_format == 'auto' and (device.type == 'cuda' or amx))
+    return channels_last, cfg.q_bf16 == 'on' or (cfg.q_bf16 == 'auto' and amx)
 
 
 def step_seed(*keys):
@@ -173,8 +153,7 @@ def build_models(cfg, device):
             raise ValueError(f'--init {cfg.init}: holds no discriminator (net_d), and --gan-weight > 0 fine-tunes '
                              "against the stage-1 one: pass that run's generator.pth (train.py exports net_d beside "
                              'the generator) or one of its ckpt_*.pth')
-        d.to(device, memory_format=torch.channels_last if speed_choices(cfg, device).d_channels_last else
-             torch.contiguous_format)
+        d.to(device, memory_format=torch.channels_last if speed_choices(cfg, device)[0] else torch.contiguous_format)
     perceptual = None
     if cfg.perceptual_weight > 0:
         perceptual = models.PerceptualLoss(weights=None if cfg.random_vgg else 'DEFAULT',
@@ -184,12 +163,9 @@ def build_models(cfg, device):
 
 def build_quality(cfg, device):
     """Q of the sampler (sma / smp / amo) and Q of Eq. 2 (and of the FT monitor); one model when they are the same."""
-    memory_format = torch.channels_last if speed_choices(cfg, device).q_channels_last else torch.contiguous_format
-
     def make(name, as_loss):
         return nriqa_sr.QualityModel(name, device, as_loss=as_loss, weights=cfg.iqa_weights or None,
-                                     pretrained=not cfg.random_iqa, metric_opts=cfg.iqa_opts or None
-                                     ).to(memory_format=memory_format)
+                                     pretrained=not cfg.random_iqa, metric_opts=cfg.iqa_opts or None)
     reward = make(cfg.iqa, cfg.lambda_q > 0) if cfg.finetune or cfg.lambda_q > 0 else None
     sampling = None
     if cfg.sampler in nriqa_sr.NEEDS_SCORES + nriqa_sr.SCORES_ONLINE:
@@ -274,7 +250,7 @@ def training_step(cfg, nets, batch, quality, step_rng, side_stream, device):
 
 def q_autocast(cfg, device):
     """The context amo's Q scores in: bf16 autocast when speed_choices picks it (never Eq. 2's reward Q)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if speed_choices(cfg, device).q_bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if speed_choices(cfg, device)[1] else nullcontext()
 
 
 def optimizer_step(opts, scaler, grad_clip):
@@ -411,7 +387,11 @@ def train(cfg, dist_info, log=None):
         print(f'{"finetune" if cfg.finetune else "stage 1"} ({cfg.sampler}, {cfg.arch}): {about}; '
               f'{dist_info.world} x batch {cfg.batch_size}; {trained:,} of {total:,} generator parameters trained; '
               f'{device}')
-        print(speed_choices(cfg, device).summary(cfg))
+        d_channels_last, q_bf16 = speed_choices(cfg, device)
+        print(f'D {"channels-last" if d_channels_last else "contiguous"} (--d-format {cfg.d_format}), amo\'s Q '
+              f'{"bf16" if q_bf16 else "fp32"} (--q-bf16 {cfg.q_bf16}); CPU flags: '
+              + (' '.join(sorted(f for f in cpu_flags() if f.startswith(('avx2', 'avx512f', 'amx')))) or 'none of '
+                 'avx2 / avx512f / amx'))
     nets = {'g': net_g, 'raw_d': raw_d, 'd': net_d, 'perceptual': perceptual, 'scaler': scaler,
             'autocast': torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext(),
             'q_autocast': q_autocast(cfg, device)}
@@ -453,15 +433,7 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
     with runs.StopSignals() as signals, closing(batches(train_set, cfg, dist_info.world, rank, step,
                                                         device.type == 'cuda')) as data_iter:
         while step < cfg.total_iters:
-            try:
-                batch = next(data_iter)
-            except (ValueError, FileNotFoundError) as err:  # from a worker: its traceback's last line is the message
-                message = str(err).strip().splitlines()[-1].removeprefix(f'{type(err).__name__}: ')
-                raise runs.DataError(message) from None
-            except RuntimeError:
-                if signals.received is None:
-                    raise
-                batch = None  # the workers got the job's stop signal too (at an epoch boundary, before a batch came)
+            batch = runs.next_batch(data_iter, signals)
             if runs.agree_to_stop(signals, dist_info, device):  # every rank, before the step's collectives
                 if step > saved:
                     runs.save(cfg, dist_info, step, bad_steps, gen_config, fingerprints, state)
@@ -529,25 +501,8 @@ def main(argv=None):
             lock = runs.RunLock(cfg.out) if dist_info.master else None  # creates nothing yet
             preflight(cfg, dist_info, lock)
             train(cfg, dist_info, log)
-        except runs.StartError as err:
-            if dist_info is None or dist_info.master:
-                head = [f'error: {err.problems[0]}'] if len(err.problems) == 1 else \
-                    [f'error: {len(err.problems)} problems stop this run:'] + [f'  - {p}' for p in err.problems]
-                print('\n'.join(head), file=sys.stderr)
-            code = 2
-        except (ValueError, FileNotFoundError) as err:  # the same on every rank (setup, or the weights diverged)
-            if dist_info is None or dist_info.master:
-                print(f'error: {err}', file=sys.stderr)
-            code = 2
-        except runs.DataError as err:  # one rank's sample: that rank says it
-            print(f'error: {err}' if dist_info.world == 1 else f'error (rank {dist_info.rank}): {err}', file=sys.stderr)
-            code = 2
-        except runs.Stopped as stop:
-            if dist_info.master:
-                print(stop, file=sys.stderr)
-            code = 128 + stop.signal
-        except (KeyboardInterrupt, stops.Interrupted) as err:  # before or after the loop: nothing to save
-            code = stops.interrupted_exit(err)
+        except runs.ENDINGS as err:
+            code = runs.exit_code(err, dist_info, 'run')
         finally:
             if lock is not None:
                 lock.release()

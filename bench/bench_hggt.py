@@ -55,7 +55,7 @@ def cases(hggt, arch, batches):
     torch.manual_seed(0)
     g = models.build_generator(arch).train()
     d = models.UNetDiscriminatorSN(num_feat=64)
-    channels_last = train.speed_choices(config.parse_config([]), torch.device('cpu')).d_channels_last
+    channels_last, _ = train.speed_choices(config.parse_config([]), torch.device('cpu'))
     d_ours = d.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     g_hggt, d_hggt = official_twin(hggt, arch, g, {}).train(), hggt_discriminator(hggt, d)
     result = {}

@@ -16,11 +16,10 @@ median [min-max] over the rounds; a ratio or share is taken per round, then summ
      the D step with one forward on real and fake concatenated (train.py, as HGGT, runs two: with G's GAN term,
      3 D forwards and spectral-norm power iterations a step).
   2. amo / upos: the amo step differs from upos only by Q's no-grad forward over the batch's 5 x B GT patches
-     (nriqa_sr.sample_gt_index), so ratio = (upos step + that Q call) / upos step, per variant of Q: train.py's
-     (--q-format / --q-bf16 auto for this device), the other memory format (it matters in Q's ResNet stem),
-     torch.compile, and bf16 autocast (timed on 1 of the 5 patches and multiplied by 5: it is many times slower
-     on CPUs without bf16 units); Q is the same for every generator: timed once. --whole-amo also times the whole
-     amo step, a check of the sum.
+     (nriqa_sr.sample_gt_index), so ratio = (upos step + that Q call) / upos step, per variant of Q: eager,
+     channels-last (its ResNet stem), torch.compile, and bf16 autocast (timed on 1 of the 5 patches and
+     multiplied by 5: it is many times slower on CPUs without bf16 units); Q is the same for every generator:
+     timed once. --whole-amo also times the whole amo step, a check of the sum.
   3. Fine-tuning (Eq. 2, differentiable Q reward, no GAN): a LoRA step vs a full (--no-lora) step, upos; LoRA as
      lora.py computes it (weight space) and with its adapters on the activations (lora.py before, "activation
      space"). --part ft runs this section alone, --part stage1 all but it (--part amo: section 2 for train.py's
@@ -159,16 +158,13 @@ def other_format(d):
     return torch.contiguous_format if weight.is_contiguous(memory_format=torch.channels_last) else torch.channels_last
 
 
-def quality_variants(cfg, device, own_only=False):
-    """{label: Q}: the amo sampler's Q as train.py builds it (random weights, its --q-format / --q-bf16 choice
-    for this device), and variants that may be faster: the other memory format, compiled, bf16 autocast."""
-    choice = train.speed_choices(cfg, device)
-    own = 'channels-last' if choice.q_channels_last else 'contiguous'
-    formats = {'channels-last': torch.channels_last, 'contiguous': torch.contiguous_format}
+def quality_variants(cfg, device, eager_only=False):
+    """{label: Q}: the amo sampler's Q as train.py builds it (random weights), and variants that may be faster."""
+    def make():
+        return nriqa_sr.QualityModel(cfg.iqa, device, pretrained=False, metric_opts=cfg.iqa_opts or None)
 
-    def make(fmt=own):
-        return nriqa_sr.QualityModel(cfg.iqa, device, pretrained=False, metric_opts=cfg.iqa_opts or None
-                                     ).to(memory_format=formats[fmt])
+    if eager_only:
+        return {'eager (train.py)': make()}
 
     def autocast_bf16(q):
         def score(x):
@@ -176,12 +172,8 @@ def quality_variants(cfg, device, own_only=False):
                 return q(x).float()
         return score
 
-    variants = {f'train.py ({own}{", bf16" if choice.q_bf16 else ""})':
-                autocast_bf16(make()) if choice.q_bf16 else make()}
-    if own_only:
-        return variants
-    other = next(fmt for fmt in formats if fmt != own)
-    return {**variants, other: make(other), 'torch.compile': torch.compile(make()),
+    return {'eager (train.py)': make(), 'channels-last': make().to(memory_format=torch.channels_last),
+            'torch.compile': torch.compile(make()),
             f'bf16 autocast (x{nriqa_sr.NUM_GTS // BF16_PATCHES})': autocast_bf16(make())}
 
 
@@ -192,16 +184,16 @@ def no_grad_call(fn, x):
 
 def amo_cases(variants, batch, device):
     """{label: Q's no-grad forward over the batch's GT patches, as nriqa_sr.argmax_online runs it}, and each Q's
-    largest score difference to train.py's."""
+    largest score difference to eager."""
     gts = train.images(batch['gts'], device)  # (B,5,3,H,W)
     cases, diffs = {}, {}
     with torch.no_grad():
-        own = next(iter(variants.values()))(gts.flatten(0, 1)).reshape(gts.shape[:2])  # (B,5)
+        eager = next(iter(variants.values()))(gts.flatten(0, 1)).reshape(gts.shape[:2])  # (B,5)
         for label, q in variants.items():
             k = BF16_PATCHES if label.startswith('bf16') else nriqa_sr.NUM_GTS
             patches = gts[:, :k].flatten(0, 1)  # (B*k,3,H,W)
             cases[f'Q {label}'] = partial(no_grad_call, q, patches)
-            diffs[label] = (q(patches).reshape(-1, k) - own[:, :k]).abs().max().item()
+            diffs[label] = (q(patches).reshape(-1, k) - eager[:, :k]).abs().max().item()
     return cases, diffs
 
 
@@ -220,7 +212,7 @@ def build_cases(args, device):
         cases[f'{arch} step upos'] = stage1.step
         warm.append(f'{arch} step upos')  # the parts reuse its models
         if args.part == 'amo':  # section 2 with train.py's Q only
-            q_cases, info['diffs'] = amo_cases(quality_variants(cfg, device, own_only=True), stage1.batch, device)
+            q_cases, info['diffs'] = amo_cases(quality_variants(cfg, device, eager_only=True), stage1.batch, device)
             cases.update(q_cases)
             warm += list(q_cases)
             continue
@@ -293,7 +285,8 @@ def ft_memory_child(arch, paper, device, variant):
             setup = live if at < start else setup
             live += nbytes
             peak = max(peak, live)
-        result = {'setup_mib': setup / 2 ** 20, 'peak_mib': peak / 2 ** 20, 'rss_peak_mib': rss_bytes('VmHWM') / 2 ** 20}
+        result = {'setup_mib': setup / 2 ** 20, 'peak_mib': peak / 2 ** 20,
+                  'rss_peak_mib': rss_bytes('VmHWM') / 2 ** 20}
     print(json.dumps(result))
 
 
@@ -302,8 +295,9 @@ def ft_memory(args):
     result = {}
     for arch in args.arch:
         for variant in FT_VARIANTS:
+            size = ['--paper', '--batch-size', str(args.paper)] if args.paper else []
             argv = [sys.executable, __file__, '--memory-child', variant, '--arch', arch, '--device', args.device,
-                    '--threads', str(args.threads), *(['--paper', '--batch-size', str(args.paper)] if args.paper else [])]
+                    '--threads', str(args.threads), *size]
             out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
             result.setdefault(arch, {})[variant] = json.loads(out.strip().splitlines()[-1])
     return result
@@ -347,7 +341,7 @@ def report_stage1(times, info, archs, cfg):
         report_d_format(times, info, archs)
     print(f'\n2. amo / upos step time = (upos step + Q over {nriqa_sr.NUM_GTS} x {cfg.batch_size} GT patches of '
           f'{cfg.gt_size}^2) / upos step:')
-    print(f'   {"Q":26s} {"Q seconds":26s} ' + ''.join(f'{a:26s} ' for a in archs) + "max |score - train.py's|")
+    print(f'   {"Q":26s} {"Q seconds":26s} ' + ''.join(f'{a:26s} ' for a in archs) + 'max |score - eager|')
     for label, diff in info['diffs'].items():
         scale = nriqa_sr.NUM_GTS // BF16_PATCHES if label.startswith('bf16') else 1
         q = [scale * t for t in times[f'Q {label}']]
@@ -384,10 +378,11 @@ def report_ft(times, info, archs):
             t = times[f'{arch} FT {variant}']
             print(f'   {arch:8s} {variant:22s} {spread(t):26s} ({info["trained"][arch][variant]:,}) {ratio(t, full)}x')
     for arch, variants in info.get('memory', {}).items():
+        rss = 'rss_peak_mib' in variants['full']
         print(f'   {arch} peak memory of live tensors over two steps (MiB; setup before the first step'
-              + ('; peak RSS' if 'rss_peak_mib' in variants['full'] else '') + '): ' + ', '.join(
-                  f'{v} {m["peak_mib"]:.0f} ({m["setup_mib"]:.0f}' + (f'; {m["rss_peak_mib"]:.0f}' if 'rss_peak_mib' in m
-                                                                    else '') + ')' for v, m in variants.items())
+              + ('; peak RSS' if rss else '') + '): ' + ', '.join(
+                  f'{v} {m["peak_mib"]:.0f} ({m["setup_mib"]:.0f}' + (f'; {m["rss_peak_mib"]:.0f})' if rss else ')')
+                  for v, m in variants.items())
               + f'; LoRA / full {variants["LoRA"]["peak_mib"] / variants["full"]["peak_mib"]:.3f}')
 
 

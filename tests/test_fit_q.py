@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import files
 import fit_q
 import models
 import nriqa_sr
+import runs
 import score_cache
 import stops
 import train
@@ -168,6 +170,35 @@ def test_resume_equals_an_uninterrupted_fit(rule_root, tmp_path):
         torch.testing.assert_close(whole['params'][key], cut['params'][key], rtol=0, atol=1e-6)
     assert json.loads((tmp_path / 'cut' / 'agreement.json').read_text())['before'] == \
         json.loads((tmp_path / 'whole' / 'agreement.json').read_text())['before']
+
+
+@pytest.mark.parametrize('rows, delay', [(2, 0.0), (3, 0.004)])
+def test_sigterm_to_the_process_group_at_an_epoch_boundary_saves_the_step(rule_root, tmp_path, rows, delay):
+    """One step per epoch (20 fitting sets, batch 20), so every step ends where the loader starts new workers:
+    SIGTERM to the whole group (the workers die first) right after a step is logged saves that step, in one line."""
+    out = tmp_path / 'fit'
+    argv = fit_args(rule_root, out, '--iqa', TINY_Q_SPEC, '--held-out', '4', '--batch-size', '20', '--num-workers',
+                    '2', '--log-every', '1', '--total-iters', '500', '--save-every', '500')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'PYTHONUNBUFFERED': '1'}
+    proc = subprocess.Popen([sys.executable, 'fit_q.py', *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = out / 'log.csv'
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                log.is_file() and log.read_text().count('\n') > rows):
+            time.sleep(0.002)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM and 'Traceback' not in output, output[-2000:]
+    saved = runs.saved_checkpoints(out)
+    assert saved and f'stopped by SIGTERM after step {saved[-1][0]}: {saved[-1][1]} saved' in output, output[-2000:]
+    assert saved[-1][0] >= rows and not (out / '.lock').exists()
 
 
 def free_port():
