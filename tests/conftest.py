@@ -1,7 +1,10 @@
 """Shared test settings and helpers: a small thread count so tests behave the same on 2-core CI; tiny
 configurations; the offline fixture; the demo data set, built once; state equality; one-line errors."""
 import json
+import os
+import signal
 import socket
+import time
 
 import huggingface_hub.constants
 import pytest
@@ -70,3 +73,25 @@ def write_random_set(root, name, size, seed, votes):
         path = root / 'labels' / annotator / f'{name}.json'
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({f'Picture_{k + 2}': {'Label': lab} for k, lab in enumerate(labels)}))
+
+
+def signal_group_when(proc, ready, delay=0.0, signum=signal.SIGTERM, timeout=180):
+    """Send `signum` to the process group of `proc` (started with start_new_session=True) once `ready()` holds,
+    `delay` s later; (stdout, stderr) of the process. A process that outlives the test is killed."""
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not ready():
+            time.sleep(0.002)
+        assert proc.poll() is None, 'the process ended before it was ready'
+        time.sleep(delay)
+        os.killpg(proc.pid, signum)
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def rows_logged(log, rows):
+    """ready() for signal_group_when: the run's log.csv has more than `rows` lines."""
+    return lambda: log.is_file() and log.read_text().count('\n') > rows

@@ -7,13 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from conftest import TINY_G, TINY_Q
+from conftest import TINY_G, TINY_Q, rows_logged, signal_group_when
 
 import data
 import files
@@ -182,19 +181,7 @@ def test_sigterm_to_the_process_group_at_an_epoch_boundary_saves_the_step(rule_r
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'PYTHONUNBUFFERED': '1'}
     proc = subprocess.Popen([sys.executable, 'fit_q.py', *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    log = out / 'log.csv'
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and not (
-                log.is_file() and log.read_text().count('\n') > rows):
-            time.sleep(0.002)
-        time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGTERM)
-        output = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    output = signal_group_when(proc, rows_logged(out / 'log.csv', rows), delay)[0]
     assert proc.returncode == 128 + signal.SIGTERM and 'Traceback' not in output, output[-2000:]
     saved = runs.saved_checkpoints(out)
     assert saved and f'stopped by SIGTERM after step {saved[-1][0]}: {saved[-1][1]} saved' in output, output[-2000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_G, TINY_Q, TINY_RRDB, write_random_set
+from conftest import TINY_G, TINY_Q, TINY_RRDB, rows_logged, signal_group_when, write_random_set
 from PIL import Image, ImageOps
 
 import config
@@ -252,27 +252,6 @@ def start_train(root, out, *extra):
                             start_new_session=True)  # its own process group: the test signals the whole group
 
 
-def wait_until(proc, ready, timeout=120):
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline and not ready():
-        time.sleep(0.002)
-    return proc.poll() is None
-
-
-def sigterm_group_when(proc, ready, delay=0.0, signum=signal.SIGTERM):
-    """SIGTERM (or `signum`) to the process group of `proc` once `ready()` holds (then `delay` s later); its
-    output. A run that outlives the test is killed."""
-    try:
-        assert wait_until(proc, ready)
-        time.sleep(delay)
-        os.killpg(proc.pid, signum)
-        return proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.mark.parametrize('rows, delay', [(2, 0.0), (3, 0.004)])
 def test_sigterm_to_the_process_group_at_an_epoch_boundary_saves_the_step(root, tmp_path, rows, delay):
     """One step per epoch here, so every step ends at an epoch boundary, where the loader starts new workers:
@@ -280,7 +259,7 @@ def test_sigterm_to_the_process_group_at_an_epoch_boundary_saves_the_step(root, 
     out = tmp_path / 'run'
     log = out / 'log.csv'
     proc = start_train(root, out)
-    output = sigterm_group_when(proc, lambda: log.is_file() and log.read_text().count('\n') > rows, delay)
+    output = signal_group_when(proc, rows_logged(log, rows), delay)[0]
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
     saved = runs.saved_checkpoints(out)
     assert saved and f'stopped by SIGTERM after step {saved[-1][0]}: {saved[-1][1]} saved' in output, output[-2000:]
@@ -293,7 +272,7 @@ def test_sigterm_to_the_process_group_at_an_epoch_boundary_saves_the_step(root, 
 def test_a_stop_during_setup_leaves_no_lock_and_one_line(root, tmp_path, signum, delay):
     out = tmp_path / 'run'
     proc = start_train(root, out)
-    output = sigterm_group_when(proc, (out / '.lock').is_file, delay, signum)
+    output = signal_group_when(proc, (out / '.lock').is_file, delay, signum)[0]
     assert proc.returncode == 128 + signum and 'Traceback' not in output, output[-2000:]
     assert f'stopped by {signal.Signals(signum).name}' in output and not (out / '.lock').exists()
     assert not list(out.glob('.*.tmp'))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_G, TINY_Q
+from conftest import TINY_G, TINY_Q, rows_logged, signal_group_when
 
 import files
 import runs
@@ -158,14 +158,7 @@ def test_sigterm_to_a_whole_torchrun_job_at_an_epoch_boundary_saves_the_step(dem
                                                     '100000', '--num-workers', '1', '--batch-size', '12')],
                             cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        wait_for_rows(tmp_path / 'log.csv', rows, proc)
-        os.killpg(proc.pid, signal.SIGTERM)
-        err = proc.communicate(timeout=180)[1]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    err = signal_group_when(proc, rows_logged(tmp_path / 'log.csv', rows))[1]
     lines = [line for line in err.splitlines() if line.startswith('stopped by SIGTERM')]
     assert len(lines) == 1 and 'saved; continue with --resume auto' in lines[0], err[-3000:]
     step = int(lines[0].split('after step ')[1].split(':')[0])
