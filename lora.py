@@ -195,7 +195,7 @@ class FrozenConv2d(nn.Conv2d):
     which needs the weight, not the input; PyTorch's convolution keeps its input whenever a gradient flows, for
     a weight gradient a frozen layer never computes (its linear keeps nothing it does not need). So this layer
     keeps the weight instead: in a paper RRDBNet the convs after the body and of the upsampling no longer hold
-    22 MB an SR image of 256^2 through the backward (BENCHMARKS.md). Unfrozen, without gradients, or compiled
+    22 MiB an SR image of 256^2 through the backward (BENCHMARKS.md). Unfrozen, without gradients, or compiled
     (the compiler plans what its backward keeps), it is the plain layer."""
 
     def __init__(self, base: nn.Conv2d):

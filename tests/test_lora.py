@@ -310,21 +310,22 @@ def test_the_backward_keeps_no_summed_weight(kind, amp, monkeypatch):
 def saved_bytes(model, x, grad, amp):
     """Run forward and backward; (bytes of the distinct storages autograd kept for the backward, the input storages
     of the frozen convs that nothing kept, output, gradients of x and of the adapters)."""
-    saved, inputs = {}, {}
+    saved, inputs = {}, []
 
     def pack(t):
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
-    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.update(
-        {args[0].untyped_storage().data_ptr(): args[0].untyped_storage().nbytes()}))
-        for m in model.modules() if isinstance(m, lora.FrozenConv2d)]
+    # the inputs are held until the count: a freed one's address could come back as another tensor's
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+             for m in model.modules() if isinstance(m, lora.FrozenConv2d)]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast('cpu', dtype=amp, enabled=amp is not None):
         out = model(x)
     for hook in hooks:
         hook.remove()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in inputs}
+    unkept = sum(n for ptr, n in storages.items() if ptr not in saved)
     out.float().backward(grad)
-    unkept = sum(n for ptr, n in inputs.items() if ptr not in saved)
     return sum(saved.values()), unkept, out, x.grad, [p.grad for p in lora_parameters(model)]
 
 
