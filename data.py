@@ -31,6 +31,7 @@ import torch
 
 from degradations import JPEG_MCU, OneStageDegradation, crop_context, degrade
 from files import atomic_open, image_size, read_rgb8
+
 logger = logging.getLogger(__name__)
 
 LABELS = ('Positive', 'Similar', 'Negative')

@@ -47,6 +47,7 @@ import weights
 from data import ANNOTATORS, LABELS, effective_labels, gt_paths
 from degradations import OneStageDegradation, degrade
 from files import atomic_open, load_image, save_image
+
 PY = sys.executable
 HERE = Path(__file__).resolve().parent  # the scripts run from any working folder
 STAGE1 = ('origins', 'upos', 'amo')  # the paper's Table 5 rows the demo reproduces, plus AMO+FT

@@ -25,10 +25,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-
-import stops
 from PIL import Image
 from tqdm import tqdm
+
+import stops
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 

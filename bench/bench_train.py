@@ -391,7 +391,7 @@ def main():
     parser.add_argument('--paper', action='store_true', help='paper generators and Q at gt 256, batch '
                         '--batch-size (default: the demo preset)')
     parser.add_argument('--batch-size', type=int, default=1, help='with --paper: the batch size (the paper trains '
-                        'SwinIR with 8, RRDBNet with 12 a GPU; 1 keeps a CPU step in seconds)')
+                        'SwinIR with 8, RRDBNet with 12 per GPU; 1 keeps a CPU step in seconds)')
     parser.add_argument('--arch', nargs='+', default=['swinir', 'rrdbnet'], choices=tuple(models.GENERATORS),
                         help='generators to measure')
     parser.add_argument('--runs', type=int, default=3, help='timed rounds (after one warm-up round)')

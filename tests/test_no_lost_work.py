@@ -233,7 +233,8 @@ def test_an_out_on_a_read_only_mount_is_one_line_before_setup(root, tmp_path):
     Image.new('RGB', (8, 8)).save(image)
     for argv in ([sys.executable, 'train.py', *args(root, ro / 'run')],
                  [sys.executable, 'train.py', *args(root, ro)],
-                 [sys.executable, 'nriqa_sr.py', 'fit-q', '--data', root, '--held-out', '1', '--gt-size', '32', '--out', ro / 'fit'],
+                 [sys.executable, 'nriqa_sr.py', 'fit-q', '--data', root, '--held-out', '1', '--gt-size', '32',
+                  '--out', ro / 'fit'],
                  [sys.executable, 'evaluate.py', '--hr', root, '--sr-dir', root, '--out', ro / 'eval'],
                  [sys.executable, 'nriqa_sr.py', 'upscale', '--ckpt', image, '-i', image, '-o', ro / 'sr'],
                  [sys.executable, 'nriqa_sr.py', 'score', '--data', root, '--cache', ro / 'scores.json']):
