@@ -75,14 +75,19 @@ def write_random_set(root, name, size, seed, votes):
         path.write_text(json.dumps({f'Picture_{k + 2}': {'Label': lab} for k, lab in enumerate(labels)}))
 
 
+def wait_until(proc, ready, timeout=120):
+    """Poll until `ready()` holds while `proc` still runs; fails the test if it ends or times out first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not ready():
+        time.sleep(0.002)
+    assert proc.poll() is None and ready(), f'not ready: the process ended ({proc.poll()}) or {timeout} s passed'
+
+
 def signal_group_when(proc, ready, delay=0.0, signum=signal.SIGTERM, timeout=180):
     """Send `signum` to the process group of `proc` (started with start_new_session=True) once `ready()` holds,
     `delay` s later; (stdout, stderr) of the process. A process that outlives the test is killed."""
     try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and not ready():
-            time.sleep(0.002)
-        assert proc.poll() is None, 'the process ended before it was ready'
+        wait_until(proc, ready)
         time.sleep(delay)
         os.killpg(proc.pid, signum)
         return proc.communicate(timeout=timeout)
@@ -93,5 +98,5 @@ def signal_group_when(proc, ready, delay=0.0, signum=signal.SIGTERM, timeout=180
 
 
 def rows_logged(log, rows):
-    """ready() for signal_group_when: the run's log.csv has more than `rows` lines."""
+    """ready() for wait_until: the run's log.csv has more than `rows` lines."""
     return lambda: log.is_file() and log.read_text().count('\n') > rows

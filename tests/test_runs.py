@@ -6,12 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_G, TINY_Q, rows_logged, signal_group_when
+from conftest import TINY_G, TINY_Q, rows_logged, signal_group_when, wait_until
 
 import files
 import runs
@@ -97,19 +96,10 @@ def start(argv, nproc=1):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_rows(log, rows, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and log.read_text().count('\n') > rows:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f'{log}: fewer than {rows} rows: {proc.poll()}')
-
-
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_one_line(demo_train, tmp_path, sig):
     proc = start(tiny_args(demo_train, tmp_path, '--total-iters', '100000', '--save-every', '100000'))
-    wait_for_rows(tmp_path / 'log.csv', 2, proc)
+    wait_until(proc, rows_logged(tmp_path / 'log.csv', 2))
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-2000:]
@@ -137,7 +127,7 @@ def children(pid):
 
 def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_saved_step(demo_train, tmp_path):
     proc = start(tiny_args(demo_train, tmp_path, '--total-iters', '100000', '--save-every', '100000'), nproc=2)
-    wait_for_rows(tmp_path / 'log.csv', 2, proc)
+    wait_until(proc, rows_logged(tmp_path / 'log.csv', 2))
     workers = children(proc.pid)
     assert sorted(workers) == [0, 1]
     os.kill(workers[1], signal.SIGTERM)  # as a preempted node would see it: one rank first
