@@ -340,7 +340,8 @@ def report_stage1(times, info, archs, cfg):
     if 'D step' in times:
         report_d_format(times, info, archs)
     print(f'\n2. amo / upos step time = (upos step + Q over {nriqa_sr.NUM_GTS} x {cfg.batch_size} GT patches of '
-          f'{cfg.gt_size}^2) / upos step:')
+          f'{cfg.gt_size}^2) / upos step; upos step ' + ', '.join(
+              f'{arch} {spread(times[f"{arch} step upos"])} s' for arch in archs) + ':')
     print(f'   {"Q":26s} {"Q seconds":26s} ' + ''.join(f'{a:26s} ' for a in archs) + 'max |score - eager|')
     for label, diff in info['diffs'].items():
         scale = nriqa_sr.NUM_GTS // BF16_PATCHES if label.startswith('bf16') else 1
