@@ -206,7 +206,10 @@ def training_step(cfg, nets, batch, quality, step_rng, side_stream, device):
     sampling_q, reward_q, scores = quality
     lq, gts = images(batch['lq'], device), images(batch['gts'], device)  # (B,3,h,w), (B,5,3,H,W)
     # The GT each sample trains on (Table 5's samplers). On CUDA, amo's Q forward runs on a side stream beside
-    # G's forward: its choice is needed only at the loss.
+    # G's forward: its choice is needed only at the loss. The side stream first waits for this one, which is
+    # still copying and converting the GTs Q reads.
+    if side_stream is not None:
+        side_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side_stream) if side_stream is not None else nullcontext(), nets['q_autocast']:
         batch_scores = torch.tensor([scores[n] for n in batch['name']]) if scores is not None else None
         choice = nriqa_sr.sample_gt_index(cfg.sampler, batch['positive'], step_rng, scores=batch_scores,
@@ -443,8 +446,6 @@ def loop(cfg, dist_info, train_set, nets, quality, state, step, bad_steps, held_
             torch.manual_seed(step_seed(cfg.seed, rank, step, 'torch'))  # drop-path
             if queue is not None:
                 batch = queue(batch)
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream())
             rng = torch.Generator().manual_seed(step_seed(cfg.seed, rank, step, 'sampler'))
             loss_g, loss_d, terms, sr, gt, lq, choice = training_step(cfg, nets, batch, quality, rng, side, device)
             total = loss_g if loss_d is None else loss_g + loss_d

@@ -8,6 +8,8 @@ is downloaded. Branches, for SwinIR and RRDBNet:
   amo's Q); amo with Q on a CUDA side stream and with --no-side-stream; torchrun --nproc_per_node=2 with NCCL and
   --amp fp16 (DDP with the GradScaler), when two GPUs are visible;
   fine-tuning (Eq. 2, LoRA): fp32, --amp fp16, --amp bf16, and --no-lora.
+The side-stream branch must choose the GTs --no-side-stream chooses, step for step (amo's choice depends on
+the data and the frozen Q only): a stream that reads GTs not yet written chooses others, and fails the row.
 One branch failing does not stop the others: each runs under try/except (torchrun in its own processes), its
 first error line goes in the table. With CUDA the models have the paper's sizes (HGGT's batch sizes, GT 256):
 s/step is the median wall time between optimizer steps after the first (data loading included, as in a run),
@@ -57,13 +59,15 @@ TINY = {  # CPU: models small enough for every branch to take seconds
 
 @dataclass
 class Branch:
-    """One code path: train.py flags, and why it cannot run here ('' when it can)."""
+    """One code path: train.py flags, why it cannot run here ('' when it can), and the branch whose GT choices
+    it must repeat ('' for none)."""
     name: str
     arch: str
     flags: list
     finetune: bool = False
     nproc: int = 1
     skip: str = ''
+    same_as: str = ''
 
 
 def branches(archs, cuda, gpus, cpu_compile):
@@ -78,7 +82,8 @@ def branches(archs, cuda, gpus, cpu_compile):
             Branch(f'{arch} stage 1 channels-last G and D', arch,
                    ['--sampler', 'upos', '--channels-last', '--d-format', 'channels-last']),
             Branch(f'{arch} stage 1 --compile, amo', arch, ['--sampler', 'amo', '--compile'], skip=compiled),
-            Branch(f'{arch} stage 1 amo, Q on a side stream', arch, ['--sampler', 'amo'], skip=side),
+            Branch(f'{arch} stage 1 amo, Q on a side stream', arch, ['--sampler', 'amo'], skip=side,
+                   same_as=f'{arch} stage 1 amo --no-side-stream'),
             Branch(f'{arch} stage 1 amo --no-side-stream', arch, ['--sampler', 'amo', '--no-side-stream']),
             Branch(f'{arch} stage 1 DDP x2 NCCL --amp fp16, amo', arch, ['--sampler', 'amo', '--amp', 'fp16'],
                    nproc=2, skip=ddp),
@@ -127,15 +132,21 @@ def train_argv(branch, work, cuda, steps, workers):
 
 
 def run_branch(branch, work, cuda, steps, workers):
-    """Run one branch in this process: {'status', 'error', 's_per_step', 'peak_gpu_mib'}."""
-    stamps = []
-    optimizer_step = train.optimizer_step
+    """Run one branch in this process: {'status', 'error', 's_per_step', 'peak_gpu_mib', 'choices'}; choices: the
+    GT index of each sample, a list a step."""
+    stamps, choices = [], []
+    optimizer_step, training_step = train.optimizer_step, train.training_step
 
     def stamped(*args):
         optimizer_step(*args)
         if cuda:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+
+    def recorded(*args):
+        out = training_step(*args)
+        choices.append(out[-1])  # read after the run: no host sync inside it
+        return out
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -144,7 +155,7 @@ def run_branch(branch, work, cuda, steps, workers):
     result = {'status': 'ok', 'error': ''}
     with open(log, 'w') as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
-            with mock.patch.object(train, 'optimizer_step', stamped):
+            with mock.patch.multiple(train, optimizer_step=stamped, training_step=recorded):
                 cfg = config.parse_config(train_argv(branch, work, cuda, steps, workers))
                 dist_info = train.setup_distributed(cfg)
                 lock = runs.RunLock(cfg.out) if dist_info.master else None
@@ -161,6 +172,7 @@ def run_branch(branch, work, cuda, steps, workers):
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     result['s_per_step'] = statistics.median(gaps) if gaps else None
     result['peak_gpu_mib'] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+    result['choices'] = [c.tolist() for c in choices]
     if cuda:
         torch.cuda.empty_cache()
     torch._dynamo.reset()  # compiled graphs of one branch are not the next one's
@@ -179,7 +191,7 @@ def run_torchrun(branch, args, work):
         return json.loads(row.read_text())
     lines = [line for line in proc.stderr.splitlines() if 'Error' in line] or proc.stderr.splitlines()[-1:] or ['']
     return {'status': 'failed', 'error': f'torchrun exit {proc.returncode}: {lines[-1].strip()}'[:200],
-            's_per_step': None, 'peak_gpu_mib': None}
+            's_per_step': None, 'peak_gpu_mib': None, 'choices': []}
 
 
 def child(args):
@@ -191,6 +203,18 @@ def child(args):
         (Path(args.work) / f'{branch.name.replace(" ", "_")}.json').write_text(json.dumps(result))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def check_same_choices(rows):
+    """Fail each ok row whose GT choices differ from those of its `same_as` row (when that one ran ok)."""
+    by_name = {row['name']: row for row in rows}
+    for row in rows:
+        other = by_name.get(row['same_as'])
+        if row['status'] != 'ok' or other is None or other['status'] != 'ok' or row['choices'] == other['choices']:
+            continue
+        step = next((i for i, (a, b) in enumerate(zip(row['choices'], other['choices'])) if a != b),
+                    min(len(row['choices']), len(other['choices'])))
+        row['status'], row['error'] = 'failed', f'GT choices differ from {other["name"]!r} at step {step + 1}'
 
 
 def table(rows):
@@ -246,7 +270,7 @@ def main(argv=None):
         make_inputs(work, args.arch, cuda, sets)
         for branch in todo:
             if branch.skip:
-                result = {'status': 'skipped', 'error': '', 's_per_step': None, 'peak_gpu_mib': None}
+                result = {'status': 'skipped', 'error': '', 's_per_step': None, 'peak_gpu_mib': None, 'choices': []}
             elif branch.nproc > 1:
                 result = run_torchrun(branch, args, work)
             else:
@@ -256,6 +280,7 @@ def main(argv=None):
             rows.append(row)
             print(f'  {branch.name}: {row["status"]} {row["error"] or row["skip"]} '
                   f'({time.perf_counter() - start:.0f} s)', file=sys.stderr, flush=True)
+    check_same_choices(rows)
     print(table(rows))
     print(f'(total {time.perf_counter() - start:.0f} s)')
     if args.json:

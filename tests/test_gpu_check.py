@@ -38,6 +38,9 @@ def test_every_branch_runs_on_the_cpu_or_says_why_not(tmp_path):
             assert row['status'] == 'skipped' and why[0] in row['skip'] and row['s_per_step'] is None, row
         else:
             assert row['status'] == 'ok' and row['s_per_step'] > 0 and row['paper_s_per_step'] is None, row
+            # 2 steps of batch 2; upos draws among the positives (GT 1 and 3 in make_inputs), amo among all five
+            allowed = set(range(5)) if 'amo' in row['name'] else {1, 3}
+            assert len(row['choices']) == 2 and all(len(c) == 2 and set(c) <= allowed for c in row['choices']), row
     for kind in ('stage 1 --amp fp16', 'stage 1 --amp bf16', 'channels-last G and D', '--compile', 'side stream',
                  '--no-side-stream', 'DDP x2 NCCL', 'FT LoRA fp32', 'FT LoRA --amp', 'FT --no-lora'):
         assert any(kind in name for name in names), kind
@@ -65,3 +68,27 @@ def test_a_failing_branch_is_a_row_with_its_error_and_the_others_run(tmp_path, m
     assert failed['status'] == 'failed' and failed['s_per_step'] is None
     assert failed['error'] == 'RuntimeError: CUDA error: an illegal memory access was encountered'
     assert 'failed: RuntimeError: CUDA error' in capsys.readouterr().out
+
+
+def test_a_side_stream_that_chooses_other_gts_than_no_side_stream_fails_its_row():
+    """amo's choices depend on the data and the frozen Q only: a side stream that reads GTs before they are
+    written chooses others. Compared only where both rows ran."""
+    def rows(side_choices, side_status='ok', other_status='ok'):
+        side = {'name': 'a side', 'same_as': 'a plain', 'status': side_status, 'error': '', 'choices': side_choices}
+        plain = {'name': 'a plain', 'same_as': '', 'status': other_status, 'error': '', 'choices': [[0, 4], [2, 2]]}
+        return [side, plain]
+
+    same = rows([[0, 4], [2, 2]])
+    gpu_check.check_same_choices(same)
+    assert [row['status'] for row in same] == ['ok', 'ok']
+    differ = rows([[0, 4], [2, 3]])
+    gpu_check.check_same_choices(differ)
+    assert differ[0]['status'] == 'failed' and differ[1]['status'] == 'ok'
+    assert differ[0]['error'] == "GT choices differ from 'a plain' at step 2"
+    shorter = rows([[0, 4]])
+    gpu_check.check_same_choices(shorter)
+    assert shorter[0]['error'] == "GT choices differ from 'a plain' at step 2"
+    for side_status, other_status in (('skipped', 'ok'), ('ok', 'failed')):
+        unchecked = rows([[1, 1]], side_status, other_status)
+        gpu_check.check_same_choices(unchecked)
+        assert [row['status'] for row in unchecked] == [side_status, other_status]

@@ -1,6 +1,7 @@
 """train.py: the two stages as the paper and HGGT train them. DDP on CPU (gloo) against one process with the same
 global batch, exact resume after a kill, LoRA FT on Eq. 2 with an EMA, the FT critic, presets per option file.
 Tiny configurations on the demo data, random weights only (VGG19, MUSIQ)."""
+import contextlib
 import csv
 import json
 import os
@@ -468,3 +469,41 @@ def test_val_logs_psnr_and_q_and_saves_the_sr_images_as_hggts_option_files(demo_
     with pytest.raises(SystemExit):
         train.main(bad)
     assert '--val: ' in capsys.readouterr().err
+
+
+def test_amo_q_on_the_side_stream_waits_for_the_gts_it_reads(monkeypatch):
+    """On CUDA training_step copies and converts the GTs on the main stream and scores them with amo's Q on a side
+    stream: the side stream waits after that work and before Q, the main stream for Q before the loss. (Streams
+    recorded in order on the CPU.)"""
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f'{self.name} waits for {other.name}')
+
+    main, side = Stream('main'), Stream('side')
+    images = train.images
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda *args: main)
+    monkeypatch.setattr(torch.cuda, 'stream', lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, 'record_stream', lambda self, stream: events.append('choice kept for main'))
+    monkeypatch.setattr(train, 'images', lambda x, device: events.append('GTs made' if x.dim() == 5 else 'LQ made')
+                        or images(x, device))
+
+    def quality(x):
+        events.append('Q reads GTs')
+        return x.mean((1, 2, 3))
+
+    cfg = config.parse_config(['--sampler', 'amo', '--arch', 'rrdbnet', '--random-iqa', '--gt-size', '8'])
+    nets = {'g': torch.nn.Sequential(torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(3, 3, 1)), 'raw_d': None,
+            'd': None, 'perceptual': None, 'scaler': torch.amp.GradScaler('cpu', enabled=False),
+            'autocast': torch.autocast('cpu', enabled=False), 'q_autocast': torch.autocast('cpu', enabled=False)}
+    batch = {'lq': torch.rand(2, 3, 2, 2), 'gts': torch.rand(2, nriqa_sr.NUM_GTS, 3, 8, 8),
+             'positive': torch.ones(2, nriqa_sr.NUM_GTS, dtype=torch.bool), 'name': ['a', 'b']}
+    *_, choice = train.training_step(cfg, nets, batch, (quality, None, None), torch.Generator(), side,
+                                     torch.device('cpu'))
+    assert events == ['LQ made', 'GTs made', 'side waits for main', 'Q reads GTs', 'main waits for side',
+                      'choice kept for main']
+    assert choice.tolist() == batch['gts'].mean((2, 3, 4)).argmax(1).tolist()
