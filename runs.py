@@ -353,7 +353,8 @@ def load_training_state(ckpt, path, g, ema, raw_d, opts, scheds, scaler, queue, 
         lora.set_ema_deltas(ema, g, {name: layer.delta_weight() for name, layer in lora.lora_layers(factors)})
     opts[0].load_state_dict(ckpt['optimizer_g'])
     scheds[0].load_state_dict(ckpt['scheduler_g'])
-    scaler.load_state_dict(ckpt['scaler'])
+    if ckpt['scaler'] and scaler.is_enabled():  # a disabled scaler saves {}: --amp fp16 after off / bf16 starts anew
+        scaler.load_state_dict(ckpt['scaler'])
     if raw_d is not None:
         models.load_strict(raw_d, ckpt['net_d'], path)
         opts[1].load_state_dict(ckpt['optimizer_d'])

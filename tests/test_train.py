@@ -409,6 +409,21 @@ def test_resume_refuses_changed_math_and_names_allowed_changes(demo_train, tmp_p
     assert 'with changed settings: keep 3 -> 5; total_iters 2 -> 3' in out and 'resumed' in out
 
 
+def test_resume_may_switch_amp_to_and_from_fp16_and_its_grad_scaler(demo_train, tmp_path, capsys):
+    """--amp may change on resume: a run without a GradScaler (off, bf16) goes on in fp16 with a fresh one, and an
+    fp16 run's scaler state is not forced on a run without one."""
+    every = ('--save-every', '1', '--keep', '4')
+    train.main(tiny_args(demo_train, tmp_path, *FAST, *every, '--total-iters', '1', '--amp', 'bf16'))
+    for steps, amp in (('2', 'fp16'), ('3', 'fp16'), ('4', 'off')):
+        train.main(tiny_args(demo_train, tmp_path, *FAST, *every, '--total-iters', steps, '--resume', 'auto', '--amp',
+                             amp))
+    out = capsys.readouterr().out
+    assert "amp 'bf16' -> 'fp16'" in out and "amp 'fp16' -> 'off'" in out and 'done: 4 steps' in out
+    scalers = [files.load_checkpoint(runs.checkpoint_path(tmp_path, step))['scaler'] for step in (1, 2, 3, 4)]
+    assert scalers[0] == scalers[3] == {} and scalers[1]['scale'] > 0
+    assert scalers[2]['_growth_tracker'] == scalers[1]['_growth_tracker'] + 1  # step 3 went on from step 2's scaler
+
+
 def test_resume_with_fewer_processes_goes_on_with_the_queue(demo_train, tmp_path):
     args = ['--sampler', 'upos', '--queue-size', '4', '--save-every', '2', '--gan-weight', '0',
             '--perceptual-weight', '0']
