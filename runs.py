@@ -249,14 +249,14 @@ def checkpoint_state(step, bad_steps, cfg, world, gen_config, fingerprints, g, e
 
 
 def gather_queues(queue, dist_info):
-    """Every rank's sample-queue state on rank 0 (a collective: every rank calls it)."""
+    """Every rank's sample-queue state on rank 0, None on the others (a collective: every rank calls it). Gathered,
+    not all-gathered: a queue is ~160 MB of patches, which NCCL sends through GPU memory."""
     if queue is None:
         return None
-    queues = [None] * dist_info.world
-    if dist_info.ddp:
-        dist.all_gather_object(queues, queue.state_dict())
-    else:
-        queues[0] = queue.state_dict()
+    if not dist_info.ddp:
+        return [queue.state_dict()]
+    queues = [None] * dist_info.world if dist_info.master else None
+    dist.gather_object(queue.state_dict(), queues, dst=0)
     return queues
 
 
