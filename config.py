@@ -83,7 +83,7 @@ class TrainConfig:
                             'states none)')
     # hardware
     device: str = arg('auto', 'device', choices=('auto', 'cpu', 'cuda'))
-    amp: str = arg('off', 'autocast dtype (fp16 uses a GradScaler; Q always runs in fp32)',
+    amp: str = arg('off', 'autocast dtype of G, D and VGG (fp16 uses a GradScaler); Q runs outside it',
                    choices=('off', 'bf16', 'fp16'))
     channels_last: bool = arg(False, 'channels-last memory format for G')
     d_format: str = arg('auto', "memory format of D; auto: channels-last on CUDA and on CPUs with AMX, contiguous on "
