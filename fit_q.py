@@ -279,7 +279,7 @@ def fit(cfg, dist_info):
                                     pretrained=not cfg.random_iqa, metric_opts=cfg.iqa_opts)
     (metric, _), = quality.members
     net, (lo, hi) = quality.nets[0], quality.ranges[0]
-    path = runs.find_resume(cfg)
+    path = runs.find_resume(cfg, dist_info)
     ckpt = load_resume(path, cfg, quality.fingerprint) if path is not None else None
     before = ckpt['before'] if ckpt else held_out_agreement(cfg, quality, held) if master and held else None
     torch.manual_seed(cfg.seed)  # the same LoRA init on every rank

@@ -307,12 +307,27 @@ def resume_changes(saved, now, defaults):
     return [k for k in changed if k not in MAY_CHANGE], [k for k in changed if k in MAY_CHANGE]
 
 
-def find_resume(cfg):
-    """The checkpoint to resume: --resume PATH, or with 'auto' the highest step this project wrote in --out."""
+def find_resume(cfg, dist_info):
+    """The checkpoint to resume: --resume PATH, or with 'auto' the highest step this project wrote in --out, as
+    rank 0 finds it (only rank 0 writes; another node's --out may be a folder of its own). Every rank must read that
+    file: a rank that started over while the others resumed would run other steps and hang in their collectives."""
     if cfg.resume != 'auto':
-        return Path(cfg.resume) if cfg.resume else None
-    saved = saved_checkpoints(cfg.out)
-    return saved[-1][1] if saved else None
+        path = Path(cfg.resume) if cfg.resume else None
+    else:
+        saved = saved_checkpoints(cfg.out) if dist_info.master else []
+        path = saved[-1][1] if saved else None
+    if not dist_info.ddp:
+        return path
+    chosen = [path]
+    dist.broadcast_object_list(chosen, src=0)
+    path, missing = chosen[0], [None] * dist_info.world
+    dist.all_gather_object(missing, path is not None and not path.is_file())
+    ranks = [str(rank) for rank, gone in enumerate(missing) if gone]
+    if ranks:
+        raise StartError([f'--resume {cfg.resume}: rank 0 resumes from {path}, which rank {", ".join(ranks)} cannot '
+                          f'read (--out on a disk of its node?): put --out on a folder every node shares, or copy '
+                          f'{path} to the same path on every node'])
+    return path
 
 
 def load_resume(path, cfg, defaults, world, fingerprints, master):

@@ -366,7 +366,7 @@ def train(cfg, dist_info, log=None):
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     step = bad_steps = 0
-    path = runs.find_resume(cfg)
+    path = runs.find_resume(cfg, dist_info)
     if path is not None:
         ckpt = runs.load_resume(path, cfg, asdict(config.TrainConfig()), dist_info.world, fingerprints, master)
         runs.load_training_state(ckpt, path, g, ema, raw_d, opts, scheds, scaler, queue, dist_info.rank)

@@ -5,6 +5,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -432,6 +433,41 @@ def test_resume_with_fewer_processes_goes_on_with_the_queue(demo_train, tmp_path
     proc = run(tiny_args(demo_train, tmp_path, *args, '--total-iters', '4', '--resume', 'auto'))
     assert '2 -> 1 processes' in proc.stdout and 'resumed' in proc.stdout
     assert load(tmp_path / 'ckpt_0000004.pth')['world_size'] == 1
+
+
+def test_every_rank_resumes_from_rank_0s_checkpoint_or_none_starts(demo_train, tmp_path):
+    """Only rank 0 writes --out, and another node's --out may be a folder of its own (here: a relative --out from
+    another working folder per rank). --resume auto goes on from rank 0's newest checkpoint on every rank; a rank
+    that cannot read it stops them all with one line, where it would have started over alone and hung."""
+    launch = tmp_path / 'in_node_folder.py'
+    launch.write_text('import os, runpy, sys\n'
+                      "os.chdir(sys.argv.pop(1) + os.environ['RANK'])\n"
+                      f'sys.path.insert(0, {str(REPO)!r})\n'
+                      f"sys.argv[0] = {str(REPO / 'train.py')!r}\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    nodes = [tmp_path / 'node0', tmp_path / 'node1']
+    for node in nodes:
+        node.mkdir()
+    args = tiny_args(demo_train, 'run', *FAST, '--save-every', '2')
+
+    def run_on_nodes(*extra):
+        argv = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(launch),
+                str(tmp_path / 'node'), *args, *extra]
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+        return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    first = run_on_nodes('--total-iters', '2')
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (nodes[0] / 'run' / 'ckpt_0000002.pth').is_file() and not (nodes[1] / 'run').exists()
+    refused = run_on_nodes('--total-iters', '4', '--resume', 'auto')
+    assert refused.returncode != 0
+    assert ('error: --resume auto: rank 0 resumes from run/ckpt_0000002.pth, which rank 1 cannot read (--out on a '
+            'disk of its node?)') in refused.stderr, refused.stderr[-3000:]
+    (nodes[1] / 'run').mkdir()
+    shutil.copy(nodes[0] / 'run' / 'ckpt_0000002.pth', nodes[1] / 'run')
+    resumed = run_on_nodes('--total-iters', '4', '--resume', 'auto')
+    assert resumed.returncode == 0 and 'resumed run/ckpt_0000002.pth at step 2' in resumed.stdout, resumed.stderr
+    assert load(nodes[0] / 'run' / 'ckpt_0000004.pth')['step'] == 4
 
 
 def test_progress_lines_when_output_is_not_a_terminal(demo_train, tmp_path):
