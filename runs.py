@@ -325,7 +325,7 @@ def find_resume(cfg, dist_info):
     ranks = [str(rank) for rank, gone in enumerate(missing) if gone]
     if ranks:
         raise StartError([f'--resume {cfg.resume}: rank 0 resumes from {path}, which rank {", ".join(ranks)} cannot '
-                          f'read (--out on a disk of its node?): put --out on a folder every node shares, or copy '
+                          "read (a folder on rank 0's node only?): put --out on a folder every node shares, or copy "
                           f'{path} to the same path on every node'])
     return path
 

@@ -461,8 +461,8 @@ def test_every_rank_resumes_from_rank_0s_checkpoint_or_none_starts(demo_train, t
     assert (nodes[0] / 'run' / 'ckpt_0000002.pth').is_file() and not (nodes[1] / 'run').exists()
     refused = run_on_nodes('--total-iters', '4', '--resume', 'auto')
     assert refused.returncode != 0
-    assert ('error: --resume auto: rank 0 resumes from run/ckpt_0000002.pth, which rank 1 cannot read (--out on a '
-            'disk of its node?)') in refused.stderr, refused.stderr[-3000:]
+    assert ('error: --resume auto: rank 0 resumes from run/ckpt_0000002.pth, which rank 1 cannot read (a folder on '
+            "rank 0's node only?)") in refused.stderr, refused.stderr[-3000:]
     (nodes[1] / 'run').mkdir()
     shutil.copy(nodes[0] / 'run' / 'ckpt_0000002.pth', nodes[1] / 'run')
     resumed = run_on_nodes('--total-iters', '4', '--resume', 'auto')
