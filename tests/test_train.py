@@ -38,12 +38,13 @@ def tiny_args(data_root, out, *extra, generator=TINY_G):
             '--iqa-opts', json.dumps(TINY_Q), '--num-workers', '0', '--log-every', '1', '--sample-every', '0', *extra]]
 
 
-def run(args, nproc=1, check=True):
-    """train.py in a fresh process (torchrun --standalone picks a free port for nproc > 1)."""
+def run(args, nproc=1, check=True, script='train.py'):
+    """train.py, or a script that runs it, in a fresh process (torchrun --standalone picks a free port for
+    nproc > 1)."""
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
         if nproc > 1 else [sys.executable]
     env = {**os.environ, 'OMP_NUM_THREADS': '1' if nproc > 1 else '2', 'PYTHONWARNINGS': 'ignore'}
-    proc = subprocess.run(launcher + ['train.py', *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(launcher + [str(script), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -448,25 +449,17 @@ def test_every_rank_resumes_from_rank_0s_checkpoint_or_none_starts(demo_train, t
     nodes = [tmp_path / 'node0', tmp_path / 'node1']
     for node in nodes:
         node.mkdir()
-    args = tiny_args(demo_train, 'run', *FAST, '--save-every', '2')
-
-    def run_on_nodes(*extra):
-        argv = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(launch),
-                str(tmp_path / 'node'), *args, *extra]
-        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
-        return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-    first = run_on_nodes('--total-iters', '2')
-    assert first.returncode == 0, first.stderr[-3000:]
+    args = [tmp_path / 'node', *tiny_args(demo_train, 'run', *FAST, '--save-every', '2')]
+    run([*args, '--total-iters', '2'], nproc=2, script=launch)
     assert (nodes[0] / 'run' / 'ckpt_0000002.pth').is_file() and not (nodes[1] / 'run').exists()
-    refused = run_on_nodes('--total-iters', '4', '--resume', 'auto')
+    refused = run([*args, '--total-iters', '4', '--resume', 'auto'], nproc=2, check=False, script=launch)
     assert refused.returncode != 0
     assert ('error: --resume auto: rank 0 resumes from run/ckpt_0000002.pth, which rank 1 cannot read (a folder on '
             "rank 0's node only?)") in refused.stderr, refused.stderr[-3000:]
     (nodes[1] / 'run').mkdir()
     shutil.copy(nodes[0] / 'run' / 'ckpt_0000002.pth', nodes[1] / 'run')
-    resumed = run_on_nodes('--total-iters', '4', '--resume', 'auto')
-    assert resumed.returncode == 0 and 'resumed run/ckpt_0000002.pth at step 2' in resumed.stdout, resumed.stderr
+    resumed = run([*args, '--total-iters', '4', '--resume', 'auto'], nproc=2, script=launch)
+    assert 'resumed run/ckpt_0000002.pth at step 2' in resumed.stdout, resumed.stderr
     assert load(nodes[0] / 'run' / 'ckpt_0000004.pth')['step'] == 4
 
 
