@@ -266,18 +266,17 @@ def ft_memory_child(arch, paper, device, variant):
     live tensor bytes and what the setup (models, Q, VGG) held before the first step; on CUDA by
     torch.cuda.max_memory_allocated, on the CPU from torch's allocation events (the profiler's profile_memory:
     every tensor allocation and free, exact, whatever the C allocator keeps), and there the peak RSS (VmHWM) too."""
-    if device.type == 'cuda':
+    cuda = device.type == 'cuda'
+    with nullcontext() if cuda else torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                           profile_memory=True) as prof:
         trainer = ft_trainer(arch, paper, device, variant)
-        setup = torch.cuda.memory_allocated()
-        for _ in range(2):  # the second step has Adam's state from the first
-            trainer.step()
+        setup = torch.cuda.memory_allocated() if cuda else None
+        with torch.profiler.record_function('steps'):
+            for _ in range(2):  # the second step has Adam's state from the first
+                trainer.step()
+    if cuda:
         result = {'setup_mib': setup / 2 ** 20, 'peak_mib': torch.cuda.max_memory_allocated() / 2 ** 20}
     else:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            trainer = ft_trainer(arch, paper, device, variant)
-            with torch.profiler.record_function('steps'):
-                for _ in range(2):
-                    trainer.step()
         events = prof.profiler.kineto_results.events()
         start = next(e.start_ns() for e in events if e.name() == 'steps')
         live = setup = peak = 0
